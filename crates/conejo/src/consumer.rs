@@ -1,0 +1,262 @@
+//! One queue's consumer loop, on the handler runtime: delivery → decode → handler → outcome
+//! → settle task. And its graceful stop.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use lapin::{options::BasicCancelOptions, types::ShortString};
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    Context, Error, Failure, Outcome,
+    connection::{Connection, QueueConsumer},
+    handler::ErasedHandler,
+    outcome::FailurePolicy,
+    settle::{SettleHandle, settle_task},
+    stats::QueueCounters,
+    tracker::Settlement,
+};
+
+/// A queue as registered: name, handler, settings.
+pub(crate) struct QueueSpec {
+    /// The queue's name.
+    pub(crate) name: Arc<str>,
+    /// The type-erased handler.
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+    /// Declaration and consumption settings.
+    pub(crate) config: crate::QueueConfig,
+}
+
+/// A queue whose consumer is set up and ready to run.
+pub(crate) struct QueueWorker {
+    name: Arc<str>,
+    handler: Arc<dyn ErasedHandler>,
+    policy: FailurePolicy,
+    /// Messages handled at once.
+    concurrency: usize,
+    /// The channel and its consumer stream.
+    consumer: QueueConsumer,
+    /// The consumer tag, for basic.cancel.
+    consumer_tag: ShortString,
+    /// Where outcomes go; the settle task runs on the connection runtime.
+    settle: SettleHandle,
+    connection: Connection,
+    counters: Arc<QueueCounters>,
+}
+
+/// Timing knobs shared by every queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// How long in-flight handlers may run once shutdown starts.
+    pub(crate) shutdown_timeout: Duration,
+    /// How long a finished ack may wait to be coalesced with others.
+    pub(crate) ack_linger: Duration,
+}
+
+impl QueueWorker {
+    /// Sets up the queue's channel and consumer, and starts its settle task.
+    pub(crate) async fn start(
+        spec: QueueSpec,
+        connection: &Connection,
+        index: usize,
+        timing: Timing,
+        counters: Arc<QueueCounters>,
+    ) -> Result<Self, Error> {
+        let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency());
+        let consumer_tag = format!("conejo-{}-{index}-{}", std::process::id(), spec.name);
+        let consumer = connection
+            .consume(&spec.name, &spec.config, prefetch, consumer_tag.clone())
+            .await?;
+        let (settle, task) = settle_task(
+            consumer.channel.clone(),
+            prefetch,
+            timing.ack_linger,
+            Arc::clone(&spec.name),
+            Arc::clone(&counters),
+        );
+        connection.runtime().spawn(task.run());
+        info!(queue = %spec.name, concurrency, prefetch, "consuming");
+        Ok(QueueWorker {
+            policy: spec.config.policy(),
+            name: spec.name,
+            handler: spec.handler,
+            concurrency,
+            consumer,
+            consumer_tag: ShortString::from(consumer_tag),
+            settle,
+            connection: connection.clone(),
+            counters,
+        })
+    }
+
+    /// Consumes until `shutdown` fires (then stops gracefully) or the consumer fails.
+    pub(crate) async fn run(
+        mut self,
+        shutdown: CancellationToken,
+        timing: Timing,
+    ) -> Result<(), Error> {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let in_flight = TaskTracker::new();
+        let mut last_tag = 0;
+        let ended = loop {
+            // A permit first: a delivery taken from the stream is always started at once, so
+            // at shutdown every unstarted one is still in the stream, to be given back.
+            let permit = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(()),
+                permit = Arc::clone(&permits).acquire_owned() => {
+                    permit.expect("the semaphore is never closed")
+                }
+            };
+            let next = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break Ok(()),
+                next = self.consumer.consumer.next() => next,
+            };
+            let mut delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(source)) => {
+                    break Err(Error::ConsumerFailed {
+                        queue: self.name.to_string(),
+                        source,
+                    });
+                }
+                None => {
+                    break Err(Error::ConsumerCancelled {
+                        queue: self.name.to_string(),
+                    });
+                }
+            };
+            last_tag = delivery.delivery_tag;
+            QueueCounters::add(&self.counters.delivered, 1);
+            let ctx = Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
+            let body = std::mem::take(&mut delivery.data);
+            let handler = Arc::clone(&self.handler);
+            let policy = Arc::clone(&self.policy);
+            let settle = self.settle.clone();
+            let counters = Arc::clone(&self.counters);
+            in_flight.spawn(async move {
+                let settlement = match handler.call(body, &ctx).await {
+                    Ok(()) => Settlement::Ack,
+                    Err(failure) => decide(&failure, &ctx, &policy, &counters),
+                };
+                settle.settle(ctx.delivery_tag(), settlement);
+                drop(permit);
+            });
+        };
+        match ended {
+            Ok(()) => {
+                self.stop(in_flight, last_tag, timing).await;
+                Ok(())
+            }
+            Err(error) => {
+                // The channel is gone: the broker requeues everything unacked. Handlers
+                // still running finish on their own; their acks cannot be sent.
+                error!(queue = %self.name, %error, "consumer stopped");
+                in_flight.close();
+                self.settle.close().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
+    /// let in-flight handlers finish until the deadline, give back what did not finish.
+    async fn stop(mut self, in_flight: TaskTracker, mut last_tag: u64, timing: Timing) {
+        let deadline = Instant::now() + timing.shutdown_timeout;
+        let channel = self.consumer.channel.clone();
+        let tag = self.consumer_tag.clone();
+        let cancelled = self
+            .connection
+            .runtime()
+            .run(async move { channel.basic_cancel(tag, BasicCancelOptions::default()).await })
+            .await;
+        if let Err(error) = &cancelled {
+            warn!(queue = %self.name, %error, "basic.cancel failed");
+        }
+        // After cancel-ok the stream yields what was buffered, then ends.
+        let mut released = 0;
+        while cancelled.is_ok() {
+            match tokio::time::timeout_at(deadline, self.consumer.consumer.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    last_tag = delivery.delivery_tag;
+                    QueueCounters::add(&self.counters.delivered, 1);
+                    self.settle.settle(delivery.delivery_tag, Settlement::Release);
+                    released += 1;
+                }
+                Ok(Some(Err(error))) => {
+                    warn!(queue = %self.name, %error, "consumer failed while stopping");
+                    break;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        in_flight.close();
+        info!(
+            queue = %self.name,
+            released,
+            in_flight = in_flight.len(),
+            "stopping: gave back unstarted messages, waiting for running handlers"
+        );
+        if tokio::time::timeout_at(deadline, in_flight.wait()).await.is_err() {
+            warn!(
+                queue = %self.name,
+                still_running = in_flight.len(),
+                timeout = ?timing.shutdown_timeout,
+                "shutdown deadline passed; giving back the messages of handlers still running"
+            );
+            self.settle.abandon(last_tag).await;
+        }
+        self.settle.close().await;
+        let channel = self.consumer.channel.clone();
+        let closed = self
+            .connection
+            .runtime()
+            .run(async move { channel.close(200, ShortString::from("conejo: shutdown")).await })
+            .await;
+        match closed {
+            Ok(()) => debug!(queue = %self.name, "channel closed"),
+            Err(error) => warn!(queue = %self.name, %error, "channel close failed"),
+        }
+    }
+}
+
+/// Applies the queue's failure policy (a panicking policy rejects), logs and counts.
+fn decide(
+    failure: &Failure,
+    ctx: &Context,
+    policy: &FailurePolicy,
+    counters: &QueueCounters,
+) -> Settlement {
+    let counter = match failure {
+        Failure::Handler(_) => &counters.handler_errors,
+        Failure::Decode(_) => &counters.decode_failures,
+        Failure::Panic(_) => &counters.panics,
+    };
+    QueueCounters::add(counter, 1);
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| policy(failure, ctx)))
+        .unwrap_or_else(|_| {
+            error!(queue = ctx.queue(), "failure policy panicked; rejecting the message");
+            Outcome::Reject
+        });
+    warn!(
+        queue = ctx.queue(),
+        delivery_tag = ctx.delivery_tag(),
+        message_id = ctx.message_id(),
+        redelivered = ctx.redelivered(),
+        failure = failure.kind(),
+        ?outcome,
+        "{failure}"
+    );
+    match outcome {
+        Outcome::Ack => Settlement::Ack,
+        Outcome::Retry => Settlement::Retry,
+        Outcome::Reject => Settlement::Reject,
+    }
+}

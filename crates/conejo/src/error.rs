@@ -1,0 +1,264 @@
+//! Errors that stop the service (startup and run), as opposed to per-message failures.
+
+use std::fmt;
+
+/// An error that prevents conejo from starting or makes a running service stop.
+///
+/// Per-message problems (a handler error, a payload that does not decode, a panic) are never
+/// an `Error`: they become an [`Outcome`](crate::Outcome) for that one message. An `Error` means
+/// the service itself cannot go on: bad configuration, an unreachable broker, a queue that does
+/// not exist, a connection or channel lost.
+///
+/// Messages never contain the password of the AMQP URL.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The AMQP URL could not be parsed. The reason never repeats the password.
+    #[error("invalid AMQP URL: {reason}")]
+    InvalidUrl {
+        /// What is wrong with the URL.
+        reason: String,
+    },
+
+    /// The configuration is inconsistent (no queue, zero concurrency, duplicate queue…).
+    #[error("invalid configuration{}: {reason}", queue_suffix(.queue))]
+    InvalidConfig {
+        /// The queue the problem is about, if any.
+        queue: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Connecting to the broker failed (unreachable, refused credentials, TLS…).
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL, with its password redacted.
+        url: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The queue does not exist and conejo was asked not to declare it (passive declaration).
+    #[error("queue '{queue}' does not exist (declared passive: conejo does not create it)")]
+    QueueNotFound {
+        /// The missing queue.
+        queue: String,
+    },
+
+    /// Setting up a queue's consumer failed (declaration refused, e.g. a queue that exists
+    /// with other arguments; qos; basic.consume).
+    #[error("cannot set up queue '{queue}' ({step}): {source}")]
+    QueueSetup {
+        /// The queue being set up.
+        queue: String,
+        /// What conejo was doing: "declare", "qos", "consume", "open channel".
+        step: &'static str,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// A running consumer stopped: its channel or the connection failed.
+    #[error("consumer of queue '{queue}' failed: {source}")]
+    ConsumerFailed {
+        /// The queue whose consumer failed.
+        queue: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The broker cancelled a consumer (the queue was deleted, or a node hosting it went down).
+    #[error("the broker cancelled the consumer of queue '{queue}'")]
+    ConsumerCancelled {
+        /// The queue whose consumer was cancelled.
+        queue: String,
+    },
+
+    /// The connection to the broker was lost.
+    #[error("connection to the broker lost: {source}")]
+    ConnectionLost {
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The dedicated connection runtime could not be started.
+    #[error("cannot start the connection runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+fn queue_suffix(queue: &Option<String>) -> String {
+    match queue {
+        Some(queue) => format!(" for queue '{queue}'"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    pub(crate) fn config(queue: Option<&str>, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            queue: queue.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    /// The queue this error is about, if it is about one.
+    #[must_use]
+    pub fn queue(&self) -> Option<&str> {
+        match self {
+            Error::InvalidConfig { queue, .. } => queue.as_deref(),
+            Error::QueueNotFound { queue }
+            | Error::QueueSetup { queue, .. }
+            | Error::ConsumerFailed { queue, .. }
+            | Error::ConsumerCancelled { queue } => Some(queue),
+            _ => None,
+        }
+    }
+
+    /// True for errors about the connection to the broker (as opposed to configuration or
+    /// a queue's own setup): a supervisor may retry those after a delay.
+    #[must_use]
+    pub fn is_connection_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Connect { .. } | Error::ConnectionLost { .. } | Error::ConsumerFailed { .. }
+        )
+    }
+}
+
+/// Why a handler could not process a message; returned by [`Handler::handle`](crate::Handler).
+///
+/// Each error says what should happen to the message:
+/// - [`HandlerError::retry`] (and any error converted with `?`): the message should be
+///   tried again;
+/// - [`HandlerError::reject`]: the message itself is bad and should not be tried again
+///   (dead-lettered when the queue has a dead-letter exchange, else dropped).
+///
+/// The queue's [error policy](crate::QueueConfig::on_failure) turns it into an
+/// [`Outcome`](crate::Outcome); the default follows the error's own choice.
+///
+/// `HandlerError` deliberately does not implement [`std::error::Error`], so that any error type
+/// converts into it with `?` (like `anyhow::Error`).
+///
+/// ```
+/// use conejo::HandlerError;
+///
+/// fn parse_quantity(raw: &str) -> Result<u32, HandlerError> {
+///     // `?` on a std error: retry by default.
+///     let n: u32 = raw.parse()?;
+///     if n == 0 {
+///         // A message that will never succeed: reject it.
+///         return Err(HandlerError::reject("quantity must be positive"));
+///     }
+///     Ok(n)
+/// }
+/// assert!(parse_quantity("x").unwrap_err().is_retry());
+/// assert!(parse_quantity("0").unwrap_err().is_reject());
+/// ```
+pub struct HandlerError {
+    /// Whether the handler wants the message tried again or given up.
+    retry: bool,
+    /// The underlying error, for logs and for the error policy.
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl HandlerError {
+    /// A transient failure: the message should be tried again.
+    pub fn retry(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        HandlerError {
+            retry: true,
+            source: error.into(),
+        }
+    }
+
+    /// A permanent failure: the message should not be tried again (dead-lettered when the
+    /// queue has a dead-letter exchange).
+    pub fn reject(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        HandlerError {
+            retry: false,
+            source: error.into(),
+        }
+    }
+
+    /// True when the handler asked for the message to be tried again.
+    #[must_use]
+    pub fn is_retry(&self) -> bool {
+        self.retry
+    }
+
+    /// True when the handler asked for the message to be rejected.
+    #[must_use]
+    pub fn is_reject(&self) -> bool {
+        !self.retry
+    }
+
+    /// The underlying error.
+    #[must_use]
+    pub fn inner(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// Takes the underlying error out.
+    #[must_use]
+    pub fn into_inner(self) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self.source
+    }
+}
+
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        HandlerError::retry(error)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("retry", &self.retry)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)?;
+        let mut source = self.source.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_mark_means_retry_and_display_walks_the_chain() {
+        fn fails() -> Result<(), HandlerError> {
+            let _: u8 = "300".parse()?;
+            Ok(())
+        }
+        let err = fails().unwrap_err();
+        assert!(err.is_retry());
+        assert_eq!(err.to_string(), "number too large to fit in target type");
+    }
+
+    #[test]
+    fn config_error_names_the_queue() {
+        let err = Error::config(Some("orders"), "concurrency must be at least 1");
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration for queue 'orders': concurrency must be at least 1"
+        );
+        assert_eq!(err.queue(), Some("orders"));
+    }
+}

@@ -1,0 +1,265 @@
+//! The handler traits users implement, the blocking bridge, and their type-erased form.
+
+use std::{any::Any, future::Future, panic::AssertUnwindSafe, sync::Arc};
+
+use futures::{FutureExt, future::BoxFuture};
+
+use crate::{Context, Decode, Failure, HandlerError};
+
+/// Handles the messages of one or more queues. The central trait of conejo.
+///
+/// Implement it with a plain `async fn`. Handlers run as tasks on the application's tokio
+/// runtime, up to the queue's [concurrency](crate::QueueConfig::concurrency) at once; the
+/// broker connection lives on its own runtime, so a slow handler cannot starve heartbeats.
+/// For CPU-heavy or blocking work, implement [`BlockingHandler`] instead and register it
+/// wrapped in [`Blocking`].
+///
+/// - `Ok(())`: the message is acknowledged;
+/// - `Err(e)` with `?` or [`HandlerError::retry`]: requeued (by default);
+/// - `Err(`[`HandlerError::reject`]`(e))`: dead-lettered, or dropped when the queue has no
+///   dead-letter exchange.
+///
+/// A panic is caught and treated as a failure (rejected by default): it never kills the
+/// service nor leaves the message unacknowledged.
+///
+/// ```
+/// use conejo::{Context, Handler, HandlerError, Json};
+/// use serde::Deserialize;
+///
+/// #[derive(Deserialize)]
+/// struct Order {
+///     id: u64,
+///     quantity: u32,
+/// }
+///
+/// struct Orders;
+///
+/// impl Handler for Orders {
+///     type Message = Json<Order>;
+///
+///     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+///         if order.quantity == 0 {
+///             return Err(HandlerError::reject("empty order"));
+///         }
+///         println!("order {} from {}", order.id, ctx.queue());
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// The message type: [`Json<T>`](crate::Json), `Vec<u8>`, `String` or your own
+    /// [`Decode`] type.
+    type Message: Decode;
+
+    /// Handles one message.
+    fn handle(
+        &self,
+        message: Self::Message,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The concurrency used when the queue's configuration does not set one: `None` for the
+    /// framework's default (16 for async handlers; the number of cores for [`Blocking`]).
+    #[doc(hidden)]
+    fn default_concurrency(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// A synchronous handler for CPU-heavy or blocking work (image processing, compression,
+/// blocking I/O, FFI). Register it wrapped in [`Blocking`]: each call runs on tokio's
+/// blocking thread pool (`spawn_blocking`), never on an async worker, at most the queue's
+/// [concurrency](crate::QueueConfig::concurrency) at a time.
+///
+/// ```
+/// use conejo::{BlockingHandler, Context, HandlerError, Json};
+/// use serde::Deserialize;
+///
+/// #[derive(Deserialize)]
+/// struct Resize {
+///     width: u32,
+/// }
+///
+/// struct Thumbnailer;
+///
+/// impl BlockingHandler for Thumbnailer {
+///     type Message = Json<Resize>;
+///
+///     fn handle(&self, Json(job): Json<Resize>, _ctx: &Context) -> Result<(), HandlerError> {
+///         let _pixels: u64 = (0..job.width as u64).map(|x| x * x).sum();
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait BlockingHandler: Send + Sync + 'static {
+    /// The message type, as for [`Handler::Message`].
+    type Message: Decode;
+
+    /// Handles one message, on a blocking-pool thread.
+    fn handle(&self, message: Self::Message, ctx: &Context) -> Result<(), HandlerError>;
+}
+
+/// Runs a [`BlockingHandler`] through `tokio::task::spawn_blocking`; registers like any
+/// [`Handler`].
+///
+/// ```no_run
+/// # use conejo::{BlockingHandler, Context, HandlerError};
+/// # struct Thumbnailer;
+/// # impl BlockingHandler for Thumbnailer {
+/// #     type Message = Vec<u8>;
+/// #     fn handle(&self, _: Vec<u8>, _: &Context) -> Result<(), HandlerError> { Ok(()) }
+/// # }
+/// use conejo::{Blocking, Conejo, QueueConfig};
+///
+/// # async fn run() -> Result<(), conejo::Error> {
+/// Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .queue_with("thumbnails", Blocking::new(Thumbnailer), QueueConfig::new().concurrency(2))
+///     .build()?
+///     .run()
+///     .await
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Blocking<H> {
+    /// Shared with the blocking-pool closures, which must be `'static`.
+    inner: Arc<H>,
+}
+
+impl<H: BlockingHandler> Blocking<H> {
+    /// Wraps a blocking handler.
+    pub fn new(handler: H) -> Self {
+        Blocking {
+            inner: Arc::new(handler),
+        }
+    }
+}
+
+impl<H: BlockingHandler> Handler for Blocking<H> {
+    type Message = H::Message;
+
+    async fn handle(&self, message: H::Message, ctx: &Context) -> Result<(), HandlerError> {
+        let handler = Arc::clone(&self.inner);
+        let ctx = ctx.clone();
+        match tokio::task::spawn_blocking(move || handler.handle(message, &ctx)).await {
+            Ok(result) => result,
+            // Re-raised here so that the erased handler reports it as a panic, like an async
+            // handler's.
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(HandlerError::retry(error)),
+        }
+    }
+
+    fn default_concurrency(&self) -> Option<usize> {
+        Some(std::thread::available_parallelism().map_or(2, usize::from))
+    }
+}
+
+/// A handler with its message type erased: what a queue's consumer calls. Built once at
+/// registration, so the per-message path has no generics.
+pub(crate) trait ErasedHandler: Send + Sync + 'static {
+    /// Decodes the body and runs the handler; every failure, panics included, comes back as
+    /// a [`Failure`].
+    fn call<'a>(&'a self, body: Vec<u8>, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// The concurrency to use when the queue's configuration does not set one.
+    fn default_concurrency(&self) -> usize;
+}
+
+/// Erases a [`Handler`]'s message type.
+struct Erased<H> {
+    /// The user's handler.
+    handler: H,
+}
+
+/// Concurrency of an async handler when the queue does not set one.
+pub(crate) const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
+
+pub(crate) fn erase<H: Handler>(handler: H) -> Arc<dyn ErasedHandler> {
+    Arc::new(Erased { handler })
+}
+
+impl<H: Handler> ErasedHandler for Erased<H> {
+    fn call<'a>(&'a self, body: Vec<u8>, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>> {
+        let work = async move {
+            let message = H::Message::decode(body, ctx).map_err(Failure::Decode)?;
+            self.handler
+                .handle(message, ctx)
+                .await
+                .map_err(Failure::Handler)
+        };
+        Box::pin(AssertUnwindSafe(work).catch_unwind().map(|result| {
+            result.unwrap_or_else(|panic| Err(Failure::Panic(panic_message(&*panic))))
+        }))
+    }
+
+    fn default_concurrency(&self) -> usize {
+        self.handler
+            .default_concurrency()
+            .unwrap_or(DEFAULT_ASYNC_CONCURRENCY)
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Json;
+
+    struct Doubler;
+    impl Handler for Doubler {
+        type Message = Json<u32>;
+        async fn handle(&self, Json(n): Json<u32>, _ctx: &Context) -> Result<(), HandlerError> {
+            match n {
+                0 => panic!("zero"),
+                1 => Err(HandlerError::reject("one")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    struct Burner;
+    impl BlockingHandler for Burner {
+        type Message = String;
+        fn handle(&self, text: String, _ctx: &Context) -> Result<(), HandlerError> {
+            if text == "panic" {
+                panic!("blocking {text}");
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_are_values() {
+        let handler = erase(Doubler);
+        let ctx = Context::detached("q");
+        assert!(handler.call(b"2".to_vec(), &ctx).await.is_ok());
+        assert!(matches!(handler.call(b"x".to_vec(), &ctx).await, Err(Failure::Decode(_))));
+        assert!(matches!(handler.call(b"1".to_vec(), &ctx).await, Err(Failure::Handler(e)) if e.is_reject()));
+        match handler.call(b"0".to_vec(), &ctx).await {
+            Err(Failure::Panic(message)) => assert_eq!(message, "zero"),
+            other => panic!("expected a panic failure, got {other:?}"),
+        }
+        assert_eq!(handler.default_concurrency(), DEFAULT_ASYNC_CONCURRENCY);
+    }
+
+    #[tokio::test]
+    async fn blocking_panics_are_caught() {
+        let handler = erase(Blocking::new(Burner));
+        let ctx = Context::detached("q");
+        assert!(handler.call(b"ok".to_vec(), &ctx).await.is_ok());
+        match handler.call(b"panic".to_vec(), &ctx).await {
+            Err(Failure::Panic(message)) => assert_eq!(message, "blocking panic"),
+            other => panic!("expected a panic failure, got {other:?}"),
+        }
+        assert_ne!(handler.default_concurrency(), DEFAULT_ASYNC_CONCURRENCY);
+    }
+}

@@ -1,0 +1,131 @@
+//! # conejo
+//!
+//! An async-first RabbitMQ consumer framework: implement a [`Handler`], register queues on
+//! a [`Conejo`] builder, [`run`](Conejo::run) the result as a service.
+//!
+//! ## Why
+//! A consumer whose handlers hog the thread (or the async runtime) that must answer the
+//! broker's heartbeats loses its connection: RabbitMQ logs "missed heartbeats from client",
+//! closes it, and redelivers every in-flight message. lapin 4 runs its heartbeat timer and
+//! internal RPC as tasks on the runtime it is given, so in Rust the trap is a handler that
+//! keeps every worker of that runtime busy.
+//!
+//! conejo owns the connection and runs lapin on a **dedicated runtime on its own thread**;
+//! handlers run on yours. Nothing a handler does — a CPU-heavy loop, a `std::thread::sleep`
+//! by mistake — can delay a heartbeat. CPU-heavy handlers implement [`BlockingHandler`] and
+//! run through [`Blocking`] on tokio's blocking pool, at most `concurrency` at a time.
+//!
+//! ## The path of a message
+//! broker → delivery (lapin, connection runtime) → decode ([`Decode`], e.g. [`Json`]) →
+//! [`Handler::handle`] (your runtime) → [`Outcome`] → settle task (connection runtime) →
+//! `basic.ack` / `basic.nack` / `basic.reject`.
+//!
+//! ## Acknowledgements and failures
+//! - A message is acknowledged only after its handler returned `Ok`: at-least-once delivery.
+//! - Acks are coalesced: finished deliveries with consecutive tags are acknowledged with one
+//!   `basic.ack(multiple = true)`, within [`Builder::ack_linger`] (5 ms) or as soon as a
+//!   quarter of the prefetch window is waiting. No delivery is ever settled twice, and acks
+//!   only go to the channel that delivered the message.
+//! - A failure — handler error, payload that does not decode, panic — is a [`Failure`]; the
+//!   queue's policy ([`QueueConfig::on_failure`], default [`Failure::default_outcome`])
+//!   makes it [`Outcome::Retry`] (requeue) or [`Outcome::Reject`] (dead-letter, or drop).
+//!
+//! ## Shutdown
+//! On SIGINT/SIGTERM or a [`ShutdownHandle`]: stop consuming, give back at once the
+//! messages prefetched but not started, let in-flight handlers finish (up to
+//! [`Builder::shutdown_timeout`], 20 s by default) and ack them, requeue whatever did not
+//! finish, close the channels and the connection.
+//!
+//! ## Not yet
+//! Reconnection: when the connection or a channel is lost, [`Conejo::run`] returns an
+//! [`Error`] (after giving back what it can) and the process should exit non-zero and be
+//! restarted by its supervisor. Unacknowledged messages are redelivered by the broker.
+//!
+//! ## Example
+//! ```no_run
+//! use conejo::{Blocking, BlockingHandler, Conejo, Context, Handler, HandlerError, Json, QueueConfig};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Order { id: u64 }
+//!
+//! struct Orders;
+//! impl Handler for Orders {
+//!     type Message = Json<Order>;
+//!     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+//!         println!("order {} (redelivered: {})", order.id, ctx.redelivered());
+//!         Ok(())
+//!     }
+//! }
+//!
+//! struct Checksum;
+//! impl BlockingHandler for Checksum {
+//!     type Message = Vec<u8>;
+//!     fn handle(&self, bytes: Vec<u8>, _: &Context) -> Result<(), HandlerError> {
+//!         let _sum: u64 = bytes.iter().map(|&b| u64::from(b)).sum(); // CPU work
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), conejo::Error> {
+//!     Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!         .queue("orders", Orders)
+//!         .queue_with("blobs", Blocking::new(Checksum), QueueConfig::new().concurrency(2))
+//!         .build()?
+//!         .run()
+//!         .await
+//! }
+//! ```
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod app;
+mod config;
+mod connection;
+mod consumer;
+mod context;
+mod error;
+mod handler;
+mod message;
+mod outcome;
+mod runtime;
+mod settle;
+mod signal;
+mod stats;
+mod tracker;
+mod url;
+
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+pub use app::{Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle};
+pub use config::QueueConfig;
+pub use context::Context;
+pub use error::{Error, HandlerError};
+pub use handler::{Blocking, BlockingHandler, Handler};
+pub use message::{Decode, DecodeError, Json};
+pub use outcome::{Failure, Outcome};
+pub use stats::{QueueStats, Stats};
+pub use url::AmqpUrl;
+
+/// AMQP types that appear in conejo's API (headers, property values), re-exported from lapin.
+pub mod types {
+    pub use lapin::BasicProperties;
+    pub use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+}
+
+#[cfg(test)]
+mod send_assertions {
+    //! The framework moves these across tasks and runtimes.
+    fn assert_send_sync<T: Send + Sync>() {}
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<crate::Conejo>();
+        assert_send_sync::<crate::Context>();
+        assert_send_sync::<crate::HandlerError>();
+        assert_send_sync::<crate::Failure>();
+        assert_send_sync::<crate::ShutdownHandle>();
+        assert_send_sync::<crate::Stats>();
+    }
+}
