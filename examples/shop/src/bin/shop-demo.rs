@@ -1,0 +1,70 @@
+//! The demo: one service consuming both queues (async JSON orders and CPU-heavy thumbnails),
+//! fed by the publisher; exits once every sample is handled (or on Ctrl-C).
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use conejo::{Blocking, Conejo, QueueConfig};
+use example_shop::{ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
+
+/// Runs the shop end to end.
+#[derive(Parser)]
+struct Args {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    amqp_url: String,
+    /// Orders to publish.
+    #[arg(long, default_value_t = 10)]
+    orders: u64,
+    /// CPU-heavy thumbnail jobs to publish.
+    #[arg(long, default_value_t = 4)]
+    thumbnails: u64,
+    /// CPU milliseconds per thumbnail.
+    #[arg(long, default_value_t = 1500)]
+    work_ms: u64,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    example_shop::init_tracing();
+    let args = Args::parse();
+    let service = Conejo::builder(&args.amqp_url)
+        .connection_name("shop-demo")
+        .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(8))
+        .queue_with(THUMBNAILS, Blocking::new(Thumbnailer), QueueConfig::new().concurrency(2))
+        .build()?;
+    let stats = service.stats();
+    let shutdown = service.shutdown_handle();
+    let running = tokio::spawn(service.run());
+
+    let publisher = Publisher::connect(&args.amqp_url).await?;
+    let published = publisher
+        .publish_samples(args.orders, args.thumbnails, args.work_ms)
+        .await?;
+    tracing::info!(published, "published samples; handling them");
+
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let settled = |stats: &conejo::Stats| {
+        stats
+            .all()
+            .values()
+            .map(|q| q.acked + q.rejected + q.retried)
+            .sum::<u64>()
+    };
+    while settled(&stats) < published && Instant::now() < deadline && !shutdown.is_shutdown() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.shutdown();
+    running.await??;
+    for (queue, q) in stats.all() {
+        println!(
+            "{queue:<16} delivered {:>3}  acked {:>3}  rejected {:>3} (decode failures {}, handler errors {})",
+            q.delivered, q.acked, q.rejected, q.decode_failures, q.handler_errors
+        );
+    }
+    anyhow::ensure!(settled(&stats) >= published, "not every sample was handled in time");
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! A CPU-heavy service: thumbnails rendered on the blocking pool, at most `--concurrency`
+//! at once, while the connection keeps its heartbeats on its own thread.
+
+use clap::Parser;
+use conejo::{Blocking, Conejo, QueueConfig};
+use example_shop::{THUMBNAILS, Thumbnailer};
+
+/// Renders the shop's thumbnails.
+#[derive(Parser)]
+struct Args {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    amqp_url: String,
+    /// Thumbnails rendered at once (default: the number of cores).
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    example_shop::init_tracing();
+    let args = Args::parse();
+    let mut config = QueueConfig::new();
+    if let Some(concurrency) = args.concurrency {
+        config = config.concurrency(concurrency);
+    }
+    Conejo::builder(&args.amqp_url)
+        .connection_name("thumbnail-service")
+        .queue_with(THUMBNAILS, Blocking::new(Thumbnailer), config)
+        .build()?
+        .run()
+        .await?;
+    Ok(())
+}

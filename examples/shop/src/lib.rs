@@ -1,0 +1,198 @@
+//! The shop: message types and handlers shared by the example binaries.
+//!
+//! - `orders-service`: typed JSON orders, handled by an async [`Orders`] handler.
+//! - `thumbnail-service`: CPU-heavy [`Thumbnailer`] jobs through the blocking bridge.
+//! - `shop-publisher`: publishes sample messages to both queues.
+//! - `shop-demo`: all of the above in one process, then exits.
+
+use std::time::{Duration, Instant};
+
+use conejo::{BlockingHandler, Context, Handler, HandlerError, Json};
+use lapin::{
+    BasicProperties, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
+    types::{FieldTable, ShortString},
+};
+use serde::{Deserialize, Serialize};
+
+/// The order queue.
+pub const ORDERS: &str = "shop.orders";
+/// The thumbnail queue.
+pub const THUMBNAILS: &str = "shop.thumbnails";
+
+/// The broker URL: `AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
+        )
+        .with_target(false)
+        .init();
+}
+
+/// An order, as published by the shop's front end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    /// Order number.
+    pub id: u64,
+    /// Stock-keeping unit.
+    pub sku: String,
+    /// How many items.
+    pub quantity: u32,
+}
+
+/// Handles orders: checks them and "stores" them (a short async wait stands for a database).
+#[derive(Debug, Default)]
+pub struct Orders;
+
+impl Handler for Orders {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+        if order.quantity == 0 {
+            // Will never succeed: reject (dead-letter) rather than retry.
+            return Err(HandlerError::reject(format!("order {} has no items", order.id)));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tracing::info!(
+            order = order.id,
+            sku = %order.sku,
+            quantity = order.quantity,
+            redelivered = ctx.redelivered(),
+            "order stored"
+        );
+        Ok(())
+    }
+}
+
+/// A thumbnail to render.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Thumbnail {
+    /// Image name.
+    pub image: String,
+    /// Milliseconds of CPU the rendering takes (a stand-in for image size).
+    pub work_ms: u64,
+}
+
+/// Renders thumbnails: pure CPU work, run on the blocking pool.
+#[derive(Debug, Default)]
+pub struct Thumbnailer;
+
+impl BlockingHandler for Thumbnailer {
+    type Message = Json<Thumbnail>;
+
+    fn handle(&self, Json(job): Json<Thumbnail>, _ctx: &Context) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let checksum = burn_cpu(Duration::from_millis(job.work_ms));
+        tracing::info!(
+            image = %job.image,
+            took_ms = started.elapsed().as_millis() as u64,
+            checksum,
+            "thumbnail rendered"
+        );
+        Ok(())
+    }
+}
+
+/// Keeps one core busy for `duration` (no sleeping, no yielding); returns a checksum so the
+/// work cannot be optimised away.
+pub fn burn_cpu(duration: Duration) -> u64 {
+    let started = Instant::now();
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+    while started.elapsed() < duration {
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+    }
+    x
+}
+
+/// A publisher for the examples (conejo consumes; publishing here is plain lapin).
+#[allow(missing_debug_implementations)]
+pub struct Publisher {
+    channel: lapin::Channel,
+    _connection: Connection,
+}
+
+impl Publisher {
+    /// Connects, enables publisher confirms, declares the shop's queues (durable, as the
+    /// services declare them).
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        for queue in [ORDERS, THUMBNAILS] {
+            channel
+                .queue_declare(
+                    ShortString::from(queue),
+                    QueueDeclareOptions::durable(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(Publisher {
+            channel,
+            _connection: connection,
+        })
+    }
+
+    /// Publishes raw bytes (persistent) and waits for the broker's confirm.
+    pub async fn publish(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/json"))
+                    .with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "broker refused the message");
+        Ok(())
+    }
+
+    /// Publishes `value` as JSON.
+    pub async fn publish_json<T: Serialize>(&self, queue: &str, value: &T) -> anyhow::Result<()> {
+        self.publish(queue, &serde_json::to_vec(value)?).await
+    }
+
+    /// The sample load: `orders` orders (one with no items), one malformed order, and
+    /// `thumbnails` CPU-heavy jobs of `work_ms` each.
+    pub async fn publish_samples(
+        &self,
+        orders: u64,
+        thumbnails: u64,
+        work_ms: u64,
+    ) -> anyhow::Result<u64> {
+        for id in 1..=orders {
+            let quantity = if id == 3 { 0 } else { (id % 5 + 1) as u32 };
+            let order = Order {
+                id,
+                sku: format!("SKU-{:03}", id * 7 % 100),
+                quantity,
+            };
+            self.publish_json(ORDERS, &order).await?;
+        }
+        self.publish(ORDERS, b"{\"id\": 99, \"sku\": oops").await?;
+        for n in 1..=thumbnails {
+            let job = Thumbnail {
+                image: format!("photo-{n}.jpg"),
+                work_ms,
+            };
+            self.publish_json(THUMBNAILS, &job).await?;
+        }
+        Ok(orders + 1 + thumbnails)
+    }
+}
