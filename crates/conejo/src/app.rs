@@ -287,7 +287,10 @@ impl Builder {
         }
         for (index, spec) in self.queues.iter().enumerate() {
             spec.config.validate(&spec.name)?;
-            if self.queues[..index].iter().any(|other| other.name == spec.name) {
+            if self.queues[..index]
+                .iter()
+                .any(|other| other.name == spec.name)
+            {
                 return Err(Error::config(Some(&spec.name), "queue registered twice"));
             }
         }
@@ -354,7 +357,10 @@ mod tests {
     fn build_rejects_bad_configuration_before_connecting() {
         let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
         let err = Conejo::builder(url).build().unwrap_err();
-        assert_eq!(err.to_string(), "invalid configuration: no queue registered");
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: no queue registered"
+        );
         let err = Conejo::builder(url)
             .queue("a", Noop)
             .queue("a", Noop)
@@ -367,7 +373,10 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::InvalidUrl { .. }));
         assert!(!err.to_string().contains("pw-xyz"));
-        let conejo = Conejo::builder("amqp://u:pw-xyz@host/").queue("a", Noop).build().unwrap();
+        let conejo = Conejo::builder("amqp://u:pw-xyz@host/")
+            .queue("a", Noop)
+            .build()
+            .unwrap();
         assert!(!format!("{conejo:?}").contains("pw-xyz"));
     }
 }

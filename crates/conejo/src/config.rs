@@ -104,7 +104,10 @@ impl QueueConfig {
 
     /// Declares a quorum queue (replicated, `x-queue-type = quorum`); must be durable.
     pub fn quorum(self) -> Self {
-        self.argument("x-queue-type", AMQPValue::LongString(LongString::from("quorum")))
+        self.argument(
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("quorum")),
+        )
     }
 
     /// Messages rejected (or expired) are republished to this exchange.
@@ -148,7 +151,9 @@ impl QueueConfig {
     /// (concurrency, prefetch) once the handler's default concurrency is known.
     pub(crate) fn resolve(&self, default_concurrency: usize) -> (usize, u16) {
         let concurrency = self.concurrency.unwrap_or(default_concurrency);
-        let prefetch = self.prefetch.unwrap_or_else(|| derive_prefetch(concurrency));
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| derive_prefetch(concurrency));
         (concurrency.min(usize::from(prefetch)), prefetch)
     }
 
@@ -214,17 +219,33 @@ mod tests {
         assert_eq!(QueueConfig::new().concurrency(8).resolve(16), (8, 16));
         assert_eq!(QueueConfig::new().resolve(16), (16, 32));
         assert_eq!(QueueConfig::new().resolve(2), (2, 10));
-        assert_eq!(QueueConfig::new().concurrency(1 << 20).resolve(16).1, u16::MAX);
+        assert_eq!(
+            QueueConfig::new().concurrency(1 << 20).resolve(16).1,
+            u16::MAX
+        );
         // an explicit prefetch below the concurrency caps it
-        assert_eq!(QueueConfig::new().concurrency(50).prefetch(20).resolve(16), (20, 20));
+        assert_eq!(
+            QueueConfig::new().concurrency(50).prefetch(20).resolve(16),
+            (20, 20)
+        );
     }
 
     #[test]
     fn invalid_configurations_are_named() {
         let err = QueueConfig::new().concurrency(0).validate("q").unwrap_err();
-        assert!(err.to_string().contains("'q': concurrency must be at least 1"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("'q': concurrency must be at least 1"),
+            "{err}"
+        );
         assert!(QueueConfig::new().prefetch(0).validate("q").is_err());
-        assert!(QueueConfig::new().quorum().durable(false).validate("q").is_err());
+        assert!(
+            QueueConfig::new()
+                .quorum()
+                .durable(false)
+                .validate("q")
+                .is_err()
+        );
         assert!(QueueConfig::new().validate("").is_err());
         assert!(QueueConfig::new().quorum().validate("q").is_ok());
     }

@@ -1,11 +1,7 @@
 //! One queue's consumer loop, on the handler runtime: delivery → decode → handler → outcome
 //! → settle task. And its graceful stop.
 
-use std::{
-    panic::AssertUnwindSafe,
-    sync::Arc,
-    time::Duration,
-};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use lapin::{options::BasicCancelOptions, types::ShortString};
@@ -135,7 +131,8 @@ impl QueueWorker {
             };
             last_tag = delivery.delivery_tag;
             QueueCounters::add(&self.counters.delivered, 1);
-            let ctx = Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
+            let ctx =
+                Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
             let body = std::mem::take(&mut delivery.data);
             let handler = Arc::clone(&self.handler);
             let policy = Arc::clone(&self.policy);
@@ -175,7 +172,11 @@ impl QueueWorker {
         let cancelled = self
             .connection
             .runtime()
-            .run(async move { channel.basic_cancel(tag, BasicCancelOptions::default()).await })
+            .run(async move {
+                channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+            })
             .await;
         if let Err(error) = &cancelled {
             warn!(queue = %self.name, %error, "basic.cancel failed");
@@ -187,7 +188,8 @@ impl QueueWorker {
                 Ok(Some(Ok(delivery))) => {
                     last_tag = delivery.delivery_tag;
                     QueueCounters::add(&self.counters.delivered, 1);
-                    self.settle.settle(delivery.delivery_tag, Settlement::Release);
+                    self.settle
+                        .settle(delivery.delivery_tag, Settlement::Release);
                     released += 1;
                 }
                 Ok(Some(Err(error))) => {
@@ -204,7 +206,10 @@ impl QueueWorker {
             in_flight = in_flight.len(),
             "stopping: gave back unstarted messages, waiting for running handlers"
         );
-        if tokio::time::timeout_at(deadline, in_flight.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, in_flight.wait())
+            .await
+            .is_err()
+        {
             warn!(
                 queue = %self.name,
                 still_running = in_flight.len(),
@@ -218,7 +223,11 @@ impl QueueWorker {
         let closed = self
             .connection
             .runtime()
-            .run(async move { channel.close(200, ShortString::from("conejo: shutdown")).await })
+            .run(async move {
+                channel
+                    .close(200, ShortString::from("conejo: shutdown"))
+                    .await
+            })
             .await;
         match closed {
             Ok(()) => debug!(queue = %self.name, "channel closed"),
@@ -242,7 +251,10 @@ fn decide(
     QueueCounters::add(counter, 1);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| policy(failure, ctx)))
         .unwrap_or_else(|_| {
-            error!(queue = ctx.queue(), "failure policy panicked; rejecting the message");
+            error!(
+                queue = ctx.queue(),
+                "failure policy panicked; rejecting the message"
+            );
             Outcome::Reject
         });
     warn!(

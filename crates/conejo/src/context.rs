@@ -111,7 +111,10 @@ impl Context {
     /// The `message-id` property.
     #[must_use]
     pub fn message_id(&self) -> Option<&str> {
-        self.properties.message_id().as_ref().map(ShortString::as_str)
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str)
     }
 
     /// The `correlation-id` property.

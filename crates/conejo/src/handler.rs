@@ -242,8 +242,13 @@ mod tests {
         let handler = erase(Doubler);
         let ctx = Context::detached("q");
         assert!(handler.call(b"2".to_vec(), &ctx).await.is_ok());
-        assert!(matches!(handler.call(b"x".to_vec(), &ctx).await, Err(Failure::Decode(_))));
-        assert!(matches!(handler.call(b"1".to_vec(), &ctx).await, Err(Failure::Handler(e)) if e.is_reject()));
+        assert!(matches!(
+            handler.call(b"x".to_vec(), &ctx).await,
+            Err(Failure::Decode(_))
+        ));
+        assert!(
+            matches!(handler.call(b"1".to_vec(), &ctx).await, Err(Failure::Handler(e)) if e.is_reject())
+        );
         match handler.call(b"0".to_vec(), &ctx).await {
             Err(Failure::Panic(message)) => assert_eq!(message, "zero"),
             other => panic!("expected a panic failure, got {other:?}"),

@@ -129,3 +129,8 @@ mod send_assertions {
         assert_send_sync::<crate::Stats>();
     }
 }
+
+/// The README's examples are compiled as doc tests, so they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

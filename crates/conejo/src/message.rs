@@ -158,7 +158,10 @@ mod tests {
         assert_eq!(order, Order { id: 7 });
         let err = Json::<Order>::decode(b"{not json".to_vec(), &ctx).unwrap_err();
         assert_eq!(err.codec(), "json");
-        assert!(err.to_string().starts_with("cannot decode json payload: key must be a string"));
+        assert!(
+            err.to_string()
+                .starts_with("cannot decode json payload: key must be a string")
+        );
         let err = Json::<Order>::decode(br#"{"id":"x"}"#.to_vec(), &ctx).unwrap_err();
         assert!(err.to_string().contains("invalid type"), "{err}");
     }

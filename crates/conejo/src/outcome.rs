@@ -93,6 +93,9 @@ mod tests {
             Failure::Handler(HandlerError::reject("bad sku")).default_outcome(),
             Outcome::Reject
         );
-        assert_eq!(Failure::Panic("boom".into()).default_outcome(), Outcome::Reject);
+        assert_eq!(
+            Failure::Panic("boom".into()).default_outcome(),
+            Outcome::Reject
+        );
     }
 }

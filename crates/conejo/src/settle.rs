@@ -5,7 +5,10 @@
 
 use std::{
     mem,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -18,7 +21,7 @@ use tracing::{debug, error, warn};
 
 use crate::{
     stats::QueueCounters,
-    tracker::{Action, AckTracker, Refused, Settlement},
+    tracker::{AckTracker, Action, Refused, Settlement},
 };
 
 /// Settlements waiting for the settle task.
@@ -39,6 +42,10 @@ struct Shared {
     notify: Notify,
     /// How many waiting acks make a batch worth sending.
     batch: usize,
+    /// Set once the settle task takes no more settlements (shutdown gave the messages back,
+    /// or it stopped): later results are counted and dropped here.
+    closed: AtomicBool,
+    counters: Arc<QueueCounters>,
 }
 
 /// Where handler tasks report how their delivery ended. Cheap to clone.
@@ -59,6 +66,14 @@ impl SettleHandle {
     /// Records how a delivery ended. Never blocks, never fails: if the channel is gone the
     /// settle task counts it and the broker redelivers the message.
     pub(crate) fn settle(&self, tag: u64, how: Settlement) {
+        if self.shared.closed.load(Ordering::Acquire) {
+            QueueCounters::add(&self.shared.counters.late_settlements, 1);
+            debug!(
+                tag,
+                "handler finished after its message was given back; result dropped"
+            );
+            return;
+        }
         let wake = {
             let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
             inbox.items.push((tag, how));
@@ -75,7 +90,11 @@ impl SettleHandle {
     /// Gives back every delivery up to `last_delivered` not yet settled (shutdown deadline).
     pub(crate) async fn abandon(&self, last_delivered: u64) {
         let (done, wait) = oneshot::channel();
-        if self.control.send(Control::Abandon(last_delivered, done)).is_ok() {
+        if self
+            .control
+            .send(Control::Abandon(last_delivered, done))
+            .is_ok()
+        {
             let _ = wait.await;
         }
     }
@@ -119,6 +138,8 @@ pub(crate) fn settle_task(
         inbox: Mutex::default(),
         notify: Notify::new(),
         batch: usize::from(prefetch / 4).max(1),
+        closed: AtomicBool::new(false),
+        counters: Arc::clone(&counters),
     });
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     (
@@ -148,28 +169,28 @@ impl SettleTask {
             tokio::select! {
                 biased;
                 control = self.control.recv() => {
+                    // From here on, results arriving late are counted and dropped by the
+                    // handle; what is already in the inbox is settled first.
+                    self.shared.closed.store(true, Ordering::Release);
                     self.take_inbox().await;
-                    match control {
+                    let (actions, done, stop) = match control {
+                        // After an abandon the task still answers the final close.
                         Some(Control::Abandon(last_delivered, done)) => {
-                            let actions = self.tracker.abandon(last_delivered);
-                            self.send(actions).await;
-                            let _ = done.send(());
-                            deadline = None;
-                            continue;
+                            (self.tracker.abandon(last_delivered), Some(done), false)
                         }
-                        Some(Control::Close(done)) => {
-                            let actions = self.tracker.flush(true);
-                            self.send(actions).await;
-                            self.tracker.close();
-                            let _ = done.send(());
-                            return;
-                        }
-                        None => {
-                            let actions = self.tracker.flush(true);
-                            self.send(actions).await;
-                            return;
-                        }
+                        Some(Control::Close(done)) => (self.tracker.flush(true), Some(done), true),
+                        None => (self.tracker.flush(true), None, true),
+                    };
+                    self.send(actions).await;
+                    self.tracker.close();
+                    if let Some(done) = done {
+                        let _ = done.send(());
                     }
+                    if stop {
+                        return;
+                    }
+                    deadline = None;
+                    continue;
                 }
                 () = self.shared.notify.notified() => {}
                 () = sleep_until(deadline), if deadline.is_some() => forced = true,

@@ -185,7 +185,7 @@ impl AckTracker {
         self.closed = true;
         let beyond_window = self.low + self.window.len() as u64;
         let unseen = last_delivered.saturating_sub(beyond_window.saturating_sub(1));
-        let open_in_window = self
+        let mut open_in_window = self
             .window
             .iter()
             .enumerate()
@@ -198,7 +198,7 @@ impl AckTracker {
         let highest = if unseen > 0 {
             Some(last_delivered)
         } else {
-            open_in_window.last()
+            open_in_window.next_back()
         };
         if let Some(tag) = highest {
             actions.push(Action::Requeue {
@@ -379,9 +379,8 @@ mod tests {
             let mut apply = |actions: &[Action], outstanding: &mut Vec<u64>| {
                 for action in actions {
                     let (tag, multiple) = match *action {
-                        Action::Ack { tag, multiple, .. } | Action::Requeue { tag, multiple, .. } => {
-                            (tag, multiple)
-                        }
+                        Action::Ack { tag, multiple, .. }
+                        | Action::Requeue { tag, multiple, .. } => (tag, multiple),
                         Action::Reject { tag } => (tag, false),
                     };
                     // the broker's rule: the tag must be outstanding

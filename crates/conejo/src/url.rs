@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(url.uri.authority.port, 5673);
         assert_eq!(url.uri.vhost, "vh");
         assert_eq!(url.heartbeat(), Some(1));
-        assert_eq!(url.to_string(), "amqp://guest:***@127.0.0.1:5673/vh?heartbeat=1");
+        assert_eq!(
+            url.to_string(),
+            "amqp://guest:***@127.0.0.1:5673/vh?heartbeat=1"
+        );
     }
 
     #[test]

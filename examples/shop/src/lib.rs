@@ -57,7 +57,10 @@ impl Handler for Orders {
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
         if order.quantity == 0 {
             // Will never succeed: reject (dead-letter) rather than retry.
-            return Err(HandlerError::reject(format!("order {} has no items", order.id)));
+            return Err(HandlerError::reject(format!(
+                "order {} has no items",
+                order.id
+            )));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         tracing::info!(
@@ -128,7 +131,9 @@ impl Publisher {
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         for queue in [ORDERS, THUMBNAILS] {
             channel
                 .queue_declare(

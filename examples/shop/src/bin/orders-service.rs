@@ -8,7 +8,12 @@ use example_shop::{ORDERS, Orders};
 #[derive(Parser)]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Orders handled at once.
     #[arg(long, default_value_t = 32)]
@@ -21,7 +26,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     Conejo::builder(&args.amqp_url)
         .connection_name("orders-service")
-        .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(args.concurrency))
+        .queue_with(
+            ORDERS,
+            Orders,
+            QueueConfig::new().concurrency(args.concurrency),
+        )
         .build()?
         .run()
         .await?;

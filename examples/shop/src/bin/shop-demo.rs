@@ -11,7 +11,12 @@ use example_shop::{ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
 #[derive(Parser)]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Orders to publish.
     #[arg(long, default_value_t = 10)]
@@ -34,7 +39,11 @@ async fn main() -> anyhow::Result<()> {
     let service = Conejo::builder(&args.amqp_url)
         .connection_name("shop-demo")
         .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(8))
-        .queue_with(THUMBNAILS, Blocking::new(Thumbnailer), QueueConfig::new().concurrency(2))
+        .queue_with(
+            THUMBNAILS,
+            Blocking::new(Thumbnailer),
+            QueueConfig::new().concurrency(2),
+        )
         .build()?;
     let stats = service.stats();
     let shutdown = service.shutdown_handle();
@@ -65,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
             q.delivered, q.acked, q.rejected, q.decode_failures, q.handler_errors
         );
     }
-    anyhow::ensure!(settled(&stats) >= published, "not every sample was handled in time");
+    anyhow::ensure!(
+        settled(&stats) >= published,
+        "not every sample was handled in time"
+    );
     Ok(())
 }

@@ -7,7 +7,12 @@ use example_shop::Publisher;
 #[derive(Parser)]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Orders to publish (one has no items; one malformed order is added).
     #[arg(long, default_value_t = 10)]

@@ -9,7 +9,12 @@ use example_shop::{THUMBNAILS, Thumbnailer};
 #[derive(Parser)]
 struct Args {
     /// Broker URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Thumbnails rendered at once (default: the number of cores).
     #[arg(long)]
