@@ -1,0 +1,90 @@
+//! A small conejo service for process-level tests (signals, exit codes): consumes one
+//! existing queue with a handler that sleeps, and reports on stdout, one line per event:
+//! `started <message-id>` and `finished <message-id>`. Exits 0 after a clean shutdown,
+//! 1 with the error on stderr otherwise.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser;
+use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
+
+/// Test fixture service.
+#[derive(Parser)]
+struct Args {
+    /// Broker URL.
+    #[arg(long, env = "AMQP_URL", default_value = conejo_tests::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// The queue to consume (must exist).
+    #[arg(long)]
+    queue: String,
+    /// Connection name shown by the broker.
+    #[arg(long, default_value = "conejo-fixture")]
+    connection_name: String,
+    /// How long each message takes to handle, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    handler_ms: u64,
+    /// Messages handled at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Prefetch.
+    #[arg(long, default_value_t = 10)]
+    prefetch: u16,
+    /// Shutdown deadline for in-flight handlers, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_timeout_ms: u64,
+}
+
+/// Sleeps, reporting start and end on stdout.
+struct Sleeper {
+    pause: Duration,
+}
+
+impl Handler for Sleeper {
+    type Message = Vec<u8>;
+
+    async fn handle(&self, _body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
+        let id = ctx.message_id().unwrap_or("?");
+        println!("started {id}");
+        tokio::time::sleep(self.pause).await;
+        println!("finished {id}");
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    // Logs to stderr: stdout carries the events the tests read.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,conejo=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let service = Conejo::builder(&args.amqp_url)
+        .connection_name(args.connection_name)
+        .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms))
+        .queue_with(
+            &args.queue,
+            Sleeper {
+                pause: Duration::from_millis(args.handler_ms),
+            },
+            QueueConfig::new()
+                .passive()
+                .concurrency(args.concurrency)
+                .prefetch(args.prefetch),
+        )
+        .build();
+    let result = match service {
+        Ok(service) => service.run().await,
+        Err(error) => Err(error),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("conejo-fixture: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Messages in, outcomes out: acks, retries, rejects, decode failures and panics, checked on
+//! the broker's side.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use conejo::{Conejo, Context, Error, Handler, HandlerError, Json, Outcome, QueueConfig};
+use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use serde::{Deserialize, Serialize};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Order {
+    id: u64,
+    sku: String,
+}
+
+/// Records every message it handles: (message id, redelivered), and the order ids.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<(String, bool, u64)>>>,
+}
+
+impl Recorder {
+    fn seen(&self) -> Vec<(String, bool, u64)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Handler for Recorder {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+        let id = ctx.message_id().unwrap_or_default().to_owned();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((id, ctx.redelivered(), order.id));
+        Ok(())
+    }
+}
+
+fn config() -> QueueConfig {
+    // The support library declares test queues non-durable.
+    QueueConfig::new().durable(false)
+}
+
+#[tokio::test]
+async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("typed");
+    broker.declare_queue(&queue).await?;
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        let order = Order {
+            id: n,
+            sku: format!("SKU-{n}"),
+        };
+        ids.push(broker.publish_json(&queue, &order).await?);
+    }
+
+    let recorder = Recorder::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, recorder.clone(), config().concurrency(4))
+            .build()?,
+    );
+    service.wait_for(&queue, WAIT, |s| s.acked == 50).await?;
+    service.stop().await??;
+    // Nothing unacked, nothing ready: the broker holds no message of the queue.
+    assert_eq!(broker.message_count(&queue).await?, 0);
+
+    let seen = recorder.seen();
+    assert_eq!(seen.len(), 50, "each message handled exactly once");
+    let mut seen_ids: Vec<_> = seen.iter().map(|(id, _, _)| id.clone()).collect();
+    seen_ids.sort();
+    ids.sort();
+    assert_eq!(seen_ids, ids);
+    assert!(seen.iter().all(|(_, redelivered, _)| !redelivered));
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+/// Fails the first delivery of every message (`?` on an error: retry), succeeds on the
+/// redelivery.
+#[derive(Clone, Default)]
+struct FlakyOnce {
+    attempts: Arc<Mutex<HashMap<String, Vec<bool>>>>,
+}
+
+impl Handler for FlakyOnce {
+    type Message = String;
+
+    async fn handle(&self, _text: String, ctx: &Context) -> Result<(), HandlerError> {
+        let id = ctx.message_id().unwrap_or_default().to_owned();
+        self.attempts
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .push(ctx.redelivered());
+        if !ctx.redelivered() {
+            let _: u32 = "not a number".parse()?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_retried_message_is_requeued_and_handled_again() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("retry");
+    broker.declare_queue(&queue).await?;
+    let a = broker.publish_bytes(&queue, b"first").await?;
+    let b = broker.publish_bytes(&queue, b"second").await?;
+
+    let handler = FlakyOnce::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler.clone(), config())
+            .build()?,
+    );
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    service.stop().await??;
+    assert_eq!(stats.retried, 2);
+    assert_eq!(stats.handler_errors, 2);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    let attempts = handler.attempts.lock().unwrap().clone();
+    assert_eq!(attempts[&a], vec![false, true]);
+    assert_eq!(attempts[&b], vec![false, true]);
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+/// Rejects orders without a SKU, panics on id 13, accepts the rest.
+#[derive(Clone, Default)]
+struct Picky {
+    accepted: Arc<AtomicU64>,
+}
+
+impl Handler for Picky {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
+        if order.id == 13 {
+            panic!("unlucky order");
+        }
+        if order.sku.is_empty() {
+            return Err(HandlerError::reject("order without sku"));
+        }
+        self.accepted.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("reject");
+    let dlq = format!("{queue}.dlq");
+    broker.declare_queue(&dlq).await?;
+
+    // conejo declares the main queue itself, with its dead-letter arguments.
+    let handler = Picky::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config()
+                    .dead_letter_exchange("")
+                    .dead_letter_routing_key(&dlq)
+                    .concurrency(1),
+            )
+            .build()?,
+    );
+    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+
+    let malformed = broker
+        .publish_bytes(&queue, b"{\"id\": 1, \"sku\": ")
+        .await?;
+    let wrong_type = broker
+        .publish_bytes(&queue, br#"{"id": "one", "sku": "x"}"#)
+        .await?;
+    let no_sku = broker
+        .publish_json(
+            &queue,
+            &Order {
+                id: 2,
+                sku: String::new(),
+            },
+        )
+        .await?;
+    let panics = broker
+        .publish_json(
+            &queue,
+            &Order {
+                id: 13,
+                sku: "X".into(),
+            },
+        )
+        .await?;
+    let good = broker
+        .publish_json(
+            &queue,
+            &Order {
+                id: 3,
+                sku: "Y".into(),
+            },
+        )
+        .await?;
+
+    let stats = service
+        .wait_for(&queue, WAIT, |s| s.acked == 1 && s.rejected == 4)
+        .await?;
+    assert_eq!(stats.decode_failures, 2);
+    assert_eq!(stats.panics, 1);
+    assert_eq!(stats.handler_errors, 1);
+    assert_eq!(
+        handler.accepted.load(Ordering::SeqCst),
+        1,
+        "the valid message after them was handled"
+    );
+    // The service is still running after a panic.
+    assert!(!service.is_finished());
+    service.stop().await??;
+
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.wait_for_count(&dlq, 4, WAIT).await?;
+    let dead = broker.drain(&dlq).await?;
+    let dead_ids: Vec<_> = dead.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert_eq!(dead_ids, vec![malformed, wrong_type, no_sku, panics]);
+    assert_eq!(
+        dead[0].body, b"{\"id\": 1, \"sku\": ",
+        "the payload is kept byte for byte"
+    );
+    assert!(
+        dead.iter()
+            .all(|m| m.x_death().first().is_some_and(|d| d.reason == "rejected"))
+    );
+    assert!(!dead_ids.contains(&good));
+    broker.delete_queues(&[&queue, &dlq]).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("policy");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"not json").await?;
+
+    // Decode failures are acked (dropped) by this policy instead of rejected.
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                Recorder::default(),
+                config().on_failure(|failure, _ctx| match failure {
+                    conejo::Failure::Decode(_) => Outcome::Ack,
+                    other => other.default_outcome(),
+                }),
+            )
+            .build()?,
+    );
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
+    service.stop().await??;
+    assert_eq!((stats.decode_failures, stats.rejected), (1, 0));
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+/// Sleeps a pseudo-random 0–3 ms, so handlers finish out of order.
+#[derive(Clone, Default)]
+struct Jittery {
+    handled: Arc<Mutex<HashMap<u64, u32>>>,
+}
+
+impl Handler for Jittery {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
+        let pause = order.id.wrapping_mul(0x9E37_79B9) % 4;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        *self.handled.lock().unwrap().entry(order.id).or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("coalesce");
+    broker.declare_queue(&queue).await?;
+    const N: u64 = 3000;
+    let bodies = (0..N)
+        .map(|id| {
+            serde_json::to_vec(&Order {
+                id,
+                sku: "S".into(),
+            })
+            .unwrap()
+        })
+        .collect();
+    broker.publish_many_bytes(&queue, bodies).await?;
+    broker.wait_for_count(&queue, N as u32, WAIT).await?;
+
+    let handler = Jittery::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().concurrency(64).prefetch(100),
+            )
+            .build()?,
+    );
+    let stats = service
+        .wait_for(&queue, Duration::from_secs(60), |s| s.acked == N)
+        .await?;
+    service.stop().await??;
+    // A double or unknown ack would have closed the channel (PRECONDITION_FAILED) and
+    // failed the service; a missing one would leave messages on the broker.
+    assert_eq!(stats.ack_failures, 0);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    let handled = handler.handled.lock().unwrap().clone();
+    assert_eq!(handled.len() as u64, N);
+    assert!(handled.values().all(|&n| n == 1));
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("current-thread");
+    broker.declare_queue(&queue).await?;
+    for id in 0..10 {
+        broker
+            .publish_json(
+                &queue,
+                &Order {
+                    id,
+                    sku: "S".into(),
+                },
+            )
+            .await?;
+    }
+    let recorder = Recorder::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, recorder.clone(), config())
+            .build()?,
+    );
+    service.wait_for(&queue, WAIT, |s| s.acked == 10).await?;
+    service.stop().await??;
+    assert_eq!(recorder.seen().len(), 10);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_queue_declared_passive_is_a_clear_error() -> anyhow::Result<()> {
+    init_tracing();
+    let queue = unique_name("missing");
+    let name = unique_name("conn-missing");
+    let result = Conejo::builder(amqp_url())
+        .connection_name(&name)
+        .queue_with(&queue, Recorder::default(), QueueConfig::new().passive())
+        .build()?
+        .run_until(std::future::pending())
+        .await;
+    match result {
+        Err(Error::QueueNotFound { queue: missing }) => assert_eq!(missing, queue),
+        other => panic!("expected QueueNotFound, got {other:?}"),
+    }
+    // Startup failed cleanly: no connection left open on the broker.
+    conejo_tests::wait_for_connection_absent(&name, WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_declaration_conflict_names_the_queue() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("conflict");
+    broker.declare_queue(&queue).await?; // non-durable
+    let result = Conejo::builder(amqp_url())
+        .queue_with(&queue, Recorder::default(), QueueConfig::new()) // durable
+        .build()?
+        .run_until(std::future::pending())
+        .await;
+    let err = result.expect_err("a durable declaration of a transient queue must fail");
+    assert_eq!(err.queue(), Some(queue.as_str()));
+    assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_an_error_without_the_password() -> anyhow::Result<()> {
+    // Port 1 on loopback: nothing listens there.
+    let result = Conejo::builder("amqp://app:very-secret@127.0.0.1:1/%2f")
+        .queue_with("q", Recorder::default(), QueueConfig::new())
+        .build()?
+        .run_until(std::future::pending())
+        .await;
+    let err = result.expect_err("nothing listens on port 1");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("very-secret"), "{shown}");
+    assert!(shown.contains("amqp://app:***@127.0.0.1:1"), "{shown}");
+    Ok(())
+}
