@@ -1,0 +1,677 @@
+//! Throughput of conejo against a plain lapin consumer, on a real broker.
+//!
+//! For each prefetch (100 and 1000) and each consumer, repeated `--runs` times:
+//!
+//! 1. a fresh, uniquely named queue — declared exactly as conejo's default [`QueueConfig`]
+//!    declares it (durable, no arguments) — is prefilled with `--messages` JSON messages of
+//!    100 bytes, and the benchmark waits until the broker reports all of them ready;
+//! 2. **raw lapin**: the ordinary loop — `basic.qos(prefetch)`, `basic.consume`, then for each
+//!    delivery: decode the typed [`Order`] with `serde_json`, `ack` it, await the ack;
+//! 3. **conejo**: a [`Handler`] with `type Message = Json<Order>` that only counts, consumed
+//!    with `prefetch(p)` and `concurrency(p)`, until `stats().acked` reaches the total.
+//!
+//! Both clocks run from the first delivery user code sees until the last ack has been sent;
+//! the client process CPU time (all threads, from `/proc/self/stat`) is sampled at the same
+//! two points. Every run then checks, broker side, that the queue is empty (after closing the
+//! channel or shutting conejo down, so an unacked message would be back in the queue).
+//!
+//! ```text
+//! cargo bench -p conejo-tests --bench throughput
+//! cargo bench -p conejo-tests --bench throughput -- --messages 50000 --runs 5
+//! cargo bench -p conejo-tests --bench throughput -- --prefetch 1000 --only conejo
+//! ```
+//!
+//! The broker is [`amqp_url`] (`AMQP_URL`, default the local guest broker). Every queue made is
+//! deleted at the end, also when a run fails; a run that does not finish within
+//! [`RUN_TIMEOUT`] (`--timeout SECS`, e.g. under valgrind) fails the benchmark instead of
+//! hanging.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
+use conejo_tests::{
+    Broker, amqp_url,
+    lapin::{
+        Connection, ConnectionProperties,
+        options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+        types::FieldTable,
+    },
+    unique_name,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// Messages per run unless `--messages` says otherwise.
+const DEFAULT_MESSAGES: u32 = 200_000;
+/// Runs per (prefetch, consumer) unless `--runs` says otherwise.
+const DEFAULT_RUNS: usize = 3;
+/// Prefetches measured unless `--prefetch` says otherwise.
+const DEFAULT_PREFETCHES: [u16; 2] = [100, 1000];
+/// Size of every message body, in bytes.
+const BODY_LEN: usize = 100;
+/// Messages per `publish_many_bytes` call while prefilling.
+const PUBLISH_CHUNK: usize = 10_000;
+/// Default bound on one consumer run, from connecting to the last ack.
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// Minimum bound on prefilling one queue (raised to the run timeout if that is longer).
+const FILL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bound on connecting, and on conejo's shutdown once every message is acked.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Interval of the `stats().acked` poll once conejo's handler has seen every message.
+const STATS_POLL: Duration = Duration::from_millis(1);
+
+/// The message: a small order, as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+struct Order {
+    /// Order number.
+    id: u64,
+    /// Product reference, `SKU-000` to `SKU-999`.
+    sku: String,
+    /// 1 to 10.
+    quantity: u32,
+    /// Padding, so that the JSON body is [`BODY_LEN`] bytes.
+    note: String,
+}
+
+impl Order {
+    /// The `index`-th message of a queue, serialized and padded to [`BODY_LEN`] bytes.
+    fn body(index: u32) -> Vec<u8> {
+        let mut order = Order {
+            id: u64::from(index),
+            sku: format!("SKU-{:03}", index % 1000),
+            quantity: index % 10 + 1,
+            note: String::new(),
+        };
+        let bare = serde_json::to_vec(&order).expect("an Order always serializes");
+        order.note = "x".repeat(BODY_LEN.saturating_sub(bare.len()));
+        serde_json::to_vec(&order).expect("an Order always serializes")
+    }
+}
+
+/// Which consumer a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The ordinary lapin consumer loop.
+    Lapin,
+    /// conejo with a counting handler.
+    Conejo,
+}
+
+impl Kind {
+    /// Its name in the table.
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Lapin => "raw lapin",
+            Kind::Conejo => "conejo",
+        }
+    }
+}
+
+/// Command-line settings.
+#[derive(Debug)]
+struct Args {
+    /// Messages per run.
+    messages: u32,
+    /// Runs per (prefetch, consumer).
+    runs: usize,
+    /// Prefetches to measure.
+    prefetches: Vec<u16>,
+    /// Consumers to measure.
+    kinds: Vec<Kind>,
+    /// Bound on one consumer run.
+    timeout: Duration,
+}
+
+impl Args {
+    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only lapin|conejo` and
+    /// `--timeout SECS` (also as `--flag=value`) from the process arguments. `--bench`, which cargo passes to
+    /// every bench binary, is ignored.
+    fn parse() -> anyhow::Result<Args> {
+        let mut args = Args {
+            messages: DEFAULT_MESSAGES,
+            runs: DEFAULT_RUNS,
+            prefetches: DEFAULT_PREFETCHES.to_vec(),
+            kinds: vec![Kind::Lapin, Kind::Conejo],
+            timeout: RUN_TIMEOUT,
+        };
+        let mut raw = std::env::args().skip(1);
+        while let Some(arg) = raw.next() {
+            if arg == "--bench" {
+                continue;
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
+                None => (arg.clone(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| raw.next())
+                    .ok_or_else(|| anyhow!("{flag} needs a value"))
+            };
+            match flag.as_str() {
+                "--messages" => args.messages = value()?.parse().context("--messages")?,
+                "--runs" => args.runs = value()?.parse().context("--runs")?,
+                "--prefetch" => {
+                    args.prefetches = value()?
+                        .split(',')
+                        .map(|p| p.trim().parse::<u16>())
+                        .collect::<Result<_, _>>()
+                        .context("--prefetch")?;
+                }
+                "--timeout" => {
+                    args.timeout =
+                        Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
+                }
+                "--only" => {
+                    args.kinds = match value()?.as_str() {
+                        "lapin" => vec![Kind::Lapin],
+                        "conejo" => vec![Kind::Conejo],
+                        other => bail!("--only takes lapin or conejo, not {other:?}"),
+                    };
+                }
+                _ => bail!(
+                    "unknown argument {arg:?}; usage: throughput [--messages N] [--runs R] \
+                     [--prefetch P[,P…]] [--only lapin|conejo] [--timeout SECS]"
+                ),
+            }
+        }
+        ensure!(args.messages > 0, "--messages must be positive");
+        ensure!(args.runs > 0, "--runs must be positive");
+        ensure!(!args.timeout.is_zero(), "--timeout must be positive");
+        ensure!(
+            !args.prefetches.is_empty() && !args.prefetches.contains(&0),
+            "prefetches must be positive"
+        );
+        Ok(args)
+    }
+}
+
+/// Client process CPU time (user + system, every thread), from `/proc/self/stat`, or `None`
+/// where that file is unavailable.
+#[derive(Debug, Clone, Copy)]
+struct CpuClock {
+    /// Clock ticks per second of `/proc` (`getconf CLK_TCK`, 100 on every usual kernel).
+    ticks_per_second: u64,
+}
+
+impl CpuClock {
+    /// Asks `getconf` for the tick rate once.
+    fn new() -> CpuClock {
+        let ticks_per_second = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100);
+        CpuClock { ticks_per_second }
+    }
+
+    /// utime + stime so far (fields 14 and 15 of `/proc/self/stat`; counted after the `)`
+    /// that ends the command name, which may itself contain spaces).
+    fn now(self) -> Option<Duration> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let mut fields = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        let ticks = utime + stime;
+        Some(Duration::from_nanos(
+            ticks.saturating_mul(1_000_000_000) / self.ticks_per_second,
+        ))
+    }
+}
+
+/// A point in time of a run: wall clock and process CPU time.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// Wall clock.
+    at: Instant,
+    /// Process CPU time, if readable.
+    cpu: Option<Duration>,
+}
+
+impl Mark {
+    /// Now.
+    fn now(cpu: CpuClock) -> Mark {
+        Mark {
+            at: Instant::now(),
+            cpu: cpu.now(),
+        }
+    }
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// First delivery to last ack.
+    elapsed: Duration,
+    /// Process CPU time over the same span.
+    cpu: Option<Duration>,
+}
+
+impl Sample {
+    /// The sample between two marks.
+    fn between(start: Mark, end: Mark) -> Sample {
+        Sample {
+            elapsed: end.at.duration_since(start.at),
+            cpu: end
+                .cpu
+                .zip(start.cpu)
+                .map(|(end, start)| end.saturating_sub(start)),
+        }
+    }
+
+    /// Messages per second.
+    fn rate(&self, messages: u32) -> f64 {
+        f64::from(messages) / self.elapsed.as_secs_f64()
+    }
+
+    /// Process CPU microseconds per message.
+    fn cpu_per_message_us(&self, messages: u32) -> Option<f64> {
+        self.cpu
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / f64::from(messages))
+    }
+}
+
+/// The median of some values (mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// Declares `queue` as conejo's default [`QueueConfig`] does (durable, not exclusive, not
+/// auto-delete, no arguments), fills it with `messages` bodies and waits until the broker
+/// reports them all ready.
+async fn prefill(
+    broker: &Broker,
+    queue: &str,
+    messages: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let timeout = timeout.max(FILL_TIMEOUT);
+    let channel = broker.open_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring {queue:?}"))?;
+    channel.close(200, "declared".into()).await?;
+    let fill = async {
+        let mut next = 0;
+        while next < messages {
+            let end = next.saturating_add(PUBLISH_CHUNK as u32).min(messages);
+            let bodies = (next..end).map(Order::body).collect();
+            broker.publish_many_bytes(queue, bodies).await?;
+            next = end;
+        }
+        broker.wait_for_count(queue, messages, timeout).await
+    };
+    tokio::time::timeout(timeout, fill)
+        .await
+        .map_err(|_| anyhow!("prefilling {queue:?} took more than {timeout:?}"))?
+}
+
+/// Checks, broker side, that nothing is left in `queue`.
+async fn ensure_empty(broker: &Broker, queue: &str) -> anyhow::Result<()> {
+    let left = broker.message_count(queue).await?;
+    ensure!(left == 0, "{left} messages left in {queue:?} after the run");
+    Ok(())
+}
+
+/// What one consumer run consumes, and how.
+#[derive(Debug, Clone, Copy)]
+struct Run<'a> {
+    /// The prefilled queue.
+    queue: &'a str,
+    /// How many messages it holds.
+    messages: u32,
+    /// The consumer's prefetch.
+    prefetch: u16,
+    /// Samples the process CPU time.
+    cpu: CpuClock,
+    /// Bound on the run.
+    timeout: Duration,
+}
+
+/// The ordinary lapin consumer: decode, ack, await the ack, one delivery after the other.
+async fn run_lapin(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
+    let Run {
+        queue,
+        messages,
+        prefetch,
+        cpu,
+        timeout,
+    } = run;
+    let properties = ConnectionProperties::default()
+        .with_connection_name(unique_name("throughput.lapin").into());
+    let connection =
+        tokio::time::timeout(SETUP_TIMEOUT, Connection::connect(&amqp_url(), properties))
+            .await
+            .map_err(|_| anyhow!("connecting took more than {SETUP_TIMEOUT:?}"))??;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "throughput-lapin".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    let consume = async {
+        let mut start = None;
+        let mut count = 0u32;
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            start.get_or_insert_with(|| Mark::now(cpu));
+            let _order: Order = serde_json::from_slice(&delivery.data)?;
+            delivery.ack(BasicAckOptions::default()).await?;
+            count += 1;
+            if count == messages {
+                return Ok::<_, anyhow::Error>(Sample::between(
+                    start.expect("set at the first delivery"),
+                    Mark::now(cpu),
+                ));
+            }
+        }
+        bail!("the consumer stream ended after {count} of {messages} messages")
+    };
+    let sample = tokio::time::timeout(timeout, consume)
+        .await
+        .map_err(|_| anyhow!("raw lapin run took more than {timeout:?}"))??;
+
+    // Closing the channel returns anything unacked to the queue, so the count below is final.
+    channel.close(200, "done".into()).await?;
+    ensure_empty(broker, queue).await?;
+    connection.close(200, "done".into()).await?;
+    Ok(sample)
+}
+
+/// State shared by the counting handler and the benchmark.
+#[derive(Debug)]
+struct Progress {
+    /// Messages handled so far.
+    handled: AtomicU64,
+    /// When the first message was handled.
+    first: OnceLock<Mark>,
+    /// Fired when `handled` reaches `target`.
+    done: Notify,
+    /// The number of messages in the queue.
+    target: u64,
+    /// For [`Mark::now`].
+    cpu: CpuClock,
+}
+
+/// A handler that decodes the typed order and only counts it.
+#[derive(Debug)]
+struct Noop(Arc<Progress>);
+
+impl Handler for Noop {
+    type Message = Json<Order>;
+
+    async fn handle(&self, order: Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
+        let progress = &*self.0;
+        progress.first.get_or_init(|| Mark::now(progress.cpu));
+        drop(std::hint::black_box(order));
+        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
+            progress.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// conejo with [`Noop`], `prefetch(p)` and `concurrency(p)`, until every message is acked.
+async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
+    let Run {
+        queue,
+        messages,
+        prefetch,
+        cpu,
+        timeout,
+    } = run;
+    let progress = Arc::new(Progress {
+        handled: AtomicU64::new(0),
+        first: OnceLock::new(),
+        done: Notify::new(),
+        target: u64::from(messages),
+        cpu,
+    });
+    let conejo = Conejo::builder(amqp_url())
+        .connection_name(unique_name("throughput.conejo"))
+        .queue_with(
+            queue,
+            Noop(Arc::clone(&progress)),
+            QueueConfig::new()
+                .prefetch(prefetch)
+                .concurrency(usize::from(prefetch)),
+        )
+        .build()?;
+    let stats = conejo.stats();
+    let shutdown = conejo.shutdown_handle();
+    let mut service = tokio::spawn(conejo.run_until(std::future::pending()));
+
+    let all_acked = async {
+        tokio::select! {
+            () = progress.done.notified() => {}
+            ended = &mut service => bail!("conejo stopped before handling every message: {ended:?}"),
+        }
+        loop {
+            let acked = stats.queue(queue).map_or(0, |q| q.acked);
+            if acked >= u64::from(messages) {
+                return Ok(Mark::now(cpu));
+            }
+            tokio::time::sleep(STATS_POLL).await;
+        }
+    };
+    let end = tokio::time::timeout(timeout, all_acked).await;
+    shutdown.shutdown();
+    let end = end.map_err(|_| {
+        anyhow!(
+            "conejo run took more than {timeout:?} (handled {}, stats {:?})",
+            progress.handled.load(Relaxed),
+            stats.queue(queue)
+        )
+    })??;
+    tokio::time::timeout(SETUP_TIMEOUT, service)
+        .await
+        .map_err(|_| anyhow!("conejo did not shut down within {SETUP_TIMEOUT:?}"))?
+        .context("the conejo task failed")?
+        .context("conejo returned an error")?;
+
+    let final_stats = stats.queue(queue).context("no stats for the queue")?;
+    ensure!(
+        final_stats.acked == u64::from(messages)
+            && progress.handled.load(Relaxed) == u64::from(messages),
+        "conejo acked {} and handled {} of {messages} messages: {final_stats:?}",
+        final_stats.acked,
+        progress.handled.load(Relaxed)
+    );
+    ensure_empty(broker, queue).await?;
+    let start = *progress.first.get().context("no message was handled")?;
+    Ok(Sample::between(start, end))
+}
+
+/// Results of one (prefetch, consumer) pair.
+#[derive(Debug)]
+struct Series {
+    /// The prefetch.
+    prefetch: u16,
+    /// The consumer.
+    kind: Kind,
+    /// One per run.
+    samples: Vec<Sample>,
+}
+
+/// Runs every (prefetch, run, consumer) combination; consumers alternate within a run so
+/// that slow drifts of the machine or broker affect both alike. Every queue made is pushed
+/// to `queues` before it is used.
+async fn measure(
+    broker: &Broker,
+    args: &Args,
+    cpu: CpuClock,
+    queues: &mut Vec<String>,
+) -> anyhow::Result<Vec<Series>> {
+    let mut all = Vec::new();
+    for &prefetch in &args.prefetches {
+        let mut series: Vec<Series> = args
+            .kinds
+            .iter()
+            .map(|&kind| Series {
+                prefetch,
+                kind,
+                samples: Vec::new(),
+            })
+            .collect();
+        for run in 1..=args.runs {
+            for entry in &mut series {
+                let queue = unique_name(&format!("throughput.{prefetch}"));
+                queues.push(queue.clone());
+                prefill(broker, &queue, args.messages, args.timeout).await?;
+                let spec = Run {
+                    queue: &queue,
+                    messages: args.messages,
+                    prefetch,
+                    cpu,
+                    timeout: args.timeout,
+                };
+                let sample = match entry.kind {
+                    Kind::Lapin => run_lapin(broker, spec).await,
+                    Kind::Conejo => run_conejo(broker, spec).await,
+                }
+                .with_context(|| {
+                    format!("{} run {run}, prefetch {prefetch}", entry.kind.label())
+                })?;
+                broker.delete_queue(&queue).await?;
+                eprintln!(
+                    "prefetch {prefetch:>5}  run {run}/{}  {:<9}  {:>9.0} msg/s  {:?}",
+                    args.runs,
+                    entry.kind.label(),
+                    sample.rate(args.messages),
+                    sample.elapsed,
+                );
+                entry.samples.push(sample);
+            }
+        }
+        all.extend(series);
+    }
+    Ok(all)
+}
+
+/// The result table.
+fn table(args: &Args, series: &[Series]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>8} | {:<13} | {:>12} | {:<32} | {:>14}",
+        "prefetch", "consumer", "median msg/s", "all runs (msg/s)", "CPU µs/msg"
+    );
+    let _ = writeln!(out, "{}", "-".repeat(8 + 13 + 12 + 32 + 14 + 4 * 3));
+    for &prefetch in &args.prefetches {
+        let mut medians = Vec::new();
+        for entry in series.iter().filter(|s| s.prefetch == prefetch) {
+            let rates: Vec<f64> = entry
+                .samples
+                .iter()
+                .map(|s| s.rate(args.messages))
+                .collect();
+            let cpu: Vec<f64> = entry
+                .samples
+                .iter()
+                .filter_map(|s| s.cpu_per_message_us(args.messages))
+                .collect();
+            let rate = median(&rates);
+            medians.push((entry.kind, rate));
+            let runs = rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let cpu = if cpu.len() == entry.samples.len() {
+                format!("{:.2}", median(&cpu))
+            } else {
+                "n/a".to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "{prefetch:>8} | {:<13} | {rate:>12.0} | {runs:<32} | {cpu:>14}",
+                entry.kind.label()
+            );
+        }
+        let of = |kind| medians.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r);
+        if let (Some(lapin), Some(conejo)) = (of(Kind::Lapin), of(Kind::Conejo)) {
+            let _ = writeln!(
+                out,
+                "{prefetch:>8} | {:<13} | {:>11.2}x |",
+                "conejo/lapin",
+                conejo / lapin
+            );
+        }
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Test runners (`cargo nextest run --all-targets`) list every target's tests: this
+    // benchmark has none to offer them.
+    if std::env::args().any(|arg| arg == "--list") {
+        return Ok(());
+    }
+    let args = Args::parse()?;
+    let cpu = CpuClock::new();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "throughput: {} messages of {BODY_LEN} B per run, {} run(s), prefetch {:?}, \
+         {cores} cores, broker {}",
+        args.messages,
+        args.runs,
+        args.prefetches,
+        amqp_url().split('@').next_back().unwrap_or_default(),
+    );
+
+    let broker = Broker::connect().await?;
+    let mut queues = Vec::new();
+    let started = Instant::now();
+    let result = measure(&broker, &args, cpu, &mut queues).await;
+    let cleanup = broker.delete_queues(&queues).await;
+    let closed = broker.close().await;
+    let series = result?;
+    cleanup?;
+    closed?;
+
+    println!();
+    print!("{}", table(&args, &series));
+    println!(
+        "\nmedian of {} run(s); clock from the first delivery to the last ack sent; CPU = \
+         client process user+system time (all threads) over the same span; total {:.0?}",
+        args.runs,
+        started.elapsed()
+    );
+    Ok(())
+}
