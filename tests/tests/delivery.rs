@@ -427,3 +427,64 @@ async fn an_unreachable_broker_is_an_error_without_the_password() -> anyhow::Res
     assert!(shown.contains("amqp://app:***@127.0.0.1:1"), "{shown}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_deleted_queue_stops_the_service_with_a_clear_error() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("deleted");
+    broker.declare_queue(&queue).await?;
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, Recorder::default(), config())
+            .build()?,
+    );
+    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    broker.delete_queue(&queue).await?;
+    match service.join(WAIT).await? {
+        Err(Error::ConsumerCancelled { queue: cancelled }) => assert_eq!(cancelled, queue),
+        other => panic!("expected ConsumerCancelled, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_broker_fails_the_service_and_loses_nothing() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("forced");
+    broker.declare_queue(&queue).await?;
+    let name = unique_name("conn-forced");
+
+    /// Never finishes: its messages stay unacked until the connection dies.
+    struct Forever;
+    impl Handler for Forever {
+        type Message = Vec<u8>;
+        async fn handle(&self, _: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
+            ctx.shutdown_requested().await;
+            Err(HandlerError::retry("stopped"))
+        }
+    }
+    for n in 0..3 {
+        broker.publish_bytes(&queue, format!("{n}").as_bytes()).await?;
+    }
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .connection_name(&name)
+            .queue_with(&queue, Forever, config().concurrency(3))
+            .build()?,
+    );
+    service.wait_for(&queue, WAIT, |s| s.delivered == 3).await?;
+    let connection = conejo_tests::wait_for_connection_present(&name, WAIT).await?;
+    conejo_tests::rabbitmqctl_close_connection(&connection.name, "fault injection").await?;
+
+    let err = service
+        .join(WAIT)
+        .await?
+        .expect_err("a service whose connection was closed must fail");
+    assert!(err.is_connection_error(), "{err:?}");
+    // Nothing was acked: the broker holds all three again.
+    broker.wait_for_count(&queue, 3, WAIT).await?;
+    broker.delete_queue(&queue).await?;
+    Ok(())
+}
