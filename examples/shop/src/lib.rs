@@ -20,9 +20,32 @@ pub const ORDERS: &str = "shop.orders";
 /// The thumbnail queue.
 pub const THUMBNAILS: &str = "shop.thumbnails";
 
-/// The broker URL: `AMQP_URL`, or the local default.
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+/// The sample load the publisher and the demo publish.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Samples {
+    /// Orders to publish (order 3 has no items; one malformed order is added).
+    #[arg(long, default_value_t = 10)]
+    pub orders: u64,
+    /// CPU-heavy thumbnail jobs to publish.
+    #[arg(long, default_value_t = 4)]
+    pub thumbnails: u64,
+    /// CPU milliseconds per thumbnail.
+    #[arg(long, default_value_t = 1500)]
+    pub work_ms: u64,
+}
+
+/// The broker option every example binary takes.
+#[derive(Debug, clap::Args)]
+pub struct Broker {
+    /// Broker URL (its password is never printed).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub amqp_url: String,
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default level.
@@ -173,14 +196,13 @@ impl Publisher {
         self.publish(queue, &serde_json::to_vec(value)?).await
     }
 
-    /// The sample load: `orders` orders (one with no items), one malformed order, and
-    /// `thumbnails` CPU-heavy jobs of `work_ms` each.
-    pub async fn publish_samples(
-        &self,
-        orders: u64,
-        thumbnails: u64,
-        work_ms: u64,
-    ) -> anyhow::Result<u64> {
+    /// Publishes the sample load; returns how many messages were published.
+    pub async fn publish_samples(&self, samples: &Samples) -> anyhow::Result<u64> {
+        let Samples {
+            orders,
+            thumbnails,
+            work_ms,
+        } = *samples;
         for id in 1..=orders {
             let quantity = if id == 3 { 0 } else { (id % 5 + 1) as u32 };
             let order = Order {

@@ -7,14 +7,8 @@ use example_shop::{ORDERS, Orders};
 /// Consumes the shop's orders.
 #[derive(Parser)]
 struct Args {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: example_shop::Broker,
     /// Orders handled at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -24,7 +18,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     example_shop::init_tracing();
     let args = Args::parse();
-    Conejo::builder(&args.amqp_url)
+    Conejo::builder(&args.broker.amqp_url)
         .connection_name("orders-service")
         .queue_with(
             ORDERS,

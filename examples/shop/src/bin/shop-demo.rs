@@ -10,23 +10,10 @@ use example_shop::{ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
 /// Runs the shop end to end.
 #[derive(Parser)]
 struct Args {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    amqp_url: String,
-    /// Orders to publish.
-    #[arg(long, default_value_t = 10)]
-    orders: u64,
-    /// CPU-heavy thumbnail jobs to publish.
-    #[arg(long, default_value_t = 4)]
-    thumbnails: u64,
-    /// CPU milliseconds per thumbnail.
-    #[arg(long, default_value_t = 1500)]
-    work_ms: u64,
+    #[command(flatten)]
+    broker: example_shop::Broker,
+    #[command(flatten)]
+    samples: example_shop::Samples,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -36,7 +23,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     example_shop::init_tracing();
     let args = Args::parse();
-    let service = Conejo::builder(&args.amqp_url)
+    let service = Conejo::builder(&args.broker.amqp_url)
         .connection_name("shop-demo")
         .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(8))
         .queue_with(
@@ -49,10 +36,8 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = service.shutdown_handle();
     let running = tokio::spawn(service.run());
 
-    let publisher = Publisher::connect(&args.amqp_url).await?;
-    let published = publisher
-        .publish_samples(args.orders, args.thumbnails, args.work_ms)
-        .await?;
+    let publisher = Publisher::connect(&args.broker.amqp_url).await?;
+    let published = publisher.publish_samples(&args.samples).await?;
     tracing::info!(published, "published samples; handling them");
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);

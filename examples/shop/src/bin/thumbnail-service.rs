@@ -8,14 +8,8 @@ use example_shop::{THUMBNAILS, Thumbnailer};
 /// Renders the shop's thumbnails.
 #[derive(Parser)]
 struct Args {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    amqp_url: String,
+    #[command(flatten)]
+    broker: example_shop::Broker,
     /// Thumbnails rendered at once (default: the number of cores).
     #[arg(long)]
     concurrency: Option<usize>,
@@ -29,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(concurrency) = args.concurrency {
         config = config.concurrency(concurrency);
     }
-    Conejo::builder(&args.amqp_url)
+    Conejo::builder(&args.broker.amqp_url)
         .connection_name("thumbnail-service")
         .queue_with(THUMBNAILS, Blocking::new(Thumbnailer), config)
         .build()?
