@@ -449,7 +449,8 @@ async fn a_deleted_queue_stops_the_service_with_a_clear_error() -> anyhow::Resul
 }
 
 #[tokio::test]
-async fn a_connection_closed_by_the_broker_fails_the_service_and_loses_nothing() -> anyhow::Result<()> {
+async fn a_connection_closed_by_the_broker_fails_the_service_and_loses_nothing()
+-> anyhow::Result<()> {
     init_tracing();
     let broker = Broker::connect().await?;
     let queue = unique_name("forced");
@@ -466,7 +467,9 @@ async fn a_connection_closed_by_the_broker_fails_the_service_and_loses_nothing()
         }
     }
     for n in 0..3 {
-        broker.publish_bytes(&queue, format!("{n}").as_bytes()).await?;
+        broker
+            .publish_bytes(&queue, format!("{n}").as_bytes())
+            .await?;
     }
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
