@@ -181,6 +181,17 @@ impl QueueConfig {
         Ok(())
     }
 
+    /// What rejecting a message of this queue does, as far as conejo knows.
+    pub(crate) fn reject_fate(&self) -> &'static str {
+        if !self.declare {
+            "rejected (dead-lettered if the queue has a dead-letter exchange, else dropped)"
+        } else if self.arguments.contains_key("x-dead-letter-exchange") {
+            "rejected and dead-lettered"
+        } else {
+            "rejected and dropped (the queue has no dead-letter exchange)"
+        }
+    }
+
     pub(crate) fn policy(&self) -> FailurePolicy {
         self.on_failure
             .clone()

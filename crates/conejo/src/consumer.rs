@@ -34,6 +34,8 @@ pub(crate) struct QueueWorker {
     name: Arc<str>,
     handler: Arc<dyn ErasedHandler>,
     policy: FailurePolicy,
+    /// What a reject does to a message of this queue, for the logs.
+    reject_fate: &'static str,
     /// Messages handled at once.
     concurrency: usize,
     /// The channel and its consumer stream.
@@ -80,6 +82,7 @@ impl QueueWorker {
         info!(queue = %spec.name, concurrency, prefetch, "consuming");
         Ok(QueueWorker {
             policy: spec.config.policy(),
+            reject_fate: spec.config.reject_fate(),
             name: spec.name,
             handler: spec.handler,
             concurrency,
@@ -136,12 +139,13 @@ impl QueueWorker {
             let body = std::mem::take(&mut delivery.data);
             let handler = Arc::clone(&self.handler);
             let policy = Arc::clone(&self.policy);
+            let reject_fate = self.reject_fate;
             let settle = self.settle.clone();
             let counters = Arc::clone(&self.counters);
             in_flight.spawn(async move {
                 let settlement = match handler.call(body, &ctx).await {
                     Ok(()) => Settlement::Ack,
-                    Err(failure) => decide(&failure, &ctx, &policy, &counters),
+                    Err(failure) => decide(&failure, &ctx, &policy, reject_fate, &counters),
                 };
                 settle.settle(ctx.delivery_tag(), settlement);
                 drop(permit);
@@ -241,6 +245,7 @@ fn decide(
     failure: &Failure,
     ctx: &Context,
     policy: &FailurePolicy,
+    reject_fate: &'static str,
     counters: &QueueCounters,
 ) -> Settlement {
     let counter = match failure {
@@ -257,6 +262,11 @@ fn decide(
             );
             Outcome::Reject
         });
+    let then = match outcome {
+        Outcome::Ack => "acked",
+        Outcome::Retry => "requeued",
+        Outcome::Reject => reject_fate,
+    };
     warn!(
         queue = ctx.queue(),
         delivery_tag = ctx.delivery_tag(),
@@ -264,7 +274,7 @@ fn decide(
         redelivered = ctx.redelivered(),
         failure = failure.kind(),
         ?outcome,
-        "{failure}"
+        "{failure}; message {then}"
     );
     match outcome {
         Outcome::Ack => Settlement::Ack,
