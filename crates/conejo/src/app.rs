@@ -168,8 +168,15 @@ impl Conejo {
         let mut events = connection.lapin().events_listener();
         let connection_lost = async {
             while let Some(event) = events.next().await {
-                if let lapin::Event::Error(source) = event {
-                    return Error::ConnectionLost { source };
+                match event {
+                    lapin::Event::Error(source) => return Error::ConnectionLost { source },
+                    lapin::Event::ConnectionBlocked(reason) => {
+                        warn!(%reason, "the broker blocked the connection (resource alarm)");
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        info!("the broker unblocked the connection")
+                    }
+                    _ => {}
                 }
             }
             std::future::pending().await

@@ -9,7 +9,10 @@ use lapin::{
     types::{FieldTable, LongString, ShortString},
 };
 
-use crate::{AmqpUrl, Error, QueueConfig, runtime::ConnectionRuntime};
+use crate::{AmqpUrl, Error, QueueConfig, consumer::CLOSE_TIMEOUT, runtime::ConnectionRuntime};
+
+/// How long connecting (TCP, TLS, AMQP handshake) may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An open connection, bound to the connection runtime.
 #[derive(Clone)]
@@ -45,11 +48,11 @@ impl Connection {
         let uri = url.uri();
         let lapin_runtime = async_rs::Runtime::tokio_with_handle(runtime.handle().clone());
         let inner = runtime
-            .run(lapin::Connection::connect_uri_with_runtime(
-                uri,
-                properties,
-                lapin_runtime,
-            ))
+            .run_within(
+                CONNECT_TIMEOUT,
+                "connect",
+                lapin::Connection::connect_uri_with_runtime(uri, properties, lapin_runtime),
+            )
             .await
             .map_err(|source| Error::Connect {
                 url: url.redacted().to_owned(),
@@ -161,7 +164,7 @@ impl Connection {
             return Ok(());
         }
         self.runtime
-            .run(async move {
+            .run_within(CLOSE_TIMEOUT, "connection.close", async move {
                 connection
                     .close(200, ShortString::from("conejo shutting down"))
                     .await

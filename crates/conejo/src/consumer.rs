@@ -19,6 +19,9 @@ use crate::{
     tracker::Settlement,
 };
 
+/// How long closing a channel or the connection may take before conejo gives up on it.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A queue as registered: name, handler, settings.
 pub(crate) struct QueueSpec {
     /// The queue's name.
@@ -176,11 +179,15 @@ impl QueueWorker {
         let cancelled = self
             .connection
             .runtime()
-            .run(async move {
-                channel
-                    .basic_cancel(tag, BasicCancelOptions::default())
-                    .await
-            })
+            .run_within(
+                deadline.saturating_duration_since(Instant::now()),
+                "basic.cancel",
+                async move {
+                    channel
+                        .basic_cancel(tag, BasicCancelOptions::default())
+                        .await
+                },
+            )
             .await;
         if let Err(error) = &cancelled {
             warn!(queue = %self.name, %error, "basic.cancel failed");
@@ -227,7 +234,7 @@ impl QueueWorker {
         let closed = self
             .connection
             .runtime()
-            .run(async move {
+            .run_within(CLOSE_TIMEOUT, "channel.close", async move {
                 channel
                     .close(200, ShortString::from("conejo: shutdown"))
                     .await

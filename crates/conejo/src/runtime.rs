@@ -72,6 +72,27 @@ impl ConnectionRuntime {
         self.handle.spawn(future)
     }
 
+    /// As [`run`](Self::run), but gives up after `limit`: a broker that stopped answering
+    /// must not hang a shutdown.
+    pub(crate) async fn run_within<F, T>(
+        &self,
+        limit: std::time::Duration,
+        what: &str,
+        future: F,
+    ) -> Result<T, lapin::Error>
+    where
+        F: Future<Output = Result<T, lapin::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        match tokio::time::timeout(limit, self.run(future)).await {
+            Ok(result) => result,
+            Err(_) => Err(lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{what}: no answer from the broker within {limit:?}"),
+            ))),
+        }
+    }
+
     /// Runs a lapin operation on the connection runtime and waits for it from the caller's.
     pub(crate) async fn run<F, T>(&self, future: F) -> Result<T, lapin::Error>
     where
