@@ -35,19 +35,26 @@ pub(crate) struct QueueSpec {
 /// A queue whose consumer is set up and ready to run.
 pub(crate) struct QueueWorker {
     name: Arc<str>,
-    handler: Arc<dyn ErasedHandler>,
-    policy: FailurePolicy,
-    /// What a reject does to a message of this queue, for the logs.
-    reject_fate: &'static str,
+    /// What each handler task needs, shared: one reference count per message.
+    dispatch: Arc<Dispatch>,
     /// Messages handled at once.
     concurrency: usize,
     /// The channel and its consumer stream.
     consumer: QueueConsumer,
     /// The consumer tag, for basic.cancel.
     consumer_tag: ShortString,
+    connection: Connection,
+    counters: Arc<QueueCounters>,
+}
+
+/// Decode → handler → outcome → settle task, for one queue's deliveries.
+struct Dispatch {
+    handler: Arc<dyn ErasedHandler>,
+    policy: FailurePolicy,
+    /// What a reject does to a message of this queue, for the logs.
+    reject_fate: &'static str,
     /// Where outcomes go; the settle task runs on the connection runtime.
     settle: SettleHandle,
-    connection: Connection,
     counters: Arc<QueueCounters>,
 }
 
@@ -84,14 +91,17 @@ impl QueueWorker {
         connection.runtime().spawn(task.run());
         info!(queue = %spec.name, concurrency, prefetch, "consuming");
         Ok(QueueWorker {
-            policy: spec.config.policy(),
-            reject_fate: spec.config.reject_fate(),
+            dispatch: Arc::new(Dispatch {
+                handler: spec.handler,
+                policy: spec.config.policy(),
+                reject_fate: spec.config.reject_fate(),
+                settle,
+                counters: Arc::clone(&counters),
+            }),
             name: spec.name,
-            handler: spec.handler,
             concurrency,
             consumer,
             consumer_tag: ShortString::from(consumer_tag),
-            settle,
             connection: connection.clone(),
             counters,
         })
@@ -140,17 +150,13 @@ impl QueueWorker {
             let ctx =
                 Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
             let body = std::mem::take(&mut delivery.data);
-            let handler = Arc::clone(&self.handler);
-            let policy = Arc::clone(&self.policy);
-            let reject_fate = self.reject_fate;
-            let settle = self.settle.clone();
-            let counters = Arc::clone(&self.counters);
+            let dispatch = Arc::clone(&self.dispatch);
             in_flight.spawn(async move {
-                let settlement = match handler.call(body, &ctx).await {
+                let settlement = match dispatch.handler.call(body, &ctx).await {
                     Ok(()) => Settlement::Ack,
-                    Err(failure) => decide(&failure, &ctx, &policy, reject_fate, &counters),
+                    Err(failure) => dispatch.decide(&failure, &ctx),
                 };
-                settle.settle(ctx.delivery_tag(), settlement);
+                dispatch.settle.settle(ctx.delivery_tag(), settlement);
                 drop(permit);
             });
         };
@@ -164,7 +170,7 @@ impl QueueWorker {
                 // still running finish on their own; their acks cannot be sent.
                 error!(queue = %self.name, %error, "consumer stopped");
                 in_flight.close();
-                self.settle.close().await;
+                self.dispatch.settle.close().await;
                 Err(error)
             }
         }
@@ -199,7 +205,8 @@ impl QueueWorker {
                 Ok(Some(Ok(delivery))) => {
                     last_tag = delivery.delivery_tag;
                     QueueCounters::add(&self.counters.delivered, 1);
-                    self.settle
+                    self.dispatch
+                        .settle
                         .settle(delivery.delivery_tag, Settlement::Release);
                     released += 1;
                 }
@@ -227,9 +234,9 @@ impl QueueWorker {
                 timeout = ?timing.shutdown_timeout,
                 "shutdown deadline passed; giving back the messages of handlers still running"
             );
-            self.settle.abandon(last_tag).await;
+            self.dispatch.settle.abandon(last_tag).await;
         }
-        self.settle.close().await;
+        self.dispatch.settle.close().await;
         let channel = self.consumer.channel.clone();
         let closed = self
             .connection
@@ -247,45 +254,47 @@ impl QueueWorker {
     }
 }
 
-/// Applies the queue's failure policy (a panicking policy rejects), logs and counts.
-fn decide(
-    failure: &Failure,
-    ctx: &Context,
-    policy: &FailurePolicy,
-    reject_fate: &'static str,
-    counters: &QueueCounters,
-) -> Settlement {
-    let counter = match failure {
-        Failure::Handler(_) => &counters.handler_errors,
-        Failure::Decode(_) => &counters.decode_failures,
-        Failure::Panic(_) => &counters.panics,
-    };
-    QueueCounters::add(counter, 1);
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| policy(failure, ctx)))
-        .unwrap_or_else(|_| {
-            error!(
-                queue = ctx.queue(),
-                "failure policy panicked; rejecting the message"
-            );
-            Outcome::Reject
-        });
-    let then = match outcome {
-        Outcome::Ack => "acked",
-        Outcome::Retry => "requeued",
-        Outcome::Reject => reject_fate,
-    };
-    warn!(
-        queue = ctx.queue(),
-        delivery_tag = ctx.delivery_tag(),
-        message_id = ctx.message_id(),
-        redelivered = ctx.redelivered(),
-        failure = failure.kind(),
-        ?outcome,
-        "{failure}; message {then}"
-    );
-    match outcome {
-        Outcome::Ack => Settlement::Ack,
-        Outcome::Retry => Settlement::Retry,
-        Outcome::Reject => Settlement::Reject,
+impl Dispatch {
+    /// Applies the queue's failure policy (a panicking policy rejects), logs and counts.
+    fn decide(&self, failure: &Failure, ctx: &Context) -> Settlement {
+        let Dispatch {
+            policy,
+            reject_fate,
+            counters,
+            ..
+        } = self;
+        let counter = match failure {
+            Failure::Handler(_) => &counters.handler_errors,
+            Failure::Decode(_) => &counters.decode_failures,
+            Failure::Panic(_) => &counters.panics,
+        };
+        QueueCounters::add(counter, 1);
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| policy(failure, ctx)))
+            .unwrap_or_else(|_| {
+                error!(
+                    queue = ctx.queue(),
+                    "failure policy panicked; rejecting the message"
+                );
+                Outcome::Reject
+            });
+        let then = match outcome {
+            Outcome::Ack => "acked",
+            Outcome::Retry => "requeued",
+            Outcome::Reject => reject_fate,
+        };
+        warn!(
+            queue = ctx.queue(),
+            delivery_tag = ctx.delivery_tag(),
+            message_id = ctx.message_id(),
+            redelivered = ctx.redelivered(),
+            failure = failure.kind(),
+            ?outcome,
+            "{failure}; message {then}"
+        );
+        match outcome {
+            Outcome::Ack => Settlement::Ack,
+            Outcome::Retry => Settlement::Retry,
+            Outcome::Reject => Settlement::Reject,
+        }
     }
 }
