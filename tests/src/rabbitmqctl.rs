@@ -192,10 +192,7 @@ fn value_to_string(value: &Value) -> String {
 /// `connection_name` (usually zero or one; two while a reconnect overlaps
 /// with the old connection's teardown).
 pub fn find_connections(connection_name: &str) -> anyhow::Result<Vec<BrokerConnection>> {
-    Ok(rabbitmqctl_connections()?
-        .into_iter()
-        .filter(|c| c.connection_name.as_deref() == Some(connection_name))
-        .collect())
+    Ok(filter_named(rabbitmqctl_connections()?, connection_name))
 }
 
 pub(crate) fn pick(mut matching: Vec<BrokerConnection>) -> Option<BrokerConnection> {

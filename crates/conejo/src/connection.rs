@@ -1,21 +1,23 @@
 //! The broker connection: opened on the connection runtime, and the channels and consumers
 //! made from it.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use lapin::{
     ConnectionProperties, ErrorKind,
-    options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::{FieldTable, LongString, ShortString},
 };
 
-use crate::{AmqpUrl, Error, QueueConfig, consumer::CLOSE_TIMEOUT, runtime::ConnectionRuntime};
+use crate::{AmqpUrl, Error, QueueConfig, runtime::ConnectionRuntime};
 
 /// How long connecting (TCP, TLS, AMQP handshake) may take.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long closing a channel or the connection may take before conejo gives up on it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An open connection, bound to the connection runtime.
-#[derive(Clone)]
 pub(crate) struct Connection {
     /// lapin's connection; its tasks live on `runtime`.
     inner: Arc<lapin::Connection>,
@@ -30,6 +32,44 @@ pub(crate) struct QueueConsumer {
     pub(crate) channel: lapin::Channel,
     /// The stream of deliveries.
     pub(crate) consumer: lapin::Consumer,
+    /// Where the channel's calls are made.
+    runtime: Arc<ConnectionRuntime>,
+}
+
+impl QueueConsumer {
+    /// Runs `task` (the channel's settle task) on the connection runtime.
+    pub(crate) fn spawn_on_connection_runtime(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        self.runtime.spawn(task);
+    }
+
+    /// Asks the broker to stop delivering (basic.cancel, waiting at most `limit` for
+    /// cancel-ok). Afterwards the stream yields what was already delivered, then ends.
+    pub(crate) async fn cancel(&self, limit: Duration) -> Result<(), lapin::Error> {
+        let channel = self.channel.clone();
+        let tag = self.consumer.tag();
+        self.runtime
+            .run_within(limit, "basic.cancel", async move {
+                channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+            })
+            .await
+    }
+
+    /// Closes the channel (channel.close / close-ok, at most [`CLOSE_TIMEOUT`]).
+    pub(crate) async fn close(&self) -> Result<(), lapin::Error> {
+        let channel = self.channel.clone();
+        self.runtime
+            .run_within(CLOSE_TIMEOUT, "channel.close", async move {
+                channel
+                    .close(200, ShortString::from("conejo: shutdown"))
+                    .await
+            })
+            .await
+    }
 }
 
 impl Connection {
@@ -64,11 +104,6 @@ impl Connection {
         })
     }
 
-    /// The runtime lapin runs on.
-    pub(crate) fn runtime(&self) -> &Arc<ConnectionRuntime> {
-        &self.runtime
-    }
-
     /// lapin's connection (for events and status).
     pub(crate) fn lapin(&self) -> &lapin::Connection {
         &self.inner
@@ -84,37 +119,8 @@ impl Connection {
         prefetch: u16,
         consumer_tag: String,
     ) -> Result<QueueConsumer, Error> {
-        let setup = |step: &'static str| {
-            let queue = queue.to_owned();
-            move |source: lapin::Error| {
-                if is_not_found(&source) && step == "declare" {
-                    Error::QueueNotFound { queue }
-                } else {
-                    Error::QueueSetup {
-                        queue,
-                        step,
-                        source,
-                    }
-                }
-            }
-        };
         let connection = Arc::clone(&self.inner);
-        let channel = self
-            .runtime
-            .run(async move { connection.create_channel().await })
-            .await
-            .map_err(setup("open channel"))?;
-
-        let qos_channel = channel.clone();
-        self.runtime
-            .run(async move {
-                qos_channel
-                    .basic_qos(prefetch, BasicQosOptions { global: false })
-                    .await
-            })
-            .await
-            .map_err(setup("qos"))?;
-
+        let name = ShortString::from(queue);
         let options = QueueDeclareOptions {
             passive: !config.declare,
             durable: config.durable,
@@ -127,34 +133,49 @@ impl Connection {
         } else {
             FieldTable::default()
         };
-        let declare_channel = channel.clone();
-        let name = ShortString::from(queue);
-        self.runtime
-            .run(async move {
-                declare_channel
-                    .queue_declare(name, options, arguments)
-                    .await
-            })
-            .await
-            .map_err(setup("declare"))?;
-
-        let consume_channel = channel.clone();
-        let name = ShortString::from(queue);
-        let consumer = self
-            .runtime
-            .run(async move {
-                consume_channel
-                    .basic_consume(
-                        name,
-                        ShortString::from(consumer_tag),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-            })
-            .await
-            .map_err(setup("consume"))?;
-        Ok(QueueConsumer { channel, consumer })
+        let setup = self.runtime.spawn(async move {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| ("open channel", e))?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| ("qos", e))?;
+            channel
+                .queue_declare(name.clone(), options, arguments)
+                .await
+                .map_err(|e| ("declare", e))?;
+            let consumer = channel
+                .basic_consume(
+                    name,
+                    ShortString::from(consumer_tag),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| ("consume", e))?;
+            Ok((channel, consumer))
+        });
+        let queue = queue.to_owned();
+        match setup.await {
+            Ok(Ok((channel, consumer))) => Ok(QueueConsumer {
+                channel,
+                consumer,
+                runtime: Arc::clone(&self.runtime),
+            }),
+            Ok(Err(("declare", source))) if is_not_found(&source) => {
+                Err(Error::QueueNotFound { queue })
+            }
+            Ok(Err((step, source))) => Err(Error::QueueSetup {
+                queue,
+                step,
+                source,
+            }),
+            Err(join) => Err(Error::Runtime(std::io::Error::other(format!(
+                "queue setup task failed: {join}"
+            )))),
+        }
     }
 
     /// Closes the connection cleanly (connection.close / close-ok).

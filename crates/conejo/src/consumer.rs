@@ -4,7 +4,6 @@
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use lapin::{options::BasicCancelOptions, types::ShortString};
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
@@ -18,9 +17,6 @@ use crate::{
     stats::QueueCounters,
     tracker::Settlement,
 };
-
-/// How long closing a channel or the connection may take before conejo gives up on it.
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A queue as registered: name, handler, settings.
 pub(crate) struct QueueSpec {
@@ -41,10 +37,6 @@ pub(crate) struct QueueWorker {
     concurrency: usize,
     /// The channel and its consumer stream.
     consumer: QueueConsumer,
-    /// The consumer tag, for basic.cancel.
-    consumer_tag: ShortString,
-    connection: Connection,
-    counters: Arc<QueueCounters>,
 }
 
 /// Decode → handler → outcome → settle task, for one queue's deliveries.
@@ -79,7 +71,7 @@ impl QueueWorker {
         let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency());
         let consumer_tag = format!("conejo-{}-{index}-{}", std::process::id(), spec.name);
         let consumer = connection
-            .consume(&spec.name, &spec.config, prefetch, consumer_tag.clone())
+            .consume(&spec.name, &spec.config, prefetch, consumer_tag)
             .await?;
         let (settle, task) = settle_task(
             consumer.channel.clone(),
@@ -88,7 +80,7 @@ impl QueueWorker {
             Arc::clone(&spec.name),
             Arc::clone(&counters),
         );
-        connection.runtime().spawn(task.run());
+        consumer.spawn_on_connection_runtime(task.run());
         info!(queue = %spec.name, concurrency, prefetch, "consuming");
         Ok(QueueWorker {
             dispatch: Arc::new(Dispatch {
@@ -96,14 +88,11 @@ impl QueueWorker {
                 policy: spec.config.policy(),
                 reject_fate: spec.config.reject_fate(),
                 settle,
-                counters: Arc::clone(&counters),
+                counters,
             }),
             name: spec.name,
             concurrency,
             consumer,
-            consumer_tag: ShortString::from(consumer_tag),
-            connection: connection.clone(),
-            counters,
         })
     }
 
@@ -146,7 +135,7 @@ impl QueueWorker {
                 }
             };
             last_tag = delivery.delivery_tag;
-            QueueCounters::add(&self.counters.delivered, 1);
+            QueueCounters::add(&self.dispatch.counters.delivered, 1);
             let ctx =
                 Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
             let body = std::mem::take(&mut delivery.data);
@@ -180,20 +169,9 @@ impl QueueWorker {
     /// let in-flight handlers finish until the deadline, give back what did not finish.
     async fn stop(mut self, in_flight: TaskTracker, mut last_tag: u64, timing: Timing) {
         let deadline = Instant::now() + timing.shutdown_timeout;
-        let channel = self.consumer.channel.clone();
-        let tag = self.consumer_tag.clone();
         let cancelled = self
-            .connection
-            .runtime()
-            .run_within(
-                deadline.saturating_duration_since(Instant::now()),
-                "basic.cancel",
-                async move {
-                    channel
-                        .basic_cancel(tag, BasicCancelOptions::default())
-                        .await
-                },
-            )
+            .consumer
+            .cancel(deadline.saturating_duration_since(Instant::now()))
             .await;
         if let Err(error) = &cancelled {
             warn!(queue = %self.name, %error, "basic.cancel failed");
@@ -204,7 +182,7 @@ impl QueueWorker {
             match tokio::time::timeout_at(deadline, self.consumer.consumer.next()).await {
                 Ok(Some(Ok(delivery))) => {
                     last_tag = delivery.delivery_tag;
-                    QueueCounters::add(&self.counters.delivered, 1);
+                    QueueCounters::add(&self.dispatch.counters.delivered, 1);
                     self.dispatch
                         .settle
                         .settle(delivery.delivery_tag, Settlement::Release);
@@ -237,16 +215,7 @@ impl QueueWorker {
             self.dispatch.settle.abandon(last_tag).await;
         }
         self.dispatch.settle.close().await;
-        let channel = self.consumer.channel.clone();
-        let closed = self
-            .connection
-            .runtime()
-            .run_within(CLOSE_TIMEOUT, "channel.close", async move {
-                channel
-                    .close(200, ShortString::from("conejo: shutdown"))
-                    .await
-            })
-            .await;
+        let closed = self.consumer.close().await;
         match closed {
             Ok(()) => debug!(queue = %self.name, "channel closed"),
             Err(error) => warn!(queue = %self.name, %error, "channel close failed"),
