@@ -567,7 +567,7 @@ async fn measure(
                 .with_context(|| {
                     format!("{} run {run}, prefetch {prefetch}", entry.kind.label())
                 })?;
-                broker.delete_queue(&queue).await?;
+                broker.delete_consumed_queue(&queue).await?;
                 eprintln!(
                     "prefetch {prefetch:>5}  run {run}/{}  {:<9}  {:>9.0} msg/s  {:?}",
                     args.runs,
@@ -659,7 +659,12 @@ async fn main() -> anyhow::Result<()> {
     let mut queues = Vec::new();
     let started = Instant::now();
     let result = measure(&broker, &args, cpu, &mut queues).await;
-    let cleanup = broker.delete_queues(&queues).await;
+    let mut cleanup = Ok(());
+    for queue in &queues {
+        if let Err(error) = broker.delete_consumed_queue(queue).await {
+            cleanup = Err(error);
+        }
+    }
     let closed = broker.close().await;
     let series = result?;
     cleanup?;

@@ -5,12 +5,13 @@ use anyhow::{Context, anyhow, bail};
 use futures::{StreamExt, TryStreamExt, stream};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    PublisherConfirm, Queue,
+    ExchangeKind, PublisherConfirm, Queue,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -106,6 +107,11 @@ impl DrainedMessage {
     /// The header `key`, if present.
     pub fn header(&self, key: &str) -> Option<&AMQPValue> {
         self.headers.as_ref()?.inner().get(key)
+    }
+
+    /// The header `key` as an integer, if present and of an integer type.
+    pub fn header_int(&self, key: &str) -> Option<i64> {
+        self.header(key).and_then(amqp_int)
     }
 
     /// The header `key` as text, if present and a (long or short) string.
@@ -585,6 +591,52 @@ impl Broker {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Deletes the exchange `name`; a missing one is not an error.
+    pub async fn delete_exchange(&self, name: &str) -> anyhow::Result<()> {
+        let result = self
+            .with_ops(|ch| async move {
+                ch.exchange_delete(name.into(), ExchangeDeleteOptions::default())
+                    .await
+            })
+            .await;
+        match result {
+            Ok(()) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
+            Err(err) => Err(err.context(format!("failed to delete exchange {name:?}"))),
+        }
+    }
+
+    /// Declares the exchange `name` of `kind` (not durable).
+    pub async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> anyhow::Result<()> {
+        self.with_ops(|ch| async move {
+            ch.exchange_declare(
+                name.into(),
+                kind,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        })
+        .await
+        .with_context(|| format!("failed to declare exchange {name:?}"))
+    }
+
+    /// Deletes `queue` and everything conejo declares for it: its dead-letter queue
+    /// `<queue>.dlq` and exchange `<queue>.dlx`, and its wait queues `<queue>.retry.*`
+    /// (found through `rabbitmqctl list_queues`).
+    pub async fn delete_consumed_queue(&self, queue: &str) -> anyhow::Result<()> {
+        let prefix = format!("{queue}.retry.");
+        let mut names: Vec<String> = crate::rabbitmqctl_queue_names()
+            .await?
+            .into_iter()
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        names.push(queue.to_owned());
+        names.push(format!("{queue}.dlq"));
+        self.delete_queues(&names).await?;
+        self.delete_exchange(&format!("{queue}.dlx")).await
     }
 
     /// Closes the connection gracefully (200 OK) and waits for the broker's

@@ -307,6 +307,28 @@ async fn run_async(bin: &str, args: &[String]) -> anyhow::Result<String> {
     check_output(bin, args, output)
 }
 
+/// The names of every queue of the default vhost (`rabbitmqctl -q list_queues name`).
+pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
+    let args: Vec<String> = [
+        "-q",
+        "list_queues",
+        "name",
+        "--no-table-headers",
+        "--timeout",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
+    .collect();
+    let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
+    Ok(stdout
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 /// The `pid` of the row named `broker_name` in a tab-separated
 /// `list_connections pid name` table (e.g.
 /// `<rabbit@localhost.1795632044.1898.0>\t127.0.0.1:44528 -> 127.0.0.1:5672`).

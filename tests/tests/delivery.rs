@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use conejo::{Conejo, Context, Error, Handler, HandlerError, Json, Outcome, QueueConfig};
+use conejo::{
+    Conejo, Context, Error, Handler, HandlerError, Json, Outcome, QueueConfig, RetryPolicy,
+};
 use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
 use serde::{Deserialize, Serialize};
 
@@ -85,15 +87,17 @@ async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
     ids.sort();
     assert_eq!(seen_ids, ids);
     assert!(seen.iter().all(|(_, redelivered, _)| !redelivered));
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
-/// Fails the first delivery of every message (`?` on an error: retry), succeeds on the
-/// redelivery.
+/// Per message id: (attempt, redelivered) of each call.
+type Attempts = HashMap<String, Vec<(u32, bool)>>;
+
+/// Fails the first attempt at every message (`?` on an error: retry), succeeds on the next.
 #[derive(Clone, Default)]
 struct FlakyOnce {
-    attempts: Arc<Mutex<HashMap<String, Vec<bool>>>>,
+    attempts: Arc<Mutex<Attempts>>,
 }
 
 impl Handler for FlakyOnce {
@@ -106,8 +110,8 @@ impl Handler for FlakyOnce {
             .unwrap()
             .entry(id)
             .or_default()
-            .push(ctx.redelivered());
-        if !ctx.redelivered() {
+            .push((ctx.attempt(), ctx.redelivered()));
+        if ctx.attempt() == 1 {
             let _: u32 = "not a number".parse()?;
         }
         Ok(())
@@ -115,7 +119,7 @@ impl Handler for FlakyOnce {
 }
 
 #[tokio::test]
-async fn a_retried_message_is_requeued_and_handled_again() -> anyhow::Result<()> {
+async fn a_failed_message_comes_back_as_its_next_attempt() -> anyhow::Result<()> {
     init_tracing();
     let broker = Broker::connect().await?;
     let queue = unique_name("retry");
@@ -126,18 +130,25 @@ async fn a_retried_message_is_requeued_and_handled_again() -> anyhow::Result<()>
     let handler = FlakyOnce::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().retry(RetryPolicy::default().initial_delay(Duration::from_millis(50))),
+            )
             .build()?,
     );
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    // 2 failed deliveries acked once their retry copy was confirmed, 2 successes
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 4).await?;
     service.stop().await??;
     assert_eq!(stats.retried, 2);
     assert_eq!(stats.handler_errors, 2);
+    assert_eq!(stats.dead_lettered, 0);
     assert_eq!(broker.message_count(&queue).await?, 0);
     let attempts = handler.attempts.lock().unwrap().clone();
-    assert_eq!(attempts[&a], vec![false, true]);
-    assert_eq!(attempts[&b], vec![false, true]);
-    broker.delete_queue(&queue).await?;
+    // a retry is a new copy: counted by conejo, not redelivered by the broker
+    assert_eq!(attempts[&a], vec![(1, false), (2, false)]);
+    assert_eq!(attempts[&b], vec![(1, false), (2, false)]);
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -168,20 +179,12 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
     let broker = Broker::connect().await?;
     let queue = unique_name("reject");
     let dlq = format!("{queue}.dlq");
-    broker.declare_queue(&dlq).await?;
 
-    // conejo declares the main queue itself, with its dead-letter arguments.
+    // conejo declares the queue, and its dead-letter exchange and queue.
     let handler = Picky::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                config()
-                    .dead_letter_exchange("")
-                    .dead_letter_routing_key(&dlq)
-                    .concurrency(1),
-            )
+            .queue_with(&queue, handler.clone(), config().concurrency(1))
             .build()?,
     );
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
@@ -221,11 +224,12 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         .await?;
 
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.acked == 1 && s.rejected == 4)
+        .wait_for(&queue, WAIT, |s| s.acked == 5 && s.dead_lettered == 4)
         .await?;
     assert_eq!(stats.decode_failures, 2);
     assert_eq!(stats.panics, 1);
     assert_eq!(stats.handler_errors, 1);
+    assert_eq!(stats.retried, 0, "none of these is worth a retry");
     assert_eq!(
         handler.accepted.load(Ordering::SeqCst),
         1,
@@ -244,12 +248,26 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         dead[0].body, b"{\"id\": 1, \"sku\": ",
         "the payload is kept byte for byte"
     );
-    assert!(
-        dead.iter()
-            .all(|m| m.x_death().first().is_some_and(|d| d.reason == "rejected"))
+    let failures: Vec<_> = dead
+        .iter()
+        .map(|m| m.header_str("conejo-failure").unwrap_or_default())
+        .collect();
+    assert_eq!(failures, vec!["decode", "decode", "handler", "panic"]);
+    for m in &dead {
+        assert_eq!(m.header_str("conejo-reason").as_deref(), Some("rejected"));
+        assert_eq!(m.header_int("conejo-attempt"), Some(1));
+        assert_eq!(m.header_str("conejo-original-queue"), Some(queue.clone()));
+    }
+    assert_eq!(
+        dead[2].header_str("conejo-error").as_deref(),
+        Some("handler error: order without sku")
+    );
+    assert_eq!(
+        dead[3].header_str("conejo-error").as_deref(),
+        Some("handler panicked: unlucky order")
     );
     assert!(!dead_ids.contains(&good));
-    broker.delete_queues(&[&queue, &dlq]).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -261,7 +279,7 @@ async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
     broker.declare_queue(&queue).await?;
     broker.publish_bytes(&queue, b"not json").await?;
 
-    // Decode failures are acked (dropped) by this policy instead of rejected.
+    // Decode failures are acked (dropped) by this policy instead of dead-lettered.
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
             .queue_with(
@@ -276,9 +294,9 @@ async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
     );
     let stats = service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
     service.stop().await??;
-    assert_eq!((stats.decode_failures, stats.rejected), (1, 0));
+    assert_eq!((stats.decode_failures, stats.dead_lettered), (1, 0));
     assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -339,7 +357,7 @@ async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result
     let handled = handler.handled.lock().unwrap().clone();
     assert_eq!(handled.len() as u64, N);
     assert!(handled.values().all(|&n| n == 1));
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -370,7 +388,7 @@ async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
     service.stop().await??;
     assert_eq!(recorder.seen().len(), 10);
     assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -408,7 +426,7 @@ async fn a_declaration_conflict_names_the_queue() -> anyhow::Result<()> {
     let err = result.expect_err("a durable declaration of a transient queue must fail");
     assert_eq!(err.queue(), Some(queue.as_str()));
     assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -440,7 +458,7 @@ async fn a_deleted_queue_stops_the_service_with_a_clear_error() -> anyhow::Resul
             .build()?,
     );
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     match service.join(WAIT).await? {
         Err(Error::ConsumerCancelled { queue: cancelled }) => assert_eq!(cancelled, queue),
         other => panic!("expected ConsumerCancelled, got {other:?}"),
@@ -488,6 +506,6 @@ async fn a_connection_closed_by_the_broker_fails_the_service_and_loses_nothing()
     assert!(err.is_connection_error(), "{err:?}");
     // Nothing was acked: the broker holds all three again.
     broker.wait_for_count(&queue, 3, WAIT).await?;
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }

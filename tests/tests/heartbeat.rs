@@ -162,7 +162,10 @@ impl Scenario {
             ..
         } = self;
         handlers.shutdown_timeout(Duration::from_secs(20));
-        admin.block_on(broker.delete_queues(&[burn_queue, block_queue]))
+        admin.block_on(async {
+            broker.delete_consumed_queue(&burn_queue).await?;
+            broker.delete_consumed_queue(&block_queue).await
+        })
     }
 }
 

@@ -145,7 +145,7 @@ async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() ->
     let redelivered = rest.iter().filter(|m| m.redelivered).count();
     assert_eq!(redelivered, PREFETCH - CONCURRENCY);
     conejo_tests::wait_for_connection_absent(&name, Duration::from_secs(5)).await?;
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
 
@@ -223,6 +223,6 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
     let q = stats.queue(&queue).unwrap();
     assert_eq!((q.acked, q.late_settlements), (0, 2), "{q:?}");
     assert_eq!(broker.message_count(&queue).await?, 6);
-    broker.delete_queue(&queue).await?;
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }

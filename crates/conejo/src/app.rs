@@ -8,10 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    AmqpUrl, Error, Handler, QueueConfig,
+    AmqpUrl, Error, Exchange, Handler, QueueConfig,
     connection::Connection,
     consumer::{QueueSpec, QueueWorker, Timing},
     handler::erase,
+    publish::Publisher,
     runtime::ConnectionRuntime,
     signal,
     stats::Stats,
@@ -23,6 +24,16 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Default time a finished ack may wait to share its frame with others.
 pub const DEFAULT_ACK_LINGER: Duration = Duration::from_millis(5);
+
+/// RabbitMQ's default `consumer_timeout` (30 min): a delivery left unacked longer closes its
+/// channel.
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Longest accepted shutdown timeout.
+const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Longest accepted ack linger.
+const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
 
 /// A RabbitMQ consumer service: queues, their handlers, and the connection conejo owns.
 ///
@@ -65,6 +76,8 @@ pub struct Conejo {
     connection_name: String,
     /// Registered queues, in registration order.
     queues: Vec<QueueSpec>,
+    /// Exchanges declared before the queues.
+    exchanges: Vec<Exchange>,
     timing: Timing,
     /// Fired by [`ShutdownHandle::shutdown`] or by `run`'s signal.
     shutdown: CancellationToken,
@@ -90,7 +103,10 @@ pub struct Builder {
     url: Result<AmqpUrl, Error>,
     connection_name: Option<String>,
     queues: Vec<QueueSpec>,
+    exchanges: Vec<Exchange>,
     timing: Timing,
+    /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
+    consumer_timeout: Duration,
     shared_runtime: bool,
 }
 
@@ -103,10 +119,12 @@ impl Conejo {
             url: url.as_ref().parse(),
             connection_name: None,
             queues: Vec::new(),
+            exchanges: Vec::new(),
             timing: Timing {
                 shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
                 ack_linger: DEFAULT_ACK_LINGER,
             },
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             shared_runtime: false,
         }
     }
@@ -147,11 +165,21 @@ impl Conejo {
         let runtime = Arc::new(self.connection_runtime()?);
         let connection = Connection::open(&self.url, &self.connection_name, runtime).await?;
         info!(url = %self.url, name = %self.connection_name, "connected");
+        if let Err(error) = connection.declare_exchanges(&self.exchanges).await {
+            close(&connection).await;
+            return Err(error);
+        }
+        let publisher = Arc::new(Publisher::new(
+            connection.shared(),
+            Arc::clone(connection.runtime()),
+        ));
 
         let mut workers = Vec::with_capacity(self.queues.len());
         for (index, spec) in self.queues.into_iter().enumerate() {
             let counters = self.stats.counters(&spec.name);
-            match QueueWorker::start(spec, &connection, index, self.timing, counters).await {
+            match QueueWorker::start(spec, &connection, &publisher, index, self.timing, counters)
+                .await
+            {
                 Ok(worker) => workers.push(worker),
                 Err(error) => {
                     close(&connection).await;
@@ -253,21 +281,37 @@ impl Builder {
         self
     }
 
+    /// Declares `exchange` (or checks it, if [passive](Exchange::passive)) before the queues,
+    /// so that their [bindings](QueueConfig::bind) find it.
+    pub fn exchange(mut self, exchange: Exchange) -> Self {
+        self.exchanges.push(exchange);
+        self
+    }
+
+    /// The broker's `consumer_timeout` (default 30 min, RabbitMQ's default): a delivery
+    /// unacked for longer closes its channel. conejo warns at startup about a queue whose
+    /// handler [timeout](QueueConfig::timeout) is not below it, or that has none.
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
     /// The connection's name as the broker shows it (default: the program's name).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
         self
     }
 
-    /// How long in-flight handlers may run once shutdown starts (default 20 s). Messages
-    /// still running after it are requeued.
+    /// How long in-flight handlers may run once shutdown starts (default 20 s, at most a
+    /// day). Messages still running after it are requeued.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.timing.shutdown_timeout = timeout;
         self
     }
 
     /// How long a finished message's ack may wait to be sent together with others
-    /// (default 5 ms). Acks are sent earlier once a quarter of the prefetch is waiting.
+    /// (default 5 ms, at most 10 s). Acks are sent earlier once a quarter of the prefetch is
+    /// waiting.
     pub fn ack_linger(mut self, linger: Duration) -> Self {
         self.timing.ack_linger = linger;
         self
@@ -301,14 +345,55 @@ impl Builder {
                 return Err(Error::config(Some(&spec.name), "queue registered twice"));
             }
         }
-        if self.timing.shutdown_timeout.is_zero() {
-            return Err(Error::config(None, "shutdown timeout must be positive"));
+        if self.timing.shutdown_timeout.is_zero()
+            || self.timing.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT
+        {
+            return Err(Error::config(
+                None,
+                "shutdown timeout must be between 1 ns and 24 h",
+            ));
+        }
+        if self.timing.ack_linger > MAX_ACK_LINGER {
+            return Err(Error::config(None, "ack linger must be at most 10 s"));
+        }
+        if self.consumer_timeout.is_zero() {
+            return Err(Error::config(None, "consumer timeout must be positive"));
+        }
+        for (index, exchange) in self.exchanges.iter().enumerate() {
+            if exchange.name.is_empty() || exchange.name.len() > 255 {
+                return Err(Error::config(
+                    None,
+                    format!("exchange name '{}' must be 1 to 255 bytes", exchange.name),
+                ));
+            }
+            if self.exchanges[..index]
+                .iter()
+                .any(|other| other.name == exchange.name)
+            {
+                return Err(Error::config(
+                    None,
+                    format!("exchange '{}' registered twice", exchange.name),
+                ));
+            }
+        }
+        for spec in &self.queues {
+            match spec.config.timeout {
+                Some(timeout) if timeout >= self.consumer_timeout => warn!(
+                    queue = %spec.name,
+                    ?timeout,
+                    consumer_timeout = ?self.consumer_timeout,
+                    "the handler timeout is not below the broker's consumer_timeout: a handler \
+                     that long makes the broker close the channel"
+                ),
+                _ => {}
+            }
         }
         let stats = Stats::new(self.queues.iter().map(|spec| spec.name.to_string()));
         Ok(Conejo {
             url,
             connection_name: self.connection_name.unwrap_or_else(program_name),
             queues: self.queues,
+            exchanges: self.exchanges,
             timing: self.timing,
             shutdown: CancellationToken::new(),
             stats,

@@ -1,10 +1,22 @@
-//! Per-queue configuration: declaration, concurrency and prefetch, failure policy.
+//! Per-queue configuration: declaration and bindings, concurrency and prefetch, retries,
+//! dead letters, timeouts, failure policy.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::{Context, Error, Failure, Outcome, outcome::FailurePolicy};
+use crate::{
+    Context, Error, Failure, Outcome, RetryPolicy,
+    outcome::FailurePolicy,
+    topology::{Binding, DeadLetterRoute, LONGEST_SUFFIX},
+};
+
+/// Default number of deliveries without a result (the consumer crashed or lost its
+/// connection while handling the message) after which a message is dead-lettered as poison.
+pub const DEFAULT_POISON_LIMIT: u32 = 5;
+
+/// The longest handler timeout accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// How a queue is consumed and, unless [passive](QueueConfig::passive), declared.
 ///
@@ -15,16 +27,24 @@ use crate::{Context, Error, Failure, Outcome, outcome::FailurePolicy};
 /// the broker never pushes an unbounded amount (AMQP's default prefetch is unlimited, the
 /// classic cause of consumer memory blow-ups). Override it with [`prefetch`](Self::prefetch).
 ///
+/// **Failures.** A failed message is retried per its [`RetryPolicy`] (default: 5 attempts,
+/// 1 s × 3ⁿ) through broker-side wait queues, then dead-lettered to `<queue>.dlx` →
+/// `<queue>.dlq`, both declared by conejo (or to the exchange named with
+/// [`dead_letter_exchange`](Self::dead_letter_exchange), which must exist).
+///
 /// ```
-/// use conejo::{Outcome, QueueConfig};
+/// use std::time::Duration;
+/// use conejo::{Failure, Outcome, QueueConfig, RetryPolicy};
 ///
 /// let config = QueueConfig::new()
 ///     .concurrency(32)            // prefetch becomes 64
 ///     .quorum()                   // x-queue-type = quorum
-///     .dead_letter_exchange("orders.dlx")
-///     .on_failure(|failure, ctx| {
-///         // retry once, then give up
-///         if ctx.redelivered() { Outcome::Reject } else { failure.default_outcome() }
+///     .bind("orders", "order.created.*")
+///     .retry(RetryPolicy::default().max_attempts(3))
+///     .timeout(Duration::from_secs(30))
+///     .on_failure(|failure, _ctx| match failure {
+///         Failure::Timeout(_) => Outcome::Reject, // a timeout here is never worth a retry
+///         _ => failure.default_outcome(),
 ///     });
 /// assert_eq!(config.effective_prefetch(), 64);
 /// ```
@@ -41,10 +61,22 @@ pub struct QueueConfig {
     pub(crate) durable: bool,
     /// Deleted by the broker when its last consumer goes.
     pub(crate) auto_delete: bool,
-    /// Queue arguments (x-queue-type, x-dead-letter-exchange, …).
+    /// Queue arguments (x-queue-type, x-max-length, …).
     pub(crate) arguments: FieldTable,
+    /// Bindings declared before consuming.
+    pub(crate) bindings: Vec<Binding>,
     /// Maps failures to outcomes; `None` uses [`Failure::default_outcome`].
     pub(crate) on_failure: Option<FailurePolicy>,
+    /// How failed messages are tried again.
+    pub(crate) retry: RetryPolicy,
+    /// A handler running longer fails with [`Failure::Timeout`].
+    pub(crate) timeout: Option<Duration>,
+    /// Deliveries without a result before a message is dead-lettered as poison.
+    pub(crate) poison_limit: Option<u32>,
+    /// The user's dead-letter exchange; `None` for conejo's `<queue>.dlx`.
+    pub(crate) dead_letter_exchange: Option<String>,
+    /// Routing key of dead letters; `None` keeps the message's own.
+    pub(crate) dead_letter_routing_key: Option<String>,
 }
 
 impl Default for QueueConfig {
@@ -56,7 +88,13 @@ impl Default for QueueConfig {
             durable: true,
             auto_delete: false,
             arguments: FieldTable::default(),
+            bindings: Vec::new(),
             on_failure: None,
+            retry: RetryPolicy::default(),
+            timeout: None,
+            poison_limit: Some(DEFAULT_POISON_LIMIT),
+            dead_letter_exchange: None,
+            dead_letter_routing_key: None,
         }
     }
 }
@@ -64,7 +102,10 @@ impl Default for QueueConfig {
 impl QueueConfig {
     /// The defaults: a durable classic queue, declared at start; concurrency 16 for async
     /// handlers and the number of cores for [`Blocking`](crate::Blocking) ones; prefetch
-    /// derived from it; failures mapped by [`Failure::default_outcome`].
+    /// derived from it; failures mapped by [`Failure::default_outcome`], retried per
+    /// [`RetryPolicy::default`], then dead-lettered to `<queue>.dlx`; no handler timeout;
+    /// poison messages dead-lettered after [`DEFAULT_POISON_LIMIT`] deliveries without a
+    /// result.
     pub fn new() -> Self {
         Self::default()
     }
@@ -103,6 +144,11 @@ impl QueueConfig {
     }
 
     /// Declares a quorum queue (replicated, `x-queue-type = quorum`); must be durable.
+    ///
+    /// The broker counts a quorum queue's redeliveries (`x-delivery-count`): conejo reads
+    /// that count for poison detection and, unless set, declares `x-delivery-limit` to the
+    /// poison limit and `x-dead-letter-exchange` to the queue's dead-letter exchange, so the
+    /// broker's own limit is a backstop that dead-letters instead of dropping.
     pub fn quorum(self) -> Self {
         self.argument(
             "x-queue-type",
@@ -110,20 +156,66 @@ impl QueueConfig {
         )
     }
 
-    /// Messages rejected (or expired) are republished to this exchange.
-    pub fn dead_letter_exchange(self, exchange: &str) -> Self {
-        self.argument(
-            "x-dead-letter-exchange",
-            AMQPValue::LongString(LongString::from(exchange)),
-        )
+    /// Dead letters go to this exchange, which must exist (checked at startup: a missing one
+    /// is [`Error::DeadLetterExchangeNotFound`], never silent loss), instead of conejo's
+    /// own `<queue>.dlx` → `<queue>.dlq`. They are published `mandatory`: one that no queue
+    /// takes is not acked, it is retried later.
+    pub fn dead_letter_exchange(mut self, exchange: &str) -> Self {
+        self.dead_letter_exchange = Some(exchange.to_owned());
+        self
     }
 
-    /// The routing key used when dead-lettering (default: the message's own).
-    pub fn dead_letter_routing_key(self, routing_key: &str) -> Self {
-        self.argument(
-            "x-dead-letter-routing-key",
-            AMQPValue::LongString(LongString::from(routing_key)),
-        )
+    /// The routing key of dead letters (default: the message's own).
+    pub fn dead_letter_routing_key(mut self, routing_key: &str) -> Self {
+        self.dead_letter_routing_key = Some(routing_key.to_owned());
+        self
+    }
+
+    /// Binds the queue to `exchange` with `routing_key` (a pattern for topic exchanges)
+    /// before consuming. May be called several times.
+    pub fn bind(self, exchange: &str, routing_key: &str) -> Self {
+        self.bind_with(exchange, routing_key, FieldTable::default())
+    }
+
+    /// As [`bind`](Self::bind), with binding arguments (headers exchanges match on them).
+    pub fn bind_with(mut self, exchange: &str, routing_key: &str, arguments: FieldTable) -> Self {
+        self.bindings.push(Binding {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments,
+        });
+        self
+    }
+
+    /// How failed messages are retried (default [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The longest a handler may take (default: no limit). An async handler past it is
+    /// cancelled; a [`Blocking`](crate::Blocking) one is abandoned (its thread keeps its
+    /// concurrency slot until it returns). Either way the message fails with
+    /// [`Failure::Timeout`], retried by default. Keep it well below the broker's
+    /// `consumer_timeout` (see [`Builder::consumer_timeout`](crate::Builder::consumer_timeout)).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Deliveries without a result — the consumer crashed, was killed or lost its connection
+    /// while the message was in its hands — after which the message is dead-lettered with
+    /// reason `poison` instead of being handled again (default [`DEFAULT_POISON_LIMIT`]);
+    /// `None` turns the detection off.
+    ///
+    /// On quorum queues the broker counts (`x-delivery-count`). On classic queues conejo
+    /// counts: a redelivered message is republished with its count in `conejo-redeliveries`
+    /// (confirmed, then acked), which puts it at the back of the queue — turn the detection
+    /// off for a classic queue whose order matters. A shutdown give-back counts as a delivery
+    /// without a result, but never uses up a retry attempt.
+    pub fn poison_limit(mut self, limit: Option<u32>) -> Self {
+        self.poison_limit = limit;
+        self
     }
 
     /// Any other queue argument (`x-max-length`, `x-message-ttl`, `x-delivery-limit`…).
@@ -162,8 +254,27 @@ impl QueueConfig {
         if queue.is_empty() {
             return Err(Error::config(None, "queue name must not be empty"));
         }
-        if queue.len() > 255 {
-            return invalid("queue name longer than 255 bytes");
+        if queue.len() + LONGEST_SUFFIX > 255 {
+            return invalid(&format!(
+                "queue name longer than {} bytes (conejo names its wait queues \
+                 '<queue>.retry.<ttl>ms', and AMQP names are at most 255 bytes)",
+                255 - LONGEST_SUFFIX
+            ));
+        }
+        self.retry.validate(queue)?;
+        if let Some(timeout) = self.timeout
+            && (timeout.is_zero() || timeout > MAX_TIMEOUT)
+        {
+            return invalid("timeout must be between 1 ns and 7 days");
+        }
+        if self.poison_limit == Some(0) {
+            return invalid("poison limit must be at least 1 (or None to turn it off)");
+        }
+        if self.dead_letter_exchange.as_deref() == Some("") {
+            return invalid(
+                "dead-letter exchange must not be the default exchange \
+                 (name an exchange, or leave it unset for '<queue>.dlx')",
+            );
         }
         if self.concurrency == Some(0) {
             return invalid("concurrency must be at least 1");
@@ -171,25 +282,55 @@ impl QueueConfig {
         if self.prefetch == Some(0) {
             return invalid("prefetch must be at least 1 (0 would mean unlimited)");
         }
-        let quorum = matches!(
-            self.arguments.inner().get("x-queue-type"),
-            Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"quorum"
-        );
-        if quorum && self.declare && (!self.durable || self.auto_delete) {
+        if self.is_quorum() && self.declare && (!self.durable || self.auto_delete) {
             return invalid("a quorum queue must be durable and not auto-delete");
         }
         Ok(())
     }
 
-    /// What rejecting a message of this queue does, as far as conejo knows.
-    pub(crate) fn reject_fate(&self) -> &'static str {
-        if !self.declare {
-            "rejected (dead-lettered if the queue has a dead-letter exchange, else dropped)"
-        } else if self.arguments.contains_key("x-dead-letter-exchange") {
-            "rejected and dead-lettered"
-        } else {
-            "rejected and dropped (the queue has no dead-letter exchange)"
+    /// Where this queue's dead letters go.
+    pub(crate) fn dead_letter_route(&self, queue: &str) -> DeadLetterRoute {
+        match &self.dead_letter_exchange {
+            Some(exchange) => DeadLetterRoute {
+                exchange: exchange.clone(),
+                routing_key: self.dead_letter_routing_key.clone(),
+                owned: false,
+            },
+            None => DeadLetterRoute {
+                routing_key: self.dead_letter_routing_key.clone(),
+                ..DeadLetterRoute::default_for(queue)
+            },
         }
+    }
+
+    /// True when the queue is declared as a quorum queue.
+    pub(crate) fn is_quorum(&self) -> bool {
+        matches!(
+            self.arguments.inner().get("x-queue-type"),
+            Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"quorum"
+        )
+    }
+
+    /// The arguments the queue is declared with: the user's, plus for a quorum queue the
+    /// delivery limit and dead-letter exchange that back conejo's poison detection.
+    pub(crate) fn declared_arguments(&self, queue: &str) -> FieldTable {
+        let mut arguments = self.arguments.clone();
+        if let (true, Some(limit)) = (self.is_quorum(), self.poison_limit) {
+            if !arguments.contains_key("x-delivery-limit") {
+                arguments.insert(
+                    ShortString::from("x-delivery-limit"),
+                    AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
+                );
+            }
+            if !arguments.contains_key("x-dead-letter-exchange") {
+                let route = self.dead_letter_route(queue);
+                arguments.insert(
+                    ShortString::from("x-dead-letter-exchange"),
+                    AMQPValue::LongString(LongString::from(route.exchange.as_str())),
+                );
+            }
+        }
+        arguments
     }
 
     pub(crate) fn policy(&self) -> FailurePolicy {
@@ -215,7 +356,13 @@ impl fmt::Debug for QueueConfig {
             .field("durable", &self.durable)
             .field("auto_delete", &self.auto_delete)
             .field("arguments", &self.arguments)
+            .field("bindings", &self.bindings)
             .field("on_failure", &self.on_failure.as_ref().map(|_| "custom"))
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .field("poison_limit", &self.poison_limit)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_routing_key", &self.dead_letter_routing_key)
             .finish()
     }
 }
@@ -259,5 +406,58 @@ mod tests {
         );
         assert!(QueueConfig::new().validate("").is_err());
         assert!(QueueConfig::new().quorum().validate("q").is_ok());
+        assert!(QueueConfig::new().validate(&"q".repeat(250)).is_err());
+        for bad in [
+            QueueConfig::new().timeout(Duration::ZERO),
+            QueueConfig::new().timeout(Duration::MAX),
+            QueueConfig::new().poison_limit(Some(0)),
+            QueueConfig::new().dead_letter_exchange(""),
+            QueueConfig::new().retry(RetryPolicy::default().max_attempts(0)),
+        ] {
+            let err = bad.validate("q").unwrap_err();
+            assert_eq!(err.queue(), Some("q"), "{err}");
+        }
+    }
+
+    #[test]
+    fn quorum_queues_get_a_delivery_limit_and_a_dead_letter_exchange() {
+        let args = QueueConfig::new().quorum().declared_arguments("q");
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(DEFAULT_POISON_LIMIT as i32))
+        );
+        assert_eq!(
+            args.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("q.dlx".into()))
+        );
+        // the user's own settings win; classic queues are left alone
+        let args = QueueConfig::new()
+            .quorum()
+            .argument("x-delivery-limit", AMQPValue::LongInt(50))
+            .dead_letter_exchange("errors")
+            .declared_arguments("q");
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(50))
+        );
+        assert_eq!(
+            args.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("errors".into()))
+        );
+        assert!(
+            QueueConfig::new()
+                .declared_arguments("q")
+                .inner()
+                .is_empty()
+        );
+        assert!(
+            QueueConfig::new()
+                .quorum()
+                .poison_limit(None)
+                .declared_arguments("q")
+                .inner()
+                .get("x-delivery-limit")
+                .is_none()
+        );
     }
 }

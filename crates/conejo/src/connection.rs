@@ -9,7 +9,11 @@ use lapin::{
     types::{FieldTable, LongString, ShortString},
 };
 
-use crate::{AmqpUrl, Error, QueueConfig, runtime::ConnectionRuntime};
+use crate::{
+    AmqpUrl, Error, Exchange, QueueConfig,
+    runtime::ConnectionRuntime,
+    topology::{self, Durability},
+};
 
 /// How long connecting (TCP, TLS, AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,9 +113,57 @@ impl Connection {
         &self.inner
     }
 
-    /// Opens a channel, applies the prefetch, declares the queue (or checks it exists) and
-    /// starts consuming — in this order, so the prefetch is in force before the first
-    /// delivery.
+    /// lapin's connection, shared (for the publisher).
+    pub(crate) fn shared(&self) -> Arc<lapin::Connection> {
+        Arc::clone(&self.inner)
+    }
+
+    /// The connection runtime.
+    pub(crate) fn runtime(&self) -> &Arc<ConnectionRuntime> {
+        &self.runtime
+    }
+
+    /// Declares (or checks, when passive) the service's exchanges, in order.
+    pub(crate) async fn declare_exchanges(&self, exchanges: &[Exchange]) -> Result<(), Error> {
+        if exchanges.is_empty() {
+            return Ok(());
+        }
+        let connection = Arc::clone(&self.inner);
+        let exchanges = exchanges.to_vec();
+        self.runtime
+            .spawn(async move {
+                let channel =
+                    connection
+                        .create_channel()
+                        .await
+                        .map_err(|source| Error::Topology {
+                            what: "exchanges (open channel)".to_owned(),
+                            source,
+                        })?;
+                for exchange in &exchanges {
+                    exchange
+                        .declare(&channel)
+                        .await
+                        .map_err(|source| Error::Topology {
+                            what: format!("exchange '{}'", exchange.name),
+                            source,
+                        })?;
+                }
+                let _ = channel.close(200, ShortString::from("declared")).await;
+                Ok(())
+            })
+            .await
+            .unwrap_or_else(|join| {
+                Err(Error::Runtime(std::io::Error::other(format!(
+                    "exchange setup task failed: {join}"
+                ))))
+            })
+    }
+
+    /// Opens a channel, applies the prefetch, declares the queue (or checks it exists), its
+    /// bindings and its dead-letter topology, and starts consuming — in this order, so the
+    /// prefetch is in force before the first delivery and nothing is consumed that could
+    /// not be dead-lettered.
     pub(crate) async fn consume(
         &self,
         queue: &str,
@@ -129,10 +181,16 @@ impl Connection {
             nowait: false,
         };
         let arguments = if config.declare {
-            config.arguments.clone()
+            config.declared_arguments(queue)
         } else {
             FieldTable::default()
         };
+        let bindings = config.bindings.clone();
+        let dead_letter = config.dead_letter_route(queue);
+        let durability = Durability {
+            durable: config.durable || !config.declare,
+        };
+        let queue_name = queue.to_owned();
         let setup = self.runtime.spawn(async move {
             let channel = connection
                 .create_channel()
@@ -146,6 +204,14 @@ impl Connection {
                 .queue_declare(name.clone(), options, arguments)
                 .await
                 .map_err(|e| ("declare", e))?;
+            for binding in &bindings {
+                topology::bind(&channel, &queue_name, binding)
+                    .await
+                    .map_err(|e| ("bind", e))?;
+            }
+            topology::declare_dead_letter(&channel, &queue_name, &dead_letter, durability)
+                .await
+                .map_err(|e| ("dead-letter", e))?;
             let consumer = channel
                 .basic_consume(
                     name,
@@ -167,6 +233,19 @@ impl Connection {
             Ok(Err(("declare", source))) if is_not_found(&source) => {
                 Err(Error::QueueNotFound { queue })
             }
+            Ok(Err(("dead-letter", source))) if is_not_found(&source) => {
+                Err(Error::DeadLetterExchangeNotFound {
+                    queue,
+                    exchange: config.dead_letter_route("").exchange,
+                })
+            }
+            Ok(Err(("bind", source))) => Err(Error::Topology {
+                what: format!(
+                    "a binding of queue '{queue}' ({})",
+                    describe_bindings(&config.bindings)
+                ),
+                source,
+            }),
             Ok(Err((step, source))) => Err(Error::QueueSetup {
                 queue,
                 step,
@@ -192,6 +271,14 @@ impl Connection {
             })
             .await
     }
+}
+
+fn describe_bindings(bindings: &[topology::Binding]) -> String {
+    bindings
+        .iter()
+        .map(|b| format!("exchange '{}', key '{}'", b.exchange, b.routing_key))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// True for the broker's 404 NOT_FOUND (a passive declaration of a missing queue).

@@ -1,20 +1,23 @@
-//! One queue's consumer loop, on the handler runtime: delivery → decode → handler → outcome
-//! → settle task. And its graceful stop.
+//! One queue's consumer loop, on the handler runtime: take a concurrency slot, take a
+//! delivery, hand it to its task ([`Unsettled::process`]). And its graceful stop.
 
-use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    Context, Error, Failure, Outcome,
+    Context, Error,
     connection::{Connection, QueueConsumer},
+    dispatch::{Dispatch, Unsettled},
     handler::ErasedHandler,
-    outcome::FailurePolicy,
-    settle::{SettleHandle, settle_task},
+    publish::Publisher,
+    settle::settle_task,
     stats::QueueCounters,
+    topology::Durability,
     tracker::Settlement,
 };
 
@@ -31,23 +34,12 @@ pub(crate) struct QueueSpec {
 /// A queue whose consumer is set up and ready to run.
 pub(crate) struct QueueWorker {
     name: Arc<str>,
-    /// What each handler task needs, shared: one reference count per message.
+    /// What each delivery's task needs, shared: one reference count per message.
     dispatch: Arc<Dispatch>,
     /// Messages handled at once.
     concurrency: usize,
     /// The channel and its consumer stream.
     consumer: QueueConsumer,
-}
-
-/// Decode → handler → outcome → settle task, for one queue's deliveries.
-struct Dispatch {
-    handler: Arc<dyn ErasedHandler>,
-    policy: FailurePolicy,
-    /// What a reject does to a message of this queue, for the logs.
-    reject_fate: &'static str,
-    /// Where outcomes go; the settle task runs on the connection runtime.
-    settle: SettleHandle,
-    counters: Arc<QueueCounters>,
 }
 
 /// Timing knobs shared by every queue.
@@ -64,6 +56,7 @@ impl QueueWorker {
     pub(crate) async fn start(
         spec: QueueSpec,
         connection: &Connection,
+        publisher: &Arc<Publisher>,
         index: usize,
         timing: Timing,
         counters: Arc<QueueCounters>,
@@ -82,12 +75,21 @@ impl QueueWorker {
         );
         consumer.spawn_on_connection_runtime(task.run());
         info!(queue = %spec.name, concurrency, prefetch, "consuming");
+        let config = &spec.config;
         Ok(QueueWorker {
             dispatch: Arc::new(Dispatch {
+                queue: Arc::clone(&spec.name),
+                policy: config.policy(),
+                retry: config.retry,
+                timeout: config.timeout,
+                poison_limit: config.poison_limit,
+                dead_letter: config.dead_letter_route(&spec.name),
+                durability: Durability {
+                    durable: config.durable || !config.declare,
+                },
                 handler: spec.handler,
-                policy: spec.config.policy(),
-                reject_fate: spec.config.reject_fate(),
                 settle,
+                publisher: Arc::clone(publisher),
                 counters,
             }),
             name: spec.name,
@@ -136,18 +138,17 @@ impl QueueWorker {
             };
             last_tag = delivery.delivery_tag;
             QueueCounters::add(&self.dispatch.counters.delivered, 1);
-            let ctx =
-                Context::from_delivery(Arc::clone(&self.name), &mut delivery, shutdown.clone());
-            let body = std::mem::take(&mut delivery.data);
-            let dispatch = Arc::clone(&self.dispatch);
-            in_flight.spawn(async move {
-                let settlement = match dispatch.handler.call(body, &ctx).await {
-                    Ok(()) => Settlement::Ack,
-                    Err(failure) => dispatch.decide(&failure, &ctx),
-                };
-                dispatch.settle.settle(ctx.delivery_tag(), settlement);
-                drop(permit);
-            });
+            // From here the delivery is settled by construction: dropping `unsettled` in any
+            // way but settling it gives the message back.
+            let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&self.dispatch));
+            let ctx = Context::from_delivery(
+                Arc::clone(&self.name),
+                &mut delivery,
+                shutdown.clone(),
+                permit,
+            );
+            let body = Bytes::from(std::mem::take(&mut delivery.data));
+            in_flight.spawn(unsettled.process(ctx, body));
         };
         match ended {
             Ok(()) => {
@@ -185,7 +186,7 @@ impl QueueWorker {
                     QueueCounters::add(&self.dispatch.counters.delivered, 1);
                     self.dispatch
                         .settle
-                        .settle(delivery.delivery_tag, Settlement::Release);
+                        .settle(delivery.delivery_tag, Settlement::Requeue);
                     released += 1;
                 }
                 Ok(Some(Err(error))) => {
@@ -219,51 +220,6 @@ impl QueueWorker {
         match closed {
             Ok(()) => debug!(queue = %self.name, "channel closed"),
             Err(error) => warn!(queue = %self.name, %error, "channel close failed"),
-        }
-    }
-}
-
-impl Dispatch {
-    /// Applies the queue's failure policy (a panicking policy rejects), logs and counts.
-    fn decide(&self, failure: &Failure, ctx: &Context) -> Settlement {
-        let Dispatch {
-            policy,
-            reject_fate,
-            counters,
-            ..
-        } = self;
-        let counter = match failure {
-            Failure::Handler(_) => &counters.handler_errors,
-            Failure::Decode(_) => &counters.decode_failures,
-            Failure::Panic(_) => &counters.panics,
-        };
-        QueueCounters::add(counter, 1);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| policy(failure, ctx)))
-            .unwrap_or_else(|_| {
-                error!(
-                    queue = ctx.queue(),
-                    "failure policy panicked; rejecting the message"
-                );
-                Outcome::Reject
-            });
-        let then = match outcome {
-            Outcome::Ack => "acked",
-            Outcome::Retry => "requeued",
-            Outcome::Reject => reject_fate,
-        };
-        warn!(
-            queue = ctx.queue(),
-            delivery_tag = ctx.delivery_tag(),
-            message_id = ctx.message_id(),
-            redelivered = ctx.redelivered(),
-            failure = failure.kind(),
-            ?outcome,
-            "{failure}; message {then}"
-        );
-        match outcome {
-            Outcome::Ack => Settlement::Ack,
-            Outcome::Retry => Settlement::Retry,
-            Outcome::Reject => Settlement::Reject,
         }
     }
 }

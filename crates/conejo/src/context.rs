@@ -1,34 +1,61 @@
 //! What a handler knows about the delivery it is handling.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, ShortString},
 };
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+
+use crate::headers;
 
 /// A delivery's metadata, given to the handler beside the decoded message.
 ///
 /// It also carries the service's shutdown signal, so that a long handler can stop early:
-/// a handler that returns an error because of shutdown has its message requeued (by the
+/// a handler that returns an error because of shutdown has its message retried (by the
 /// default policy, [`HandlerError::retry`](crate::HandlerError::retry)).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Context {
     /// The queue the message was consumed from (shared by all its deliveries).
     queue: Arc<str>,
     /// The broker's tag for this delivery, unique on its channel.
     delivery_tag: u64,
-    /// The exchange the message was published to ("" for the default exchange).
+    /// The exchange the message was first published to ("" for the default exchange); for a
+    /// retry, the original's, not the wait queue's.
     exchange: ShortString,
-    /// The routing key it was published with.
+    /// The routing key it was first published with.
     routing_key: ShortString,
+    /// Which attempt this delivery is (1 for the first), from `conejo-attempt`.
+    attempt: u32,
     /// True when the broker delivered this message before (to this or another consumer).
     redelivered: bool,
     /// The AMQP properties: headers, ids, content type, timestamp…
     properties: BasicProperties,
     /// Cancelled when the service starts shutting down.
     shutdown: CancellationToken,
+    /// The queue's concurrency slot held by this delivery. A blocking handler takes it into
+    /// its thread, so that a thread abandoned at a timeout keeps the slot until it returns
+    /// and the concurrency bound holds. Not cloned.
+    slot: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Clone for Context {
+    /// A copy of the metadata; the concurrency slot stays with the original.
+    fn clone(&self) -> Self {
+        Context {
+            queue: Arc::clone(&self.queue),
+            delivery_tag: self.delivery_tag,
+            exchange: self.exchange.clone(),
+            routing_key: self.routing_key.clone(),
+            attempt: self.attempt,
+            redelivered: self.redelivered,
+            properties: self.properties.clone(),
+            shutdown: self.shutdown.clone(),
+            slot: Mutex::new(None),
+        }
+    }
 }
 
 impl Context {
@@ -36,16 +63,38 @@ impl Context {
         queue: Arc<str>,
         delivery: &mut lapin::message::Delivery,
         shutdown: CancellationToken,
+        slot: OwnedSemaphorePermit,
     ) -> Self {
+        let properties = std::mem::take(&mut delivery.properties);
+        let mut exchange = std::mem::replace(&mut delivery.exchange, ShortString::from(""));
+        let mut routing_key = std::mem::replace(&mut delivery.routing_key, ShortString::from(""));
+        let mut attempt = 1;
+        if let Some(found) = properties.headers() {
+            attempt = headers::attempt(Some(found));
+            // A retry comes back through its wait queue: report where it first came from.
+            if let Some(original) = headers::text(Some(found), headers::ORIGINAL_EXCHANGE) {
+                exchange = ShortString::from(original);
+            }
+            if let Some(original) = headers::text(Some(found), headers::ORIGINAL_ROUTING_KEY) {
+                routing_key = ShortString::from(original);
+            }
+        }
         Context {
             queue,
             delivery_tag: delivery.delivery_tag,
-            exchange: std::mem::replace(&mut delivery.exchange, ShortString::from("")),
-            routing_key: std::mem::replace(&mut delivery.routing_key, ShortString::from("")),
+            exchange,
+            routing_key,
+            attempt,
             redelivered: delivery.redelivered,
-            properties: std::mem::take(&mut delivery.properties),
+            properties,
             shutdown,
+            slot: Mutex::new(Some(slot)),
         }
+    }
+
+    /// Takes the delivery's concurrency slot (for a blocking handler's thread).
+    pub(crate) fn take_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// A context for a message that did not come from a broker: for tests of handlers and
@@ -57,10 +106,19 @@ impl Context {
             delivery_tag: 0,
             exchange: ShortString::from(""),
             routing_key: ShortString::from(queue),
+            attempt: 1,
             redelivered: false,
             properties: BasicProperties::default(),
             shutdown: CancellationToken::new(),
+            slot: Mutex::new(None),
         }
+    }
+
+    /// Sets the attempt number: for tests.
+    #[must_use]
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt.max(1);
+        self
     }
 
     /// Replaces the properties (headers, ids, content type…): for tests.
@@ -89,20 +147,30 @@ impl Context {
         self.delivery_tag
     }
 
-    /// The exchange the message was published to (empty for the default exchange).
+    /// The exchange the message was published to (empty for the default exchange). For a
+    /// retry, the exchange of the original message.
     #[must_use]
     pub fn exchange(&self) -> &str {
         self.exchange.as_str()
     }
 
-    /// The routing key the message was published with.
+    /// The routing key the message was published with (for a retry, the original's).
     #[must_use]
     pub fn routing_key(&self) -> &str {
         self.routing_key.as_str()
     }
 
-    /// True when the broker has delivered this message before: a previous attempt failed,
-    /// was requeued, or its consumer died before acknowledging it.
+    /// Which attempt at handling this message this delivery is: 1 for the first, 2 for the
+    /// first retry… Counted by conejo across retries, restarts and redeliveries; a delivery
+    /// given back at shutdown or lost with a connection does not use up an attempt.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The broker's redelivered flag: this very message was delivered before without being
+    /// settled (a consumer stopped or crashed, or gave it back at shutdown). Retries are new
+    /// copies, so for them it is false: see [`attempt`](Self::attempt).
     #[must_use]
     pub fn redelivered(&self) -> bool {
         self.redelivered
@@ -166,7 +234,7 @@ impl Context {
     }
 
     /// Completes when the service starts shutting down: `select!` on it in long handlers to
-    /// stop early (and return an error, so the message is requeued).
+    /// stop early (and return an error, so the message is retried later).
     pub async fn shutdown_requested(&self) {
         self.shutdown.cancelled().await;
     }

@@ -1,6 +1,6 @@
 //! Errors that stop the service (startup and run), as opposed to per-message failures.
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 /// An error that prevents conejo from starting or makes a running service stop.
 ///
@@ -59,6 +59,30 @@ pub enum Error {
         source: lapin::Error,
     },
 
+    /// A queue's dead-letter exchange, named in its configuration, does not exist: conejo
+    /// refuses to start rather than lose the messages it would dead-letter.
+    #[error(
+        "dead-letter exchange '{exchange}' of queue '{queue}' does not exist \
+         (declare it, or let conejo declare '{queue}.dlx' by not naming one)"
+    )]
+    DeadLetterExchangeNotFound {
+        /// The consumed queue.
+        queue: String,
+        /// The missing exchange.
+        exchange: String,
+    },
+
+    /// Declaring an exchange, a binding or a dead-letter queue failed (a missing exchange,
+    /// or one that exists with another type or other arguments).
+    #[error("cannot declare {what}: {source}")]
+    Topology {
+        /// What conejo was declaring, e.g. "exchange 'orders'".
+        what: String,
+        /// What lapin reported.
+        #[source]
+        source: lapin::Error,
+    },
+
     /// A running consumer stopped: its channel or the connection failed.
     #[error("consumer of queue '{queue}' failed: {source}")]
     ConsumerFailed {
@@ -110,6 +134,7 @@ impl Error {
         match self {
             Error::InvalidConfig { queue, .. } => queue.as_deref(),
             Error::QueueNotFound { queue }
+            | Error::DeadLetterExchangeNotFound { queue, .. }
             | Error::QueueSetup { queue, .. }
             | Error::ConsumerFailed { queue, .. }
             | Error::ConsumerCancelled { queue } => Some(queue),
@@ -132,17 +157,20 @@ impl Error {
 ///
 /// Each error says what should happen to the message:
 /// - [`HandlerError::retry`] (and any error converted with `?`): the message should be
-///   tried again;
-/// - [`HandlerError::reject`]: the message itself is bad and should not be tried again
-///   (dead-lettered when the queue has a dead-letter exchange, else dropped).
+///   tried again later, after the queue's [retry policy](crate::RetryPolicy)'s delay — or
+///   after the delay given with [`HandlerError::retry_after`];
+/// - [`HandlerError::reject`]: the message itself is bad and should not be tried again: it
+///   is dead-lettered.
 ///
 /// The queue's [error policy](crate::QueueConfig::on_failure) turns it into an
 /// [`Outcome`](crate::Outcome); the default follows the error's own choice.
 ///
-/// `HandlerError` deliberately does not implement [`std::error::Error`], so that any error type
-/// converts into it with `?` (like `anyhow::Error`).
+/// `HandlerError` deliberately does not implement [`std::error::Error`], so that `?` converts
+/// into it from any error — a `std` error, an `anyhow::Error`, a `Box<dyn Error>`, even a
+/// `String` or `&str` — as a retry.
 ///
 /// ```
+/// use std::time::Duration;
 /// use conejo::HandlerError;
 ///
 /// fn parse_quantity(raw: &str) -> Result<u32, HandlerError> {
@@ -156,30 +184,67 @@ impl Error {
 /// }
 /// assert!(parse_quantity("x").unwrap_err().is_retry());
 /// assert!(parse_quantity("0").unwrap_err().is_reject());
+///
+/// fn call_inventory() -> anyhow::Result<()> {
+///     anyhow::bail!("inventory service unavailable")
+/// }
+/// fn reserve() -> Result<(), HandlerError> {
+///     call_inventory()?; // `?` on anyhow::Error: retry
+///     Ok(())
+/// }
+/// assert!(reserve().unwrap_err().is_retry());
+///
+/// // The handler knows better than the backoff (a rate limit's Retry-After):
+/// let err = HandlerError::retry_after("rate limited", Duration::from_secs(30));
+/// assert_eq!(err.delay(), Some(Duration::from_secs(30)));
 /// ```
 pub struct HandlerError {
     /// Whether the handler wants the message tried again or given up.
     retry: bool,
+    /// When to try again, if the handler knows better than the retry policy.
+    delay: Option<Duration>,
     /// The underlying error, for logs and for the error policy.
     source: Box<dyn std::error::Error + Send + Sync + 'static>,
 }
 
 impl HandlerError {
-    /// A transient failure: the message should be tried again.
+    /// A transient failure: the message should be tried again, after the retry policy's
+    /// delay.
     pub fn retry(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
         HandlerError {
             retry: true,
+            delay: None,
             source: error.into(),
         }
     }
 
-    /// A permanent failure: the message should not be tried again (dead-lettered when the
-    /// queue has a dead-letter exchange).
+    /// A transient failure that should be tried again after `delay` (e.g. a rate limit's
+    /// `Retry-After`), instead of the retry policy's delay. It still uses up an attempt;
+    /// delays above 24 h are cut to 24 h.
+    pub fn retry_after(
+        error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+        delay: Duration,
+    ) -> Self {
+        HandlerError {
+            retry: true,
+            delay: Some(delay),
+            source: error.into(),
+        }
+    }
+
+    /// A permanent failure: the message should not be tried again; it is dead-lettered.
     pub fn reject(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
         HandlerError {
             retry: false,
+            delay: None,
             source: error.into(),
         }
+    }
+
+    /// The delay asked for with [`retry_after`](Self::retry_after).
+    #[must_use]
+    pub fn delay(&self) -> Option<Duration> {
+        self.delay
     }
 
     /// True when the handler asked for the message to be tried again.
@@ -209,7 +274,7 @@ impl HandlerError {
 
 impl<E> From<E> for HandlerError
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
 {
     fn from(error: E) -> Self {
         HandlerError::retry(error)
@@ -220,6 +285,7 @@ impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerError")
             .field("retry", &self.retry)
+            .field("delay", &self.delay)
             .field("source", &self.source)
             .finish()
     }

@@ -1,8 +1,19 @@
 //! The handler traits users implement, the blocking bridge, and their type-erased form.
 
-use std::{any::Any, future::Future, panic::AssertUnwindSafe, sync::Arc};
+use std::{
+    any::Any,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
+use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
+use tracing::warn;
 
 use crate::{Context, Decode, Failure, HandlerError};
 
@@ -15,11 +26,11 @@ use crate::{Context, Decode, Failure, HandlerError};
 /// wrapped in [`Blocking`].
 ///
 /// - `Ok(())`: the message is acknowledged;
-/// - `Err(e)` with `?` or [`HandlerError::retry`]: requeued (by default);
-/// - `Err(`[`HandlerError::reject`]`(e))`: dead-lettered, or dropped when the queue has no
-///   dead-letter exchange.
+/// - `Err(e)` with `?` or [`HandlerError::retry`]: tried again later, per the queue's
+///   [`RetryPolicy`](crate::RetryPolicy) (by default), then dead-lettered;
+/// - `Err(`[`HandlerError::reject`]`(e))`: dead-lettered at once.
 ///
-/// A panic is caught and treated as a failure (rejected by default): it never kills the
+/// A panic is caught and treated as a failure (dead-lettered by default): it never kills the
 /// service nor leaves the message unacknowledged.
 ///
 /// ```
@@ -70,6 +81,11 @@ pub trait Handler: Send + Sync + 'static {
 /// blocking I/O, FFI). Register it wrapped in [`Blocking`]: each call runs on tokio's
 /// blocking thread pool (`spawn_blocking`), never on an async worker, at most the queue's
 /// [concurrency](crate::QueueConfig::concurrency) at a time.
+///
+/// A thread cannot be cancelled: past the queue's [timeout](crate::QueueConfig::timeout) its
+/// message counts as failed (and is retried or dead-lettered), while the thread runs on,
+/// keeping its concurrency slot until it returns — so the bound holds — and is logged as
+/// abandoned.
 ///
 /// ```
 /// use conejo::{BlockingHandler, Context, HandlerError, Json};
@@ -139,8 +155,32 @@ impl<H: BlockingHandler> Handler for Blocking<H> {
 
     async fn handle(&self, message: H::Message, ctx: &Context) -> Result<(), HandlerError> {
         let handler = Arc::clone(&self.inner);
+        // The thread holds the delivery's concurrency slot until it returns, even if this
+        // future is dropped (a timeout) before that.
+        let slot = ctx.take_slot();
         let ctx = ctx.clone();
-        match tokio::task::spawn_blocking(move || handler.handle(message, &ctx)).await {
+        let mut abandoned = Abandoned {
+            flag: Arc::new(AtomicBool::new(false)),
+            armed: true,
+        };
+        let flag = Arc::clone(&abandoned.flag);
+        let started = Instant::now();
+        let thread = tokio::task::spawn_blocking(move || {
+            let result = handler.handle(message, &ctx);
+            if flag.load(Ordering::Acquire) {
+                warn!(
+                    queue = ctx.queue(),
+                    delivery_tag = ctx.delivery_tag(),
+                    ran_for = ?started.elapsed(),
+                    "an abandoned blocking handler returned; its concurrency slot is free again"
+                );
+            }
+            drop(slot);
+            result
+        });
+        let joined = thread.await;
+        abandoned.armed = false;
+        match joined {
             Ok(result) => result,
             // Re-raised here so that the erased handler reports it as a panic, like an async
             // handler's.
@@ -154,15 +194,35 @@ impl<H: BlockingHandler> Handler for Blocking<H> {
     }
 }
 
+/// Marks a blocking call's thread as abandoned when the future awaiting it is dropped
+/// before the thread returned.
+struct Abandoned {
+    /// Read by the thread when it returns.
+    flag: Arc<AtomicBool>,
+    /// Cleared once the thread's result was received.
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// A handler with its message type erased: what a queue's consumer calls. Built once at
 /// registration, so the per-message path has no generics.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     /// Decodes the body and runs the handler; every failure, panics included, comes back as
     /// a [`Failure`].
-    fn call<'a>(&'a self, body: Vec<u8>, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>>;
+    fn call<'a>(&'a self, body: &'a Bytes, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>>;
 
     /// The concurrency to use when the queue's configuration does not set one.
     fn default_concurrency(&self) -> usize;
+
+    /// True for a [`Blocking`] handler, whose thread outlives a timeout.
+    fn is_blocking(&self) -> bool;
 }
 
 /// Erases a [`Handler`]'s message type.
@@ -179,9 +239,9 @@ pub(crate) fn erase<H: Handler>(handler: H) -> Arc<dyn ErasedHandler> {
 }
 
 impl<H: Handler> ErasedHandler for Erased<H> {
-    fn call<'a>(&'a self, body: Vec<u8>, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>> {
+    fn call<'a>(&'a self, body: &'a Bytes, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>> {
         let work = async move {
-            let message = H::Message::decode(body, ctx).map_err(Failure::Decode)?;
+            let message = H::Message::decode_shared(body, ctx).map_err(Failure::Decode)?;
             self.handler
                 .handle(message, ctx)
                 .await
@@ -196,6 +256,11 @@ impl<H: Handler> ErasedHandler for Erased<H> {
         self.handler
             .default_concurrency()
             .unwrap_or(DEFAULT_ASYNC_CONCURRENCY)
+    }
+
+    fn is_blocking(&self) -> bool {
+        // Only `Blocking` sets a default concurrency of its own.
+        self.handler.default_concurrency().is_some()
     }
 }
 
@@ -241,15 +306,16 @@ mod tests {
     async fn failures_are_values() {
         let handler = erase(Doubler);
         let ctx = Context::detached("q");
-        assert!(handler.call(b"2".to_vec(), &ctx).await.is_ok());
+        let body = |b: &'static [u8]| Bytes::from_static(b);
+        assert!(handler.call(&body(b"2"), &ctx).await.is_ok());
         assert!(matches!(
-            handler.call(b"x".to_vec(), &ctx).await,
+            handler.call(&body(b"x"), &ctx).await,
             Err(Failure::Decode(_))
         ));
         assert!(
-            matches!(handler.call(b"1".to_vec(), &ctx).await, Err(Failure::Handler(e)) if e.is_reject())
+            matches!(handler.call(&body(b"1"), &ctx).await, Err(Failure::Handler(e)) if e.is_reject())
         );
-        match handler.call(b"0".to_vec(), &ctx).await {
+        match handler.call(&body(b"0"), &ctx).await {
             Err(Failure::Panic(message)) => assert_eq!(message, "zero"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
@@ -260,11 +326,14 @@ mod tests {
     async fn blocking_panics_are_caught() {
         let handler = erase(Blocking::new(Burner));
         let ctx = Context::detached("q");
-        assert!(handler.call(b"ok".to_vec(), &ctx).await.is_ok());
-        match handler.call(b"panic".to_vec(), &ctx).await {
+        assert!(handler.call(&Bytes::from_static(b"ok"), &ctx).await.is_ok());
+        match handler.call(&Bytes::from_static(b"panic"), &ctx).await {
             Err(Failure::Panic(message)) => assert_eq!(message, "blocking panic"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
-        assert_ne!(handler.default_concurrency(), DEFAULT_ASYNC_CONCURRENCY);
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        assert_eq!(handler.default_concurrency(), cores);
+        assert!(handler.is_blocking());
+        assert!(!erase(Doubler).is_blocking());
     }
 }

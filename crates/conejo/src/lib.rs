@@ -85,32 +85,44 @@ mod config;
 mod connection;
 mod consumer;
 mod context;
+mod dispatch;
 mod error;
 mod handler;
+mod headers;
 mod message;
 mod outcome;
+mod publish;
+mod retry;
 mod runtime;
 mod settle;
 mod signal;
 mod stats;
+mod topology;
 mod tracker;
 mod url;
 
 #[cfg(feature = "test-util")]
 pub mod testing;
 
-pub use app::{Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle};
-pub use config::QueueConfig;
+pub use app::{
+    Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
+    ShutdownHandle,
+};
+pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
 pub use error::{Error, HandlerError};
 pub use handler::{Blocking, BlockingHandler, Handler};
 pub use message::{Decode, DecodeError, Json};
 pub use outcome::{Failure, Outcome};
+pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use stats::{QueueStats, Stats};
+pub use topology::Exchange;
 pub use url::AmqpUrl;
 
-/// AMQP types that appear in conejo's API (headers, property values), re-exported from lapin.
+/// AMQP types that appear in conejo's API (headers, property values), re-exported from lapin
+/// and `bytes`.
 pub mod types {
+    pub use bytes::Bytes;
     pub use lapin::BasicProperties;
     pub use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 }

@@ -1,29 +1,28 @@
 //! What happens to a message once its handler is done, and the policy that decides it on
 //! failure.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use crate::{Context, HandlerError, message::DecodeError};
 
 /// What conejo does with a message after handling it.
 ///
-/// | outcome | sent to the broker | effect |
+/// | outcome | what conejo does | effect |
 /// |---|---|---|
 /// | `Ack` | `basic.ack` (coalesced) | the message is done |
-/// | `Retry` | `basic.nack(requeue = true)` | the message goes back to its queue and is delivered again (with `redelivered = true`) |
-/// | `Reject` | `basic.reject(requeue = false)` | the message is dead-lettered if the queue has a dead-letter exchange, else dropped (and logged) |
+/// | `Retry` | republishes a copy to a wait queue (confirmed), then acks | the copy comes back after the [retry policy](crate::RetryPolicy)'s delay, as the next attempt; once the attempts are used up, it is dead-lettered instead |
+/// | `Reject` | republishes a copy to the dead-letter exchange with reason headers (confirmed), then acks | the message waits in the dead-letter queue for an operator |
 ///
-/// `Retry` requeues at once: a message that keeps failing comes back immediately. Give such
-/// queues a dead-letter exchange and an [error policy](crate::QueueConfig::on_failure) that
-/// rejects after a redelivery, or a quorum queue with `x-delivery-limit`.
+/// Nothing waits in the process: no handler slot and no prefetch slot is held while a retry
+/// waits, and a crash between the copy and the ack yields a duplicate at worst, never a loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Outcome {
     /// Processed: acknowledge it.
     Ack,
-    /// Not processed, try again: requeue it.
+    /// Not processed, try again later (until the attempts are used up).
     Retry,
-    /// Not processable: dead-letter it (or drop it when the queue has no dead-letter exchange).
+    /// Not processable: dead-letter it.
     Reject,
 }
 
@@ -37,6 +36,9 @@ pub enum Failure {
     Decode(DecodeError),
     /// The handler panicked; the text is the panic's message.
     Panic(String),
+    /// The handler did not finish within the queue's [timeout](crate::QueueConfig::timeout)
+    /// (an async handler was cancelled; a blocking one was abandoned to finish on its own).
+    Timeout(Duration),
 }
 
 impl Failure {
@@ -44,23 +46,36 @@ impl Failure {
     ///
     /// - a handler error follows its own choice ([`HandlerError::retry`] → [`Outcome::Retry`],
     ///   [`HandlerError::reject`] → [`Outcome::Reject`]);
-    /// - a payload that does not decode is rejected: it would fail again on every delivery;
-    /// - a panic is rejected: a panic is a bug, and requeueing it would loop hot.
+    /// - a timeout is retried: the dependency that hung may answer next time;
+    /// - a payload that does not decode is rejected at once: it would fail on every attempt;
+    /// - a panic is rejected: a panic is a bug, and retrying it rarely helps.
     #[must_use]
     pub fn default_outcome(&self) -> Outcome {
         match self {
             Failure::Handler(error) if error.is_retry() => Outcome::Retry,
+            Failure::Timeout(_) => Outcome::Retry,
             Failure::Handler(_) | Failure::Decode(_) | Failure::Panic(_) => Outcome::Reject,
         }
     }
 
-    /// A short name for logs and metrics: `handler`, `decode` or `panic`.
+    /// A short name for logs, metrics and the `conejo-failure` header: `handler`, `decode`,
+    /// `panic` or `timeout`.
     #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::Handler(_) => "handler",
             Failure::Decode(_) => "decode",
             Failure::Panic(_) => "panic",
+            Failure::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The delay the handler asked for ([`HandlerError::retry_after`]), if any.
+    #[must_use]
+    pub fn retry_delay(&self) -> Option<Duration> {
+        match self {
+            Failure::Handler(error) => error.delay(),
+            _ => None,
         }
     }
 }
@@ -71,6 +86,7 @@ impl fmt::Display for Failure {
             Failure::Handler(error) => write!(f, "handler error: {error}"),
             Failure::Decode(error) => write!(f, "{error}"),
             Failure::Panic(message) => write!(f, "handler panicked: {message}"),
+            Failure::Timeout(limit) => write!(f, "handler timed out after {limit:?}"),
         }
     }
 }
@@ -96,6 +112,10 @@ mod tests {
         assert_eq!(
             Failure::Panic("boom".into()).default_outcome(),
             Outcome::Reject
+        );
+        assert_eq!(
+            Failure::Timeout(Duration::from_secs(1)).default_outcome(),
+            Outcome::Retry
         );
     }
 }

@@ -1,6 +1,6 @@
 //! The settle task: receives how each delivery ended and tells the broker, coalescing acks.
 //! It runs on the connection runtime and owns its channel's [`AckTracker`], so every
-//! ack, requeue and reject of that channel goes out from one place, in order, and only ever
+//! ack and requeue of that channel goes out from one place, in order, and only ever
 //! on the channel that delivered the message.
 
 use std::{
@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::{
     sync::{Notify, mpsc, oneshot},
     time::Instant,
@@ -29,7 +29,7 @@ use crate::{
 struct Inbox {
     /// (delivery tag, settlement), in the order handlers finished.
     items: Vec<(u64, Settlement)>,
-    /// A requeue or reject is waiting: it must go out now.
+    /// A requeue is waiting: it must go out now.
     urgent: bool,
 }
 
@@ -222,7 +222,7 @@ impl SettleTask {
         inbox.urgent || inbox.items.len() >= self.shared.batch
     }
 
-    /// Feeds every waiting item to the tracker; sends requeues and rejects at once.
+    /// Feeds every waiting item to the tracker; sends requeues at once.
     async fn take_inbox(&mut self) {
         let items = {
             let mut inbox = self.shared.inbox.lock().unwrap_or_else(|e| e.into_inner());
@@ -272,19 +272,12 @@ impl SettleTask {
                         )
                         .await
                 }
-                Action::Reject { tag } => {
-                    self.channel
-                        .basic_reject(tag, BasicRejectOptions { requeue: false })
-                        .await
-                }
             };
             match result {
                 Ok(()) => {
                     let counter = match action {
                         Action::Ack { .. } => &self.counters.acked,
-                        Action::Requeue { release: true, .. } => &self.counters.requeued,
-                        Action::Requeue { release: false, .. } => &self.counters.retried,
-                        Action::Reject { .. } => &self.counters.rejected,
+                        Action::Requeue { .. } => &self.counters.requeued,
                     };
                     QueueCounters::add(counter, count(&action));
                 }
@@ -307,7 +300,6 @@ impl SettleTask {
 fn count(action: &Action) -> u64 {
     match *action {
         Action::Ack { count, .. } | Action::Requeue { count, .. } => count,
-        Action::Reject { .. } => 1,
     }
 }
 

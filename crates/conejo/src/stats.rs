@@ -14,11 +14,16 @@ pub(crate) struct QueueCounters {
     pub(crate) delivered: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) retried: AtomicU64,
-    pub(crate) rejected: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
     pub(crate) requeued: AtomicU64,
     pub(crate) handler_errors: AtomicU64,
     pub(crate) decode_failures: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
+    pub(crate) poison: AtomicU64,
+    pub(crate) unsettled: AtomicU64,
+    pub(crate) publish_failures: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) late_settlements: AtomicU64,
 }
@@ -33,11 +38,16 @@ impl QueueCounters {
             delivered: self.delivered.load(Relaxed),
             acked: self.acked.load(Relaxed),
             retried: self.retried.load(Relaxed),
-            rejected: self.rejected.load(Relaxed),
+            dead_lettered: self.dead_lettered.load(Relaxed),
             requeued: self.requeued.load(Relaxed),
             handler_errors: self.handler_errors.load(Relaxed),
             decode_failures: self.decode_failures.load(Relaxed),
             panics: self.panics.load(Relaxed),
+            timeouts: self.timeouts.load(Relaxed),
+            abandoned: self.abandoned.load(Relaxed),
+            poison: self.poison.load(Relaxed),
+            unsettled: self.unsettled.load(Relaxed),
+            publish_failures: self.publish_failures.load(Relaxed),
             ack_failures: self.ack_failures.load(Relaxed),
             late_settlements: self.late_settlements.load(Relaxed),
         }
@@ -46,20 +56,19 @@ impl QueueCounters {
 
 /// A snapshot of one queue's counters.
 ///
-/// `acked`, `retried`, `rejected` and `requeued` count what was actually sent to the broker.
+/// `acked`, `retried`, `dead_lettered` and `requeued` count what the broker accepted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueStats {
     /// Deliveries received from the broker.
     pub delivered: u64,
-    /// Deliveries acknowledged.
+    /// Deliveries acknowledged: handled, or whose retry copy or dead letter was confirmed.
     pub acked: u64,
-    /// Deliveries requeued because their handling failed with [`Outcome::Retry`](crate::Outcome::Retry).
+    /// Retry copies published to a wait queue (and confirmed): failures that will be tried again.
     pub retried: u64,
-    /// Deliveries rejected (dead-lettered or dropped).
-    pub rejected: u64,
-    /// Deliveries given back at shutdown: prefetched but not started, or still running at
-    /// the deadline.
+    /// Dead letters published (and confirmed): rejected, out of attempts, or poison.
+    pub dead_lettered: u64,
+    /// Deliveries given back to the queue (`basic.nack`, requeue): prefetched but not started at shutdown, still running at the shutdown deadline, ended without a result, or whose copy could not be published.
     pub requeued: u64,
     /// Handler errors.
     pub handler_errors: u64,
@@ -67,11 +76,19 @@ pub struct QueueStats {
     pub decode_failures: u64,
     /// Handler panics.
     pub panics: u64,
-    /// Acknowledgements (or requeues, rejects) that could not be sent: their channel was
-    /// gone; the broker redelivers those messages.
+    /// Handlers that passed the queue's timeout.
+    pub timeouts: u64,
+    /// Blocking handlers abandoned at their timeout (their thread ran on).
+    pub abandoned: u64,
+    /// Messages found delivered too often without a result (dead-lettered as poison).
+    pub poison: u64,
+    /// Deliveries whose task ended without a result (a panic outside the handler, a dropped task): given back.
+    pub unsettled: u64,
+    /// Retry copies or dead letters the broker did not confirm (the delivery was given back instead).
+    pub publish_failures: u64,
+    /// Acknowledgements (or requeues) that could not be sent: their channel was gone; the broker redelivers those messages.
     pub ack_failures: u64,
-    /// Handlers that finished after their message had been given back (shutdown deadline):
-    /// their result was dropped, never sent.
+    /// Handlers that finished after their message had been given back (shutdown deadline): their result was dropped, never sent.
     pub late_settlements: u64,
 }
 

@@ -19,17 +19,35 @@
 //! assert_eq!(testing::outcome(Orders, &config, b"3", &ctx).await, Outcome::Ack);
 //! assert_eq!(testing::outcome(Orders, &config, b"0", &ctx).await, Outcome::Reject);
 //! assert_eq!(testing::outcome(Orders, &config, b"{oops", &ctx).await, Outcome::Reject);
+//!
+//! struct Flaky;
+//! impl Handler for Flaky {
+//!     type Message = Vec<u8>;
+//!     async fn handle(&self, _: Vec<u8>, _: &Context) -> Result<(), HandlerError> {
+//!         Err(HandlerError::retry("database unavailable"))
+//!     }
+//! }
+//! assert_eq!(testing::outcome(Flaky, &config, b"", &ctx).await, Outcome::Retry);
+//! // on the last attempt (5 by default) a retry becomes a dead letter
+//! let last = Context::detached("orders").with_attempt(5);
+//! assert_eq!(testing::outcome(Flaky, &config, b"", &last).await, Outcome::Reject);
 //! # }
 //! ```
+
+use bytes::Bytes;
 
 use crate::{Context, Failure, Handler, Outcome, QueueConfig, handler::erase};
 
 /// Decodes `body` and runs `handler` as conejo would; failures (panics included) are values.
 pub async fn run<H: Handler>(handler: H, body: &[u8], ctx: &Context) -> Result<(), Failure> {
-    erase(handler).call(body.to_vec(), ctx).await
+    erase(handler)
+        .call(&Bytes::copy_from_slice(body), ctx)
+        .await
 }
 
-/// The outcome conejo would apply: `Ack` on success, else the queue's failure policy.
+/// The outcome conejo would apply: `Ack` on success, else the queue's failure policy — and
+/// `Reject` for a `Retry` on the last attempt ([`Context::with_attempt`] sets the attempt),
+/// since such a message is dead-lettered.
 pub async fn outcome<H: Handler>(
     handler: H,
     config: &QueueConfig,
@@ -38,6 +56,9 @@ pub async fn outcome<H: Handler>(
 ) -> Outcome {
     match run(handler, body, ctx).await {
         Ok(()) => Outcome::Ack,
-        Err(failure) => config.policy()(&failure, ctx),
+        Err(failure) => match config.policy()(&failure, ctx) {
+            Outcome::Retry if ctx.attempt() >= config.retry.attempts() => Outcome::Reject,
+            outcome => outcome,
+        },
     }
 }

@@ -5,9 +5,9 @@
 //! order. Acknowledgements are coalesced: when tags `low..=t` are all finished, one
 //! `basic.ack(t, multiple = true)` settles them. A tag finished behind a still-running one
 //! waits (it cannot be covered by `multiple` without also acking the running one) until the
-//! gap closes or the linger time forces individual acks. Requeues and rejects go out at once,
-//! one tag each; a later `multiple` ack does not touch them, since the broker no longer
-//! holds them. Nothing is ever settled twice.
+//! gap closes or the linger time forces individual acks. Requeues go out at once, one tag
+//! each; a later `multiple` ack does not touch them, since the broker no longer holds them.
+//! Nothing is ever settled twice.
 
 use std::collections::VecDeque;
 
@@ -20,16 +20,12 @@ pub(crate) enum Action {
         multiple: bool,
         count: u64,
     },
-    /// `basic.nack(requeue = true)`; `count` is how many deliveries it settles; `release`
-    /// tells a shutdown give-back from a handler's retry.
+    /// `basic.nack(requeue = true)`; `count` is how many deliveries it settles.
     Requeue {
         tag: u64,
         multiple: bool,
         count: u64,
-        release: bool,
     },
-    /// `basic.reject(requeue = false)`: dead-letter or drop.
-    Reject { tag: u64 },
 }
 
 /// How a delivery ended, as far as the broker is concerned.
@@ -37,12 +33,9 @@ pub(crate) enum Action {
 pub(crate) enum Settlement {
     /// Acknowledge (coalesced).
     Ack,
-    /// Requeue it at once: the handler asked to retry.
-    Retry,
-    /// Requeue it at once: shutdown gives back a message it did not handle.
-    Release,
-    /// Dead-letter or drop it at once.
-    Reject,
+    /// Give it back at once (`basic.nack(requeue = true)`): shutdown gives back a message it
+    /// did not handle, a delivery ended without a result, or its copy could not be published.
+    Requeue,
 }
 
 /// Why a settlement was refused.
@@ -93,8 +86,8 @@ impl AckTracker {
         self.pending
     }
 
-    /// Records a finished delivery. Acks are held for [`flush`](Self::flush); a requeue or
-    /// reject is returned to be sent now.
+    /// Records a finished delivery. Acks are held for [`flush`](Self::flush); a requeue is
+    /// returned to be sent now.
     pub(crate) fn settle(&mut self, tag: u64, how: Settlement) -> Result<Option<Action>, Refused> {
         if self.closed {
             return Err(Refused::Closed);
@@ -115,18 +108,13 @@ impl AckTracker {
                 self.pending += 1;
                 None
             }
-            Settlement::Retry | Settlement::Release => {
+            Settlement::Requeue => {
                 self.window[index] = Slot::Done;
                 Some(Action::Requeue {
                     tag,
                     multiple: false,
                     count: 1,
-                    release: how == Settlement::Release,
                 })
-            }
-            Settlement::Reject => {
-                self.window[index] = Slot::Done;
-                Some(Action::Reject { tag })
             }
         };
         self.trim_done();
@@ -205,7 +193,6 @@ impl AckTracker {
                 tag,
                 multiple: count > 1,
                 count,
-                release: true,
             });
         }
         self.window.clear();
@@ -273,20 +260,17 @@ mod tests {
     }
 
     #[test]
-    fn requeue_and_reject_go_at_once_and_are_skipped_by_multiple() {
+    fn requeues_go_at_once_and_are_skipped_by_multiple() {
+        let requeue = |tag| Action::Requeue {
+            tag,
+            multiple: false,
+            count: 1,
+        };
         let mut t = AckTracker::new();
         t.settle(1, Ack).unwrap();
-        assert_eq!(
-            t.settle(2, Retry),
-            Ok(Some(Action::Requeue {
-                tag: 2,
-                multiple: false,
-                count: 1,
-                release: false
-            }))
-        );
+        assert_eq!(t.settle(2, Requeue), Ok(Some(requeue(2))));
         t.settle(3, Ack).unwrap();
-        assert_eq!(t.settle(4, Reject), Ok(Some(Action::Reject { tag: 4 })));
+        assert_eq!(t.settle(4, Requeue), Ok(Some(requeue(4))));
         // 1..=4 all settled: one multiple ack up to the last *acked* tag (3), a tag the
         // broker still holds
         assert_eq!(t.flush(false), vec![ack(3, true, 2)]);
@@ -298,10 +282,10 @@ mod tests {
         let mut t = AckTracker::new();
         t.settle(1, Ack).unwrap();
         assert_eq!(t.settle(1, Ack), Err(Refused::Duplicate));
-        assert_eq!(t.settle(1, Reject), Err(Refused::Duplicate));
+        assert_eq!(t.settle(1, Requeue), Err(Refused::Duplicate));
         t.flush(false);
         assert_eq!(t.settle(1, Ack), Err(Refused::Duplicate));
-        t.settle(3, Reject).unwrap();
+        t.settle(3, Requeue).unwrap();
         assert_eq!(t.settle(3, Ack), Err(Refused::Duplicate));
     }
 
@@ -321,7 +305,6 @@ mod tests {
                     tag: 6,
                     multiple: true,
                     count: 4,
-                    release: true
                 }
             ]
         );
@@ -333,7 +316,7 @@ mod tests {
     fn abandon_with_everything_settled_sends_no_requeue() {
         let mut t = AckTracker::new();
         t.settle(1, Ack).unwrap();
-        t.settle(2, Reject).unwrap();
+        t.settle(2, Requeue).unwrap();
         assert_eq!(t.abandon(2), vec![ack(1, false, 1)]);
     }
 
@@ -341,7 +324,7 @@ mod tests {
     fn abandon_targets_an_open_tag() {
         let mut t = AckTracker::new();
         t.settle(2, Ack).unwrap();
-        t.settle(3, Release).unwrap();
+        t.settle(3, Requeue).unwrap();
         // 1 is open, 2 acked-pending (held back), 3 requeued: requeue only 1
         let actions = t.abandon(3);
         assert_eq!(
@@ -352,7 +335,6 @@ mod tests {
                     tag: 1,
                     multiple: false,
                     count: 1,
-                    release: true
                 }
             ]
         );
@@ -381,7 +363,6 @@ mod tests {
                     let (tag, multiple) = match *action {
                         Action::Ack { tag, multiple, .. }
                         | Action::Requeue { tag, multiple, .. } => (tag, multiple),
-                        Action::Reject { tag } => (tag, false),
                     };
                     // the broker's rule: the tag must be outstanding
                     assert!(outstanding.contains(&tag), "tag {tag} not outstanding");
@@ -398,11 +379,7 @@ mod tests {
             };
             let mut outstanding: Vec<u64> = (1..=n).collect();
             for (i, &tag) in tags.iter().enumerate() {
-                let how = match next() % 10 {
-                    0 => Retry,
-                    1 => Reject,
-                    _ => Ack,
-                };
+                let how = if next() % 5 == 0 { Requeue } else { Ack };
                 if let Some(action) = t.settle(tag, how).unwrap() {
                     apply(&[action], &mut outstanding);
                 }

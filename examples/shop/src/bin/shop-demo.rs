@@ -41,13 +41,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(published, "published samples; handling them");
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let settled = |stats: &conejo::Stats| {
-        stats
-            .all()
-            .values()
-            .map(|q| q.acked + q.rejected + q.retried)
-            .sum::<u64>()
-    };
+    let settled = |stats: &conejo::Stats| stats.all().values().map(|q| q.acked).sum::<u64>();
     while settled(&stats) < published && Instant::now() < deadline && !shutdown.is_shutdown() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -55,8 +49,9 @@ async fn main() -> anyhow::Result<()> {
     running.await??;
     for (queue, q) in stats.all() {
         println!(
-            "{queue:<16} delivered {:>3}  acked {:>3}  rejected {:>3} (decode failures {}, handler errors {})",
-            q.delivered, q.acked, q.rejected, q.decode_failures, q.handler_errors
+            "{queue:<16} delivered {:>3}  acked {:>3}  dead-lettered {:>3} to {queue}.dlq \
+             (decode failures {}, handler errors {})",
+            q.delivered, q.acked, q.dead_lettered, q.decode_failures, q.handler_errors
         );
     }
     anyhow::ensure!(

@@ -1,0 +1,367 @@
+//! One delivery's way through conejo, on the handler runtime: poison check → decode →
+//! handler (with its timeout) → outcome → settlement. Failures become a retry copy in a wait
+//! queue or a dead letter, each confirmed by the broker before the delivery is acked.
+
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::SystemTime};
+
+use bytes::Bytes;
+use tracing::{error, warn};
+
+use crate::{
+    Context, Failure, Outcome, RetryPolicy,
+    handler::ErasedHandler,
+    headers,
+    outcome::FailurePolicy,
+    publish::{PublishError, Publisher},
+    retry::{MAX_RETRY_DELAY, wait_ttl_ms},
+    settle::SettleHandle,
+    stats::QueueCounters,
+    topology::{self, DeadLetterRoute, Durability},
+    tracker::Settlement,
+};
+
+/// How long a delivery whose copy could not be published waits before it is given back, so
+/// that a broker refusing copies does not turn into a hot redelivery loop.
+const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(5);
+
+/// Everything one queue's deliveries need, shared by their tasks.
+pub(crate) struct Dispatch {
+    /// The consumed queue.
+    pub(crate) queue: Arc<str>,
+    /// The type-erased handler.
+    pub(crate) handler: Arc<dyn ErasedHandler>,
+    /// Maps failures to outcomes.
+    pub(crate) policy: FailurePolicy,
+    /// Attempts and delays of retries.
+    pub(crate) retry: RetryPolicy,
+    /// The handler's time limit.
+    pub(crate) timeout: Option<Duration>,
+    /// Deliveries without a result before a message is poison.
+    pub(crate) poison_limit: Option<u32>,
+    /// Where dead letters go.
+    pub(crate) dead_letter: DeadLetterRoute,
+    /// Flags of the wait queues conejo declares for this queue.
+    pub(crate) durability: Durability,
+    /// Where settlements go; the settle task runs on the connection runtime and owns the
+    /// channel that delivered these messages.
+    pub(crate) settle: SettleHandle,
+    /// Publishes retry copies and dead letters, with confirms.
+    pub(crate) publisher: Arc<Publisher>,
+    /// This queue's counters.
+    pub(crate) counters: Arc<QueueCounters>,
+}
+
+/// Why a message is dead-lettered (`conejo-reason`).
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    /// The failure policy said [`Outcome::Reject`].
+    Rejected,
+    /// Retries used up.
+    AttemptsExhausted,
+    /// Delivered too often without ever reaching a result.
+    Poison,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Rejected => "rejected",
+            Reason::AttemptsExhausted => "attempts-exhausted",
+            Reason::Poison => "poison",
+        }
+    }
+}
+
+/// A delivery not yet settled. Dropping it without [`settle`](Self::settle) — a panic
+/// anywhere, a cancelled or dropped task — gives the message back to the broker, the way an
+/// `OwnedSemaphorePermit` frees its slot: no delivery can stay unacked for good. It holds its
+/// own channel's settle handle, so its result can only ever reach that channel.
+pub(crate) struct Unsettled {
+    /// The delivery tag, on the channel of `dispatch.settle`.
+    tag: u64,
+    /// The queue's shared state.
+    dispatch: Arc<Dispatch>,
+    /// Cleared once settled.
+    armed: bool,
+}
+
+impl Unsettled {
+    pub(crate) fn new(tag: u64, dispatch: Arc<Dispatch>) -> Self {
+        Unsettled {
+            tag,
+            dispatch,
+            armed: true,
+        }
+    }
+
+    /// Handles the delivery and settles it.
+    pub(crate) async fn process(self, ctx: Context, body: Bytes) {
+        let how = self.dispatch.handle(&ctx, &body).await;
+        self.settle(how);
+    }
+
+    fn settle(mut self, how: Settlement) {
+        self.armed = false;
+        self.dispatch.settle.settle(self.tag, how);
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if self.armed {
+            QueueCounters::add(&self.dispatch.counters.unsettled, 1);
+            warn!(
+                queue = %self.dispatch.queue,
+                delivery_tag = self.tag,
+                "a delivery ended without a result (a panic outside the handler, or its task \
+                 was dropped); giving the message back"
+            );
+            self.dispatch.settle.settle(self.tag, Settlement::Requeue);
+        }
+    }
+}
+
+impl Dispatch {
+    /// Runs the pipeline and says how to settle the delivery.
+    async fn handle(&self, ctx: &Context, body: &Bytes) -> Settlement {
+        if let Some(limit) = self.poison_limit
+            && let Some(settled) = self.check_poison(ctx, body, limit).await
+        {
+            return settled;
+        }
+        let call = self.handler.call(body, ctx);
+        let result = match self.timeout {
+            None => call.await,
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or(Err(Failure::Timeout(limit))),
+        };
+        match result {
+            Ok(()) => Settlement::Ack,
+            Err(failure) => self.fail(failure, ctx, body).await,
+        }
+    }
+
+    /// Crash-loop detection. Quorum queues count redeliveries themselves
+    /// (`x-delivery-count`); for a redelivered message of a classic queue conejo keeps the
+    /// count in `conejo-redeliveries` on a republished copy. `Some` when the delivery was
+    /// dealt with here.
+    async fn check_poison(&self, ctx: &Context, body: &Bytes, limit: u32) -> Option<Settlement> {
+        let found = ctx.headers();
+        let (count, counted_by_broker) = match headers::int(found, headers::DELIVERY_COUNT) {
+            Some(count) => (count, true),
+            None if ctx.redelivered() => (
+                headers::int(found, headers::REDELIVERIES).unwrap_or(0) + 1,
+                false,
+            ),
+            None => return None,
+        };
+        if count >= i64::from(limit) {
+            QueueCounters::add(&self.counters.poison, 1);
+            return Some(self.dead_letter(Reason::Poison, None, ctx, body).await);
+        }
+        if counted_by_broker {
+            return None;
+        }
+        let properties = headers::copy_properties(ctx.properties(), |h| {
+            headers::set_int(
+                h,
+                headers::REDELIVERIES,
+                u32::try_from(count).unwrap_or(u32::MAX),
+            );
+        });
+        match self
+            .publisher
+            .publish("", &self.queue, body.clone(), properties)
+            .await
+        {
+            Ok(()) => Some(Settlement::Ack),
+            // Not counted this time; handle it rather than give it back again.
+            Err(error) => {
+                QueueCounters::add(&self.counters.publish_failures, 1);
+                warn!(queue = %self.queue, %error, "cannot count a redelivery; handling the message");
+                None
+            }
+        }
+    }
+
+    /// Applies the failure policy (a panicking policy rejects), then retries or dead-letters.
+    async fn fail(&self, failure: Failure, ctx: &Context, body: &Bytes) -> Settlement {
+        let counters = &self.counters;
+        let counter = match failure {
+            Failure::Handler(_) => &counters.handler_errors,
+            Failure::Decode(_) => &counters.decode_failures,
+            Failure::Panic(_) => &counters.panics,
+            Failure::Timeout(_) => &counters.timeouts,
+        };
+        QueueCounters::add(counter, 1);
+        if matches!(failure, Failure::Timeout(_)) && self.handler.is_blocking() {
+            QueueCounters::add(&counters.abandoned, 1);
+            warn!(
+                queue = %self.queue,
+                delivery_tag = ctx.delivery_tag(),
+                "a blocking handler passed its timeout; its thread is abandoned and keeps \
+                 its concurrency slot until it returns"
+            );
+        }
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.policy)(&failure, ctx)))
+            .unwrap_or_else(|_| {
+                error!(queue = %self.queue, "failure policy panicked; dead-lettering the message");
+                Outcome::Reject
+            });
+        match outcome {
+            Outcome::Ack => {
+                warn!(
+                    queue = %self.queue,
+                    delivery_tag = ctx.delivery_tag(),
+                    message_id = ctx.message_id(),
+                    failure = failure.kind(),
+                    "{}; acked (dropped) as the failure policy says",
+                    describe(&failure)
+                );
+                Settlement::Ack
+            }
+            Outcome::Retry if ctx.attempt() < self.retry.attempts() => {
+                self.retry_later(&failure, ctx, body).await
+            }
+            Outcome::Retry => {
+                self.dead_letter(Reason::AttemptsExhausted, Some(&failure), ctx, body)
+                    .await
+            }
+            _ => {
+                self.dead_letter(Reason::Rejected, Some(&failure), ctx, body)
+                    .await
+            }
+        }
+    }
+
+    /// Republishes a copy for the next attempt to the wait queue of its delay.
+    async fn retry_later(&self, failure: &Failure, ctx: &Context, body: &Bytes) -> Settlement {
+        let attempt = ctx.attempt();
+        let delay = failure
+            .retry_delay()
+            .map(|asked| asked.min(MAX_RETRY_DELAY))
+            .unwrap_or_else(|| self.retry.delay(attempt));
+        let ttl = wait_ttl_ms(delay);
+        let now = headers::timestamp(SystemTime::now());
+        let properties = headers::copy_properties(ctx.properties(), |h| {
+            self.mark_origin(h, ctx, &now);
+            headers::set_int(h, headers::ATTEMPT, attempt + 1);
+        });
+        let wait_queue = topology::wait_queue_name(&self.queue, ttl);
+        let published = match self
+            .publisher
+            .ensure_wait_queue(&self.queue, ttl, self.durability)
+            .await
+        {
+            Ok(()) => {
+                self.publisher
+                    .publish("", &wait_queue, body.clone(), properties)
+                    .await
+            }
+            Err(error) => Err(PublishError::Broker(error)),
+        };
+        match published {
+            Ok(()) => {
+                QueueCounters::add(&self.counters.retried, 1);
+                warn!(
+                    queue = %self.queue,
+                    delivery_tag = ctx.delivery_tag(),
+                    message_id = ctx.message_id(),
+                    failure = failure.kind(),
+                    attempt,
+                    "{}; attempt {} of {} in {ttl} ms",
+                    describe(failure),
+                    attempt + 1,
+                    self.retry.attempts()
+                );
+                Settlement::Ack
+            }
+            Err(error) => self.publish_failed(ctx, &wait_queue, error).await,
+        }
+    }
+
+    /// Republishes the message with reason headers to the dead-letter exchange.
+    async fn dead_letter(
+        &self,
+        reason: Reason,
+        failure: Option<&Failure>,
+        ctx: &Context,
+        body: &Bytes,
+    ) -> Settlement {
+        let now = headers::timestamp(SystemTime::now());
+        let error_text = failure.map(describe);
+        let properties = headers::copy_properties(ctx.properties(), |h| {
+            self.mark_origin(h, ctx, &now);
+            headers::set_text(h, headers::LAST_FAILURE_AT, &now);
+            headers::set_text(h, headers::REASON, reason.as_str());
+            headers::set_int(h, headers::ATTEMPT, ctx.attempt());
+            if let (Some(failure), Some(text)) = (failure, &error_text) {
+                headers::set_text(h, headers::FAILURE, failure.kind());
+                headers::set_text(
+                    h,
+                    headers::ERROR,
+                    headers::truncate(text, headers::MAX_ERROR_LEN),
+                );
+            }
+        });
+        let route = &self.dead_letter;
+        let routing_key = route.routing_key.as_deref().unwrap_or(ctx.routing_key());
+        match self
+            .publisher
+            .publish(&route.exchange, routing_key, body.clone(), properties)
+            .await
+        {
+            Ok(()) => {
+                QueueCounters::add(&self.counters.dead_lettered, 1);
+                warn!(
+                    queue = %self.queue,
+                    delivery_tag = ctx.delivery_tag(),
+                    message_id = ctx.message_id(),
+                    reason = reason.as_str(),
+                    failure = failure.map(Failure::kind),
+                    attempt = ctx.attempt(),
+                    "{}; dead-lettered to exchange '{}'",
+                    error_text.as_deref().unwrap_or("delivered too often without a result"),
+                    route.exchange
+                );
+                Settlement::Ack
+            }
+            Err(error) => self.publish_failed(ctx, &route.exchange, error).await,
+        }
+    }
+
+    /// The copy was not confirmed: the delivery is given back after a pause (shortened by
+    /// shutdown), so nothing is lost and nothing loops hot.
+    async fn publish_failed(&self, ctx: &Context, target: &str, error: PublishError) -> Settlement {
+        QueueCounters::add(&self.counters.publish_failures, 1);
+        error!(
+            queue = %self.queue,
+            delivery_tag = ctx.delivery_tag(),
+            message_id = ctx.message_id(),
+            %error,
+            "cannot republish the message to '{target}'; giving it back in {PUBLISH_FAILURE_PAUSE:?}"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
+            () = ctx.shutdown_requested() => {}
+        }
+        Settlement::Requeue
+    }
+
+    /// Where the message came from and when it first failed, set once.
+    fn mark_origin(&self, h: &mut lapin::types::FieldTable, ctx: &Context, now: &str) {
+        headers::set_text(h, headers::ORIGINAL_EXCHANGE, ctx.exchange());
+        headers::set_text(h, headers::ORIGINAL_ROUTING_KEY, ctx.routing_key());
+        headers::set_text(h, headers::ORIGINAL_QUEUE, &self.queue);
+        if !h.contains_key(headers::FIRST_FAILURE_AT) {
+            headers::set_text(h, headers::FIRST_FAILURE_AT, now);
+        }
+    }
+}
+
+/// The failure's text; a `Display` that panics does not take the delivery down with it.
+fn describe(failure: &Failure) -> String {
+    std::panic::catch_unwind(AssertUnwindSafe(|| failure.to_string()))
+        .unwrap_or_else(|_| format!("{} failure (its error's Display panicked)", failure.kind()))
+}

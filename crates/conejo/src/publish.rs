@@ -1,0 +1,165 @@
+//! Republishing with publisher confirms: how retries reach their wait queue and dead letters
+//! their exchange. A failed delivery is acked only once its copy is confirmed, so a crash in
+//! between yields a duplicate at worst, never a loss.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use lapin::{
+    BasicProperties, Confirmation,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::ShortString,
+};
+use tokio::sync::Mutex;
+
+use crate::{
+    runtime::ConnectionRuntime,
+    topology::{self, Durability},
+};
+
+/// How long a publish may wait for its confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a copy was not confirmed; the original delivery is then not acked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublishError {
+    /// Published with `mandatory`, but no queue was bound to take it.
+    #[error("unroutable: returned by the broker ({code} {text})")]
+    Returned {
+        /// The broker's reply code (312 NO_ROUTE).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// The broker refused it (basic.nack).
+    #[error("refused by the broker (publisher confirm nack)")]
+    Nacked,
+    /// The channel or connection failed, or the confirm did not come in time.
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+/// One connection's publishing channel (confirm mode), reopened after a channel error (the
+/// broker closes a channel that publishes to a missing exchange), and the wait queues
+/// declared so far.
+pub(crate) struct Publisher {
+    /// The connection channels are opened on.
+    connection: Arc<lapin::Connection>,
+    /// Where every lapin call runs.
+    runtime: Arc<ConnectionRuntime>,
+    /// The confirm-mode channel; `None` until first used or after it failed.
+    channel: Arc<Mutex<Option<lapin::Channel>>>,
+    /// Wait queues already declared on this connection (their names).
+    declared: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Publisher {
+    pub(crate) fn new(connection: Arc<lapin::Connection>, runtime: Arc<ConnectionRuntime>) -> Self {
+        Publisher {
+            connection,
+            runtime,
+            channel: Arc::default(),
+            declared: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Publishes a copy (`mandatory`) and waits for the broker's confirm.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: Bytes,
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let slot = Arc::clone(&self.channel);
+        let connection = Arc::clone(&self.connection);
+        let exchange = ShortString::from(exchange);
+        let routing_key = ShortString::from(routing_key);
+        let publish = async move {
+            let channel = confirm_channel(&slot, &connection).await?;
+            let options = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            let result = async {
+                channel
+                    .basic_publish(exchange, routing_key, options, &body, properties)
+                    .await?
+                    .await
+            }
+            .await;
+            if result.is_err() && !channel.status().connected() {
+                slot.lock().await.take();
+            }
+            result
+        };
+        let confirmation = self
+            .runtime
+            .run_within(CONFIRM_TIMEOUT, "publish", publish)
+            .await?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+                Err(PublishError::Returned {
+                    code: returned.reply_code,
+                    text: returned.reply_text.to_string(),
+                })
+            }
+            Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Declares `queue`'s wait queue for `ttl_ms` unless this connection already did.
+    pub(crate) async fn ensure_wait_queue(
+        &self,
+        queue: &str,
+        ttl_ms: u32,
+        durability: Durability,
+    ) -> Result<(), lapin::Error> {
+        let name = topology::wait_queue_name(queue, ttl_ms);
+        if self
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&name)
+        {
+            return Ok(());
+        }
+        let connection = Arc::clone(&self.connection);
+        let queue = queue.to_owned();
+        // A channel of its own: a refused declaration closes the channel it was made on.
+        self.runtime
+            .run_within(CONFIRM_TIMEOUT, "declare wait queue", async move {
+                let channel = connection.create_channel().await?;
+                let declared =
+                    topology::declare_wait_queue(&channel, &queue, ttl_ms, durability).await;
+                let _ = channel.close(200, ShortString::from("declared")).await;
+                declared
+            })
+            .await?;
+        self.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name);
+        Ok(())
+    }
+}
+
+/// The live confirm channel, opened (and put in confirm mode) when there is none.
+async fn confirm_channel(
+    slot: &Mutex<Option<lapin::Channel>>,
+    connection: &lapin::Connection,
+) -> Result<lapin::Channel, lapin::Error> {
+    let mut slot = slot.lock().await;
+    if let Some(channel) = slot.as_ref()
+        && channel.status().connected()
+    {
+        return Ok(channel.clone());
+    }
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    *slot = Some(channel.clone());
+    Ok(channel)
+}

@@ -1,0 +1,295 @@
+//! What conejo declares on the broker: the user's exchanges and bindings, each queue's
+//! dead-letter exchange and queue, and the wait queues that hold retries.
+//!
+//! ```text
+//!   publishers ──▶ [exchange] ──binding──▶ ( Q ) ──▶ conejo handler
+//!                                           ▲  │ retry: republish, confirm, then ack
+//!        x-message-ttl expires, dead-letter │  ▼
+//!        back through "" with key Q    ( Q.retry.<ttl>ms )   one per delay step
+//!                                              │ dead-letter: republish, confirm, then ack
+//!                                              ▼
+//!                                   [Q.dlx] fanout ──▶ ( Q.dlq )
+//! ```
+
+use lapin::{
+    ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+
+/// An exchange conejo declares (or, [passive](Exchange::passive), checks) before consuming.
+///
+/// ```
+/// use conejo::{Exchange, QueueConfig};
+///
+/// let orders = Exchange::topic("orders");               // durable topic exchange
+/// let config = QueueConfig::new().bind("orders", "order.created.*");
+/// # let _ = (orders, config);
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Exchange {
+    /// Its name.
+    pub(crate) name: String,
+    /// direct, topic, fanout, headers, or a plugin's type.
+    pub(crate) kind: ExchangeKind,
+    /// Survives a broker restart (default true).
+    pub(crate) durable: bool,
+    /// Deleted by the broker when its last binding goes (default false).
+    pub(crate) auto_delete: bool,
+    /// Only checked, never created: it belongs to someone else.
+    pub(crate) passive: bool,
+    /// `x-` arguments (e.g. `alternate-exchange`).
+    pub(crate) arguments: FieldTable,
+}
+
+impl Exchange {
+    fn new(name: &str, kind: ExchangeKind) -> Self {
+        Exchange {
+            name: name.to_owned(),
+            kind,
+            durable: true,
+            auto_delete: false,
+            passive: false,
+            arguments: FieldTable::default(),
+        }
+    }
+
+    /// A direct exchange: routes to the queues bound with exactly the routing key.
+    pub fn direct(name: &str) -> Self {
+        Self::new(name, ExchangeKind::Direct)
+    }
+
+    /// A topic exchange: routes by pattern (`*` one word, `#` any number of words).
+    pub fn topic(name: &str) -> Self {
+        Self::new(name, ExchangeKind::Topic)
+    }
+
+    /// A fanout exchange: routes to every bound queue.
+    pub fn fanout(name: &str) -> Self {
+        Self::new(name, ExchangeKind::Fanout)
+    }
+
+    /// A headers exchange: routes on header values given as binding arguments.
+    pub fn headers(name: &str) -> Self {
+        Self::new(name, ExchangeKind::Headers)
+    }
+
+    /// Whether the exchange survives a broker restart (default true).
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
+
+    /// Whether the broker deletes the exchange when its last binding goes (default false).
+    pub fn auto_delete(mut self, auto_delete: bool) -> Self {
+        self.auto_delete = auto_delete;
+        self
+    }
+
+    /// Do not declare it, only check that it exists (startup fails otherwise).
+    pub fn passive(mut self) -> Self {
+        self.passive = true;
+        self
+    }
+
+    /// An exchange argument (`alternate-exchange`…).
+    pub fn argument(mut self, name: &str, value: AMQPValue) -> Self {
+        self.arguments.insert(ShortString::from(name), value);
+        self
+    }
+
+    /// The exchange's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) async fn declare(&self, channel: &lapin::Channel) -> Result<(), lapin::Error> {
+        channel
+            .exchange_declare(
+                ShortString::from(self.name.as_str()),
+                self.kind.clone(),
+                ExchangeDeclareOptions {
+                    passive: self.passive,
+                    durable: self.durable,
+                    auto_delete: self.auto_delete,
+                    internal: false,
+                    nowait: false,
+                },
+                self.arguments.clone(),
+            )
+            .await
+    }
+}
+
+/// A binding of a consumed queue to an exchange.
+#[derive(Debug, Clone)]
+pub(crate) struct Binding {
+    /// The exchange messages come from.
+    pub(crate) exchange: String,
+    /// The routing key or pattern.
+    pub(crate) routing_key: String,
+    /// Binding arguments (headers exchanges match on them).
+    pub(crate) arguments: FieldTable,
+}
+
+/// Where a queue's dead letters go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadLetterRoute {
+    /// The exchange conejo republishes dead letters to.
+    pub(crate) exchange: String,
+    /// The routing key; `None` keeps the message's own.
+    pub(crate) routing_key: Option<String>,
+    /// True when conejo owns (declares) the exchange and its queue, `<queue>.dlx` and
+    /// `<queue>.dlq`; false for a user's exchange, which is only checked.
+    pub(crate) owned: bool,
+}
+
+impl DeadLetterRoute {
+    /// conejo's default for `queue`: `<queue>.dlx` (fanout) → `<queue>.dlq`.
+    pub(crate) fn default_for(queue: &str) -> Self {
+        DeadLetterRoute {
+            exchange: dead_letter_exchange_name(queue),
+            routing_key: None,
+            owned: true,
+        }
+    }
+}
+
+/// `<queue>.dlx`.
+pub(crate) fn dead_letter_exchange_name(queue: &str) -> String {
+    format!("{queue}.dlx")
+}
+
+/// `<queue>.dlq`.
+pub(crate) fn dead_letter_queue_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// `<queue>.retry.<ttl>ms`.
+pub(crate) fn wait_queue_name(queue: &str, ttl_ms: u32) -> String {
+    format!("{queue}.retry.{ttl_ms}ms")
+}
+
+/// The longest suffix conejo adds to a queue's name (`.retry.86400000ms`).
+pub(crate) const LONGEST_SUFFIX: usize = ".retry.86400000ms".len();
+
+/// Flags of the queues conejo declares for a consumed queue (dead-letter and wait queues):
+/// durable when it is, so a broker restart keeps the messages they hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Durability {
+    /// Survive a broker restart.
+    pub(crate) durable: bool,
+}
+
+impl Durability {
+    fn queue_options(self) -> QueueDeclareOptions {
+        QueueDeclareOptions {
+            passive: false,
+            durable: self.durable,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+        }
+    }
+}
+
+/// Declares `queue`'s dead-letter topology: the default pair, or a check of the user's
+/// exchange. A missing user exchange is the broker's 404, which closes `channel`.
+pub(crate) async fn declare_dead_letter(
+    channel: &lapin::Channel,
+    queue: &str,
+    route: &DeadLetterRoute,
+    durability: Durability,
+) -> Result<(), lapin::Error> {
+    if !route.owned {
+        return channel
+            .exchange_declare(
+                ShortString::from(route.exchange.as_str()),
+                ExchangeKind::Direct, // ignored for a passive declaration
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+    }
+    let dlq = dead_letter_queue_name(queue);
+    channel
+        .exchange_declare(
+            ShortString::from(route.exchange.as_str()),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: durability.durable,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            ShortString::from(dlq.as_str()),
+            durability.queue_options(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            ShortString::from(dlq.as_str()),
+            ShortString::from(route.exchange.as_str()),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares the wait queue that holds `queue`'s retries for `ttl_ms`, then dead-letters
+/// them back to `queue` through the default exchange.
+pub(crate) async fn declare_wait_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    ttl_ms: u32,
+    durability: Durability,
+) -> Result<(), lapin::Error> {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        ShortString::from("x-message-ttl"),
+        AMQPValue::LongUInt(ttl_ms),
+    );
+    arguments.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    arguments.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        AMQPValue::LongString(LongString::from(queue)),
+    );
+    channel
+        .queue_declare(
+            ShortString::from(wait_queue_name(queue, ttl_ms).as_str()),
+            durability.queue_options(),
+            arguments,
+        )
+        .await
+        .map(drop)
+}
+
+/// Binds `queue` as configured.
+pub(crate) async fn bind(
+    channel: &lapin::Channel,
+    queue: &str,
+    binding: &Binding,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_bind(
+            ShortString::from(queue),
+            ShortString::from(binding.exchange.as_str()),
+            ShortString::from(binding.routing_key.as_str()),
+            QueueBindOptions::default(),
+            binding.arguments.clone(),
+        )
+        .await
+}
