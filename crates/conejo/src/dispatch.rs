@@ -58,8 +58,8 @@ enum Reason {
     Rejected,
     /// Retries used up.
     AttemptsExhausted,
-    /// Delivered too often without ever reaching a result.
-    Poison,
+    /// Delivered this often without ever reaching a result.
+    Poison(u32),
 }
 
 impl Reason {
@@ -67,7 +67,7 @@ impl Reason {
         match self {
             Reason::Rejected => "rejected",
             Reason::AttemptsExhausted => "attempts-exhausted",
-            Reason::Poison => "poison",
+            Reason::Poison(_) => "poison",
         }
     }
 }
@@ -158,7 +158,11 @@ impl Dispatch {
         };
         if count >= i64::from(limit) {
             QueueCounters::add(&self.counters.poison, 1);
-            return Some(self.dead_letter(Reason::Poison, None, ctx, body).await);
+            let count = u32::try_from(count).unwrap_or(u32::MAX);
+            return Some(
+                self.dead_letter(Reason::Poison(count), None, ctx, body)
+                    .await,
+            );
         }
         if counted_by_broker {
             return None;
@@ -296,6 +300,9 @@ impl Dispatch {
             headers::set_text(h, headers::LAST_FAILURE_AT, &now);
             headers::set_text(h, headers::REASON, reason.as_str());
             headers::set_int(h, headers::ATTEMPT, ctx.attempt());
+            if let Reason::Poison(count) = reason {
+                headers::set_int(h, headers::REDELIVERIES, count);
+            }
             if let (Some(failure), Some(text)) = (failure, &error_text) {
                 headers::set_text(h, headers::FAILURE, failure.kind());
                 headers::set_text(

@@ -1,7 +1,8 @@
-//! A small conejo service for process-level tests (signals, exit codes): consumes one
-//! existing queue with a handler that sleeps, and reports on stdout, one line per event:
-//! `started <message-id>` and `finished <message-id>`. Exits 0 after a clean shutdown,
-//! 1 with the error on stderr otherwise.
+//! A small conejo service for process-level tests (signals, exit codes, crash loops):
+//! consumes one existing queue with a handler that sleeps, and reports on stdout, one line
+//! per event: `started <message-id>` and `finished <message-id>`. With `--abort-on BODY` it
+//! aborts the whole process (SIGABRT) on a message with that body, as a poison message would.
+//! Exits 0 after a clean shutdown, 1 with the error on stderr otherwise.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -32,19 +33,29 @@ struct Args {
     /// Shutdown deadline for in-flight handlers, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     shutdown_timeout_ms: u64,
+    /// Abort the process on a message with this body.
+    #[arg(long)]
+    abort_on: Option<String>,
+    /// Deliveries without a result before a message is dead-lettered as poison (0: off).
+    #[arg(long, default_value_t = conejo::DEFAULT_POISON_LIMIT)]
+    poison_limit: u32,
 }
 
 /// Sleeps, reporting start and end on stdout.
 struct Sleeper {
     pause: Duration,
+    abort_on: Option<Vec<u8>>,
 }
 
 impl Handler for Sleeper {
     type Message = Vec<u8>;
 
-    async fn handle(&self, _body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
+    async fn handle(&self, body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
         let id = ctx.message_id().unwrap_or("?");
         println!("started {id}");
+        if self.abort_on.as_deref() == Some(body.as_slice()) {
+            std::process::abort();
+        }
         tokio::time::sleep(self.pause).await;
         println!("finished {id}");
         Ok(())
@@ -69,11 +80,13 @@ async fn main() -> ExitCode {
             &args.queue,
             Sleeper {
                 pause: Duration::from_millis(args.handler_ms),
+                abort_on: args.abort_on.map(String::into_bytes),
             },
             QueueConfig::new()
                 .passive()
                 .concurrency(args.concurrency)
-                .prefetch(args.prefetch),
+                .prefetch(args.prefetch)
+                .poison_limit(Some(args.poison_limit).filter(|&limit| limit > 0)),
         )
         .build();
     let result = match service {

@@ -1,0 +1,765 @@
+//! Failure semantics against a real broker: retries held by the broker with backoff and
+//! attempt counting, dead letters with reasons, timeouts, panics anywhere, topology.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use conejo::{
+    Blocking, BlockingHandler, Conejo, Context, Error, Exchange, Failure, Handler, HandlerError,
+    Json, Outcome, QueueConfig, RetryPolicy, types::BasicProperties,
+};
+use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use lapin::ExchangeKind;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One call of a [`Scripted`] handler.
+#[derive(Debug, Clone)]
+struct Call {
+    body: String,
+    attempt: u32,
+    redelivered: bool,
+    at: Instant,
+}
+
+/// What a [`Scripted`] handler does with a body on an attempt.
+type Script = fn(&str, u32) -> Result<(), HandlerError>;
+
+/// Records every call, then does what its script says.
+#[derive(Clone)]
+struct Scripted {
+    calls: Arc<Mutex<Vec<Call>>>,
+    script: Script,
+}
+
+impl Scripted {
+    fn new(script: Script) -> Self {
+        Scripted {
+            calls: Arc::default(),
+            script,
+        }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn calls_of(&self, body: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.body == body)
+            .collect()
+    }
+}
+
+impl Handler for Scripted {
+    type Message = String;
+
+    async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
+        self.calls.lock().unwrap().push(Call {
+            body: body.clone(),
+            attempt: ctx.attempt(),
+            redelivered: ctx.redelivered(),
+            at: Instant::now(),
+        });
+        (self.script)(&body, ctx.attempt())
+    }
+}
+
+fn config() -> QueueConfig {
+    // The support library declares test queues non-durable.
+    QueueConfig::new().durable(false)
+}
+
+/// No jitter, so that observed delays can be compared with the policy.
+fn fast_retries(attempts: u32) -> RetryPolicy {
+    RetryPolicy::default()
+        .max_attempts(attempts)
+        .initial_delay(Duration::from_millis(300))
+        .multiplier(2.0)
+        .jitter(0.0)
+}
+
+#[tokio::test]
+async fn fails_twice_then_succeeds_after_the_policys_delays_holding_no_slot() -> anyhow::Result<()>
+{
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("flaky");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"flaky").await?;
+    for n in 0..5 {
+        broker
+            .publish_bytes(&queue, format!("quick-{n}").as_bytes())
+            .await?;
+    }
+    let handler = Scripted::new(|body, attempt| match (body, attempt) {
+        ("flaky", 1 | 2) => Err(HandlerError::retry("database unavailable")),
+        _ => Ok(()),
+    });
+    // One at a time: if a waiting retry held the only slot, nothing else could run.
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().concurrency(1).retry(fast_retries(5)),
+            )
+            .build()?,
+    );
+    // 6 successes + 2 failed deliveries acked after their retry copies were confirmed
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 8).await?;
+    service.stop().await??;
+    assert_eq!((stats.retried, stats.dead_lettered), (2, 0), "{stats:?}");
+
+    let flaky = handler.calls_of("flaky");
+    let attempts: Vec<u32> = flaky.iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    assert!(flaky.iter().all(|c| !c.redelivered));
+    // The policy's delays, 300 ms then 600 ms (wait queues of 304 ms and 609 ms).
+    for (gap, ttl) in [
+        (flaky[1].at - flaky[0].at, 304),
+        (flaky[2].at - flaky[1].at, 609),
+    ] {
+        let ttl = Duration::from_millis(ttl);
+        eprintln!("retry delay: asked {ttl:?}, observed {gap:?}");
+        assert!(gap >= ttl - Duration::from_millis(20), "{gap:?} < {ttl:?}");
+        assert!(
+            gap <= ttl + Duration::from_millis(1500),
+            "{gap:?} >> {ttl:?}"
+        );
+    }
+    // Handled while the flaky one waited in the broker.
+    let quick_done = handler
+        .calls()
+        .iter()
+        .filter(|c| c.body.starts_with("quick"))
+        .map(|c| c.at)
+        .max()
+        .expect("quick messages handled");
+    assert!(
+        quick_done < flaky[1].at,
+        "a waiting retry held the only slot"
+    );
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons()
+-> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("doomed");
+    broker.declare_queue(&queue).await?;
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        lapin::types::AMQPValue::LongString("acme".into()),
+    );
+    let id = broker
+        .publish_with_properties(
+            &queue,
+            b"doomed",
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_correlation_id("corr-1".into()),
+        )
+        .await?;
+    let handler = Scripted::new(|_, _| Err(HandlerError::retry("database unavailable")));
+    let started = std::time::SystemTime::now();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
+            .build()?,
+    );
+    let dlq = format!("{queue}.dlq");
+    broker.wait_for_count(&dlq, 1, WAIT).await?;
+    let stats = service.stats().queue(&queue).unwrap();
+    service.stop().await??;
+    assert_eq!(
+        (stats.handler_errors, stats.retried, stats.dead_lettered),
+        (3, 2, 1),
+        "{stats:?}"
+    );
+    let attempts: Vec<u32> = handler.calls().iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, vec![1, 2, 3], "no more deliveries than attempts");
+
+    let dead = broker.drain(&dlq).await?;
+    assert_eq!(dead.len(), 1);
+    let m = &dead[0];
+    assert_eq!(m.body, b"doomed");
+    assert_eq!(m.message_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        m.header_str("tenant").as_deref(),
+        Some("acme"),
+        "user headers kept"
+    );
+    assert_eq!(
+        m.header_str("conejo-reason").as_deref(),
+        Some("attempts-exhausted")
+    );
+    assert_eq!(m.header_str("conejo-failure").as_deref(), Some("handler"));
+    assert_eq!(
+        m.header_str("conejo-error").as_deref(),
+        Some("handler error: database unavailable")
+    );
+    assert_eq!(m.header_int("conejo-attempt"), Some(3));
+    assert_eq!(m.header_str("conejo-original-queue"), Some(queue.clone()));
+    assert_eq!(
+        m.header_str("conejo-original-exchange").as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        m.header_str("conejo-original-routing-key"),
+        Some(queue.clone())
+    );
+    let first = m
+        .header_str("conejo-first-failure-at")
+        .expect("first failure time");
+    let last = m
+        .header_str("conejo-last-failure-at")
+        .expect("last failure time");
+    let first = humantime::parse_rfc3339(&first)?;
+    let last = humantime::parse_rfc3339(&last)?;
+    assert!(started <= first && first < last, "{first:?} {last:?}");
+    assert!(last.duration_since(first)? >= Duration::from_millis(850));
+    assert!(
+        m.header("x-death").is_none(),
+        "the broker's own headers are not carried"
+    );
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("xml");
+    broker.declare_queue(&queue).await?;
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        id: u64,
+    }
+    struct Orders;
+    impl Handler for Orders {
+        type Message = Json<Order>;
+        async fn handle(&self, _: Json<Order>, _: &Context) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+    broker
+        .publish_with_properties(
+            &queue,
+            b"<order id='1'/>",
+            BasicProperties::default().with_content_type("application/xml".into()),
+        )
+        .await?;
+    broker.publish_bytes(&queue, b"{\"id\": oops").await?;
+    broker
+        .publish_json(&queue, &serde_json::json!({"id": 7}))
+        .await?;
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, Orders, config().concurrency(1))
+            .build()?,
+    );
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3).await?;
+    service.stop().await??;
+    assert_eq!(
+        (stats.decode_failures, stats.dead_lettered, stats.retried),
+        (2, 2, 0)
+    );
+    let dead = broker.drain(&format!("{queue}.dlq")).await?;
+    assert_eq!(dead.len(), 2);
+    assert!(
+        dead.iter()
+            .all(|m| m.header_str("conejo-failure").as_deref() == Some("decode"))
+    );
+    assert!(
+        dead.iter()
+            .all(|m| m.header_int("conejo-attempt") == Some(1))
+    );
+    assert_eq!(
+        dead[0].header_str("conejo-error").as_deref(),
+        Some(
+            "cannot decode json payload: unsupported content type 'application/xml' (expected JSON)"
+        )
+    );
+    assert_eq!(dead[0].content_type.as_deref(), Some("application/xml"));
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// An error whose `Display` panics.
+#[derive(Debug)]
+struct Treacherous;
+
+impl std::fmt::Display for Treacherous {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("Display of Treacherous")
+    }
+}
+
+impl std::error::Error for Treacherous {}
+
+#[tokio::test]
+async fn panics_outside_the_handler_still_settle_and_the_queue_goes_on() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("treacherous");
+    broker.declare_queue(&queue).await?;
+    for body in ["display", "policy", "fine"] {
+        broker.publish_bytes(&queue, body.as_bytes()).await?;
+    }
+    let handler = Scripted::new(|body, _| match body {
+        "display" => Err(HandlerError::reject(Treacherous)),
+        "policy" => Err(HandlerError::retry("the policy will panic on this one")),
+        _ => Ok(()),
+    });
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().concurrency(1).on_failure(|failure, _| {
+                    if failure.to_string().contains("policy will panic") {
+                        panic!("a failure policy with a bug");
+                    }
+                    failure.default_outcome()
+                }),
+            )
+            .build()?,
+    );
+    // The policy formats every failure: for "display" it panics inside the policy too, then
+    // again when conejo writes the error header.
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3).await?;
+    assert!(!service.is_finished());
+    service.stop().await??;
+    assert_eq!(
+        (stats.dead_lettered, stats.unsettled, stats.requeued),
+        (2, 0, 0),
+        "{stats:?}"
+    );
+    let dead = broker.drain(&format!("{queue}.dlq")).await?;
+    let bodies: Vec<_> = dead.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(bodies, vec![b"display".to_vec(), b"policy".to_vec()]);
+    assert_eq!(
+        dead[0].header_str("conejo-error").as_deref(),
+        Some("handler failure (its error's Display panicked)")
+    );
+    assert_eq!(handler.calls_of("fine").len(), 1);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("hang");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"hang").await?;
+
+    struct Hangs;
+    impl Handler for Hangs {
+        type Message = String;
+        async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+    }
+    let started = Instant::now();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                Hangs,
+                config()
+                    .timeout(Duration::from_millis(300))
+                    .retry(RetryPolicy::none()),
+            )
+            .build()?,
+    );
+    broker
+        .wait_for_count(&format!("{queue}.dlq"), 1, WAIT)
+        .await?;
+    let elapsed = started.elapsed();
+    let stats = service.stats().queue(&queue).unwrap();
+    service.stop().await??;
+    assert_eq!(
+        (stats.timeouts, stats.abandoned, stats.dead_lettered),
+        (1, 0, 1)
+    );
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    let dead = broker.drain(&format!("{queue}.dlq")).await?;
+    assert_eq!(
+        dead[0].header_str("conejo-failure").as_deref(),
+        Some("timeout")
+    );
+    assert_eq!(
+        dead[0].header_str("conejo-reason").as_deref(),
+        Some("attempts-exhausted")
+    );
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// Sleeps (blocking its thread) for as many milliseconds as the body says, recording when it
+/// started and ended.
+#[derive(Clone, Default)]
+struct Sleepy {
+    spans: Arc<Mutex<Vec<(String, Instant, Instant)>>>,
+}
+
+impl BlockingHandler for Sleepy {
+    type Message = String;
+
+    fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
+        let start = Instant::now();
+        let ms: u64 = body.parse()?;
+        std::thread::sleep(Duration::from_millis(ms));
+        self.spans
+            .lock()
+            .unwrap()
+            .push((body, start, Instant::now()));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_blocking_handler_is_abandoned_but_keeps_its_slot() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("hang-blocking");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"1500").await?;
+    broker.publish_bytes(&queue, b"10").await?;
+    let handler = Sleepy::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                Blocking::new(handler.clone()),
+                config()
+                    .concurrency(1)
+                    .timeout(Duration::from_millis(200))
+                    .retry(RetryPolicy::none()),
+            )
+            .build()?,
+    );
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    // the abandoned thread's own end is recorded once it returns
+    let deadline = Instant::now() + WAIT;
+    while handler.spans.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await??;
+    assert_eq!(
+        (stats.timeouts, stats.abandoned, stats.dead_lettered),
+        (1, 1, 1),
+        "{stats:?}"
+    );
+    let spans = handler.spans.lock().unwrap().clone();
+    let slow = spans
+        .iter()
+        .find(|s| s.0 == "1500")
+        .expect("slow one returned");
+    let quick = spans.iter().find(|s| s.0 == "10").expect("quick one ran");
+    // concurrency 1 held: the next message started only once the abandoned thread returned
+    assert!(quick.1 >= slow.2, "the concurrency bound was broken");
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("no-dlx");
+    let exchange = unique_name("missing-dlx");
+    let result = Conejo::builder(amqp_url())
+        .queue_with(
+            &queue,
+            Scripted::new(|_, _| Ok(())),
+            config().dead_letter_exchange(&exchange),
+        )
+        .build()?
+        .run_until(std::future::pending())
+        .await;
+    match result {
+        Err(Error::DeadLetterExchangeNotFound {
+            queue: q,
+            exchange: x,
+        }) => assert_eq!((q, x), (queue.clone(), exchange)),
+        other => panic!("expected DeadLetterExchangeNotFound, got {other:?}"),
+    }
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dead_letters_go_to_the_users_exchange_with_its_routing_key() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("user-dlx");
+    let exchange = unique_name("errors");
+    let parking = unique_name("parking");
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Direct)
+        .await?;
+    broker.declare_queue(&parking).await?;
+    let channel = broker.open_channel().await?;
+    channel
+        .queue_bind(
+            parking.as_str().into(),
+            exchange.as_str().into(),
+            "parked".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await?;
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"bad").await?;
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                Scripted::new(|_, _| Err(HandlerError::reject("bad input"))),
+                config()
+                    .dead_letter_exchange(&exchange)
+                    .dead_letter_routing_key("parked"),
+            )
+            .build()?,
+    );
+    broker.wait_for_count(&parking, 1, WAIT).await?;
+    service.stop().await??;
+    let dead = broker.drain(&parking).await?;
+    assert_eq!(
+        dead[0].header_str("conejo-reason").as_deref(),
+        Some("rejected")
+    );
+    broker.delete_consumed_queue(&queue).await?;
+    broker.delete_queue(&parking).await?;
+    broker.delete_exchange(&exchange).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_after_overrides_the_backoff() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("rate-limited");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"limited").await?;
+    let handler = Scripted::new(|_, attempt| match attempt {
+        1 => Err(HandlerError::retry_after(
+            "429 Too Many Requests",
+            Duration::from_millis(250),
+        )),
+        _ => Ok(()),
+    });
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                // the policy alone would wait a minute
+                config().retry(RetryPolicy::default().initial_delay(Duration::from_secs(60))),
+            )
+            .build()?,
+    );
+    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    service.stop().await??;
+    let calls = handler.calls();
+    let gap = calls[1].at - calls[0].at;
+    eprintln!("retry_after 250 ms: observed {gap:?}");
+    assert!(
+        gap >= Duration::from_millis(230) && gap < Duration::from_secs(5),
+        "{gap:?}"
+    );
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn exchanges_and_bindings_from_the_builder_route_to_the_queue() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("bound");
+    let exchange = unique_name("shop");
+    let handler = Scripted::new(|_, _| Ok(()));
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .exchange(Exchange::topic(&exchange).durable(false))
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().bind(&exchange, "order.created.*"),
+            )
+            .build()?,
+    );
+    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    let channel = broker.open_channel().await?;
+    for key in ["order.created.eu", "order.cancelled.eu", "order.created.us"] {
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                key.into(),
+                Default::default(),
+                key.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await?;
+    }
+    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    service.stop().await??;
+    let mut bodies: Vec<_> = handler.calls().into_iter().map(|c| c.body).collect();
+    bodies.sort();
+    assert_eq!(bodies, vec!["order.created.eu", "order.created.us"]);
+    broker.delete_consumed_queue(&queue).await?;
+    broker.delete_exchange(&exchange).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("give-back");
+    broker.declare_queue(&queue).await?;
+    for n in 0..6 {
+        broker
+            .publish_bytes(&queue, format!("m{n}").as_bytes())
+            .await?;
+    }
+    // First service: one slow handler at a time, the rest prefetched, then shut down.
+    struct Slow;
+    impl Handler for Slow {
+        type Message = String;
+        async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(())
+        }
+    }
+    let first = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, Slow, config().concurrency(1).prefetch(10))
+            .build()?,
+    );
+    first.wait_for(&queue, WAIT, |s| s.delivered >= 1).await?;
+    broker.wait_for_count(&queue, 0, WAIT).await?; // all six in conejo's hands
+    first.stop().await??;
+    let given_back = broker.message_count(&queue).await?;
+    assert!(
+        given_back >= 4,
+        "prefetched messages were given back: {given_back}"
+    );
+
+    let handler = Scripted::new(|_, _| Ok(()));
+    let second = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler.clone(), config())
+            .build()?,
+    );
+    let expected = usize::try_from(given_back)?;
+    let deadline = Instant::now() + WAIT;
+    while handler.calls().len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second
+        .wait_for(&queue, WAIT, |s| s.acked >= 2 * given_back as u64)
+        .await?;
+    let stats = second.stats().queue(&queue).unwrap();
+    second.stop().await??;
+    assert_eq!(stats.poison, 0);
+    let calls = handler.calls();
+    assert_eq!(calls.len(), expected, "{calls:?}");
+    assert!(calls.iter().all(|c| c.attempt == 1), "{calls:?}");
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("load");
+    broker.declare_queue(&queue).await?;
+    const N: usize = 20_000;
+    let bodies = (0..N).map(|n| n.to_string().into_bytes()).collect();
+    broker.publish_many_bytes(&queue, bodies).await?;
+
+    #[derive(Clone, Default)]
+    struct Counting {
+        handled: Arc<Mutex<Vec<u32>>>,
+    }
+    impl Handler for Counting {
+        type Message = String;
+        async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
+            let n: usize = body.parse()?;
+            if n.is_multiple_of(10) && ctx.attempt() <= 2 {
+                return Err(HandlerError::retry("transient"));
+            }
+            self.handled.lock().unwrap()[n] += 1;
+            Ok(())
+        }
+    }
+    let handler = Counting {
+        handled: Arc::new(Mutex::new(vec![0; N])),
+    };
+    let started = Instant::now();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().retry(
+                    RetryPolicy::default()
+                        .initial_delay(Duration::from_millis(100))
+                        .jitter(0.1),
+                ),
+            )
+            .build()?,
+    );
+    let failing = (N / 10) as u64;
+    let stats = service
+        .wait_for(&queue, Duration::from_secs(120), |s| {
+            s.acked == N as u64 + 2 * failing
+        })
+        .await?;
+    let elapsed = started.elapsed();
+    service.stop().await??;
+    eprintln!(
+        "{N} messages, {failing} failing twice: {elapsed:?} ({:.0} msgs/s including retries)",
+        N as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(
+        (stats.retried, stats.dead_lettered),
+        (2 * failing, 0),
+        "{stats:?}"
+    );
+    let handled = handler.handled.lock().unwrap().clone();
+    assert!(
+        handled.iter().all(|&n| n == 1),
+        "every message handled exactly once"
+    );
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[test]
+fn failures_name_their_kind() {
+    assert_eq!(Failure::Timeout(Duration::from_secs(1)).kind(), "timeout");
+    assert_eq!(
+        Failure::Timeout(Duration::from_secs(1)).default_outcome(),
+        Outcome::Retry
+    );
+}
