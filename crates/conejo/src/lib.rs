@@ -96,6 +96,9 @@ mod stats;
 mod tracker;
 mod url;
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
