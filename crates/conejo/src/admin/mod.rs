@@ -11,6 +11,9 @@
 //! - [`replay`]: moves messages back to the queue they failed in (or another), with fresh
 //!   attempts, once the cause is fixed.
 //!
+//! [`DeadLetterCommand`] wraps them as a clap subcommand a service binary can embed; the
+//! `conejo` binary (crate `conejo-cli`) is that subcommand on its own.
+//!
 //! ## Guarantees
 //! - [`summary`] and [`show`] never remove a message: they read with `basic.get` without
 //!   acknowledging, then give everything back (`basic.nack`, requeue), so each message
@@ -29,6 +32,7 @@
 //! - On a quorum queue with a `delivery-limit`, every read counts as a delivery; do not
 //!   inspect such a queue in a loop.
 
+mod command;
 mod headers;
 mod republish;
 mod session;
@@ -42,9 +46,11 @@ use lapin::types::FieldTable;
 use crate::AmqpUrl;
 use session::{Session, peek};
 
+pub use command::{DeadLetterCommand, DeadLetterQueue};
 pub use headers::ConejoHeaders;
 
-/// How many messages a [`summary`] should read when the caller has no better bound.
+/// How many messages [`summary`] reads when not told otherwise
+/// ([`DeadLetterCommand::List`]'s `--limit`).
 pub const DEFAULT_SCAN_LIMIT: u64 = 10_000;
 
 /// Why an operation on a dead-letter queue failed. Never contains the URL's password.
@@ -98,6 +104,9 @@ pub enum AdminError {
         reason: String,
     },
 
+    /// Writing the human-readable output failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 /// The dead-letter queue of the consumed queue `queue`, as conejo names it by default:
@@ -312,6 +321,13 @@ mod tests {
         assert_send(&summary(&url, "q.dlq", 1));
         assert_send(&show(&url, "q.dlq", 1));
         assert_send(&replay(&url, "q.dlq", None, None));
+        assert_send(
+            &DeadLetterCommand::List {
+                queue: DeadLetterQueue::named("q"),
+                limit: 1,
+            }
+            .run(&url),
+        );
     }
 
     #[test]
