@@ -13,6 +13,7 @@
 //! | `conejo-reason` | string | dead letters | `rejected`, `attempts-exhausted` or `poison` |
 //! | `conejo-failure` | string | dead letters | kind of the last failure: `handler`, `decode`, `timeout`, `panic` |
 //! | `conejo-error` | string | dead letters | the last error's text, at most 1024 bytes |
+//! | `conejo-replayed` | integer | messages replayed from a dead-letter queue | how often it was replayed |
 
 use std::time::SystemTime;
 
@@ -31,6 +32,8 @@ pub(crate) const LAST_FAILURE_AT: &str = "conejo-last-failure-at";
 pub(crate) const REASON: &str = "conejo-reason";
 pub(crate) const FAILURE: &str = "conejo-failure";
 pub(crate) const ERROR: &str = "conejo-error";
+#[cfg(feature = "admin")]
+pub(crate) const REPLAYED: &str = "conejo-replayed";
 /// Set by quorum queues on redeliveries: how often the message was returned.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
 

@@ -101,6 +101,9 @@ mod topology;
 mod tracker;
 mod url;
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
