@@ -763,3 +763,117 @@ fn failures_name_their_kind() {
         Outcome::Retry
     );
 }
+
+#[tokio::test]
+async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("replayed");
+    broker.declare_queue(&queue).await?;
+
+    /// Rejects everything until the bug is fixed.
+    #[derive(Clone, Default)]
+    struct Buggy {
+        fixed: Arc<AtomicBool>,
+    }
+    impl Handler for Buggy {
+        type Message = String;
+        async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
+            if self.fixed.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(HandlerError::reject("bug #42"))
+            }
+        }
+    }
+    let handler = Buggy::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler.clone(), config())
+            .build()?,
+    );
+    for n in 0..3 {
+        broker
+            .publish_bytes(&queue, format!("m{n}").as_bytes())
+            .await?;
+    }
+    let dlq = format!("{queue}.dlq");
+    broker.wait_for_count(&dlq, 3, WAIT).await?;
+    handler.fixed.store(true, Ordering::SeqCst);
+
+    let url: conejo::AmqpUrl = amqp_url().parse()?;
+    let report = conejo::admin::replay(&url, &dlq, None, None).await?;
+    assert_eq!(report.replayed, 3);
+    // 3 dead letters acked, then the 3 replayed copies handled
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 6).await?;
+    service.stop().await??;
+    assert_eq!(stats.dead_lettered, 3);
+    assert_eq!(broker.message_count(&dlq).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// An error that panics when dropped: conejo drops it after dead-lettering the message,
+/// outside any `catch_unwind`, so the delivery's task dies without a result.
+#[derive(Debug)]
+struct ExplodesOnDrop;
+
+impl std::fmt::Display for ExplodesOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("explodes on drop")
+    }
+}
+
+impl std::error::Error for ExplodesOnDrop {}
+
+impl Drop for ExplodesOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("ExplodesOnDrop dropped");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_dies_without_a_result_gives_its_message_back() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("dies");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"explodes").await?;
+    broker.publish_bytes(&queue, b"fine").await?;
+    let handler = Scripted::new(|body, _| match body {
+        "explodes" => Err(HandlerError::reject(ExplodesOnDrop)),
+        _ => Ok(()),
+    });
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                handler.clone(),
+                config().concurrency(1).poison_limit(Some(2)),
+            )
+            .build()?,
+    );
+    // The unsettled delivery is given back (not left unacked), comes back redelivered, and
+    // once delivered twice without a result it is dead-lettered as poison.
+    let stats = service
+        .wait_for(&queue, WAIT, |s| s.poison == 1 && s.dead_lettered == 3)
+        .await?;
+    assert!(!service.is_finished());
+    service.stop().await??;
+    assert_eq!(stats.unsettled, 2, "{stats:?}");
+    assert_eq!(stats.requeued, 2, "{stats:?}");
+    assert_eq!(handler.calls_of("fine").len(), 1);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    let dead = broker.drain(&format!("{queue}.dlq")).await?;
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|m| m.header_str("conejo-reason").unwrap_or_default())
+        .collect();
+    // at least once: the copies confirmed before each task died are duplicates, none lost
+    assert_eq!(reasons, vec!["rejected", "rejected", "poison"]);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
