@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conejo::{Conejo, QueueStats, ShutdownHandle, Stats};
+use conejo::{Conejo, QueueStats, ShutdownHandle, Stats, Status};
 use tokio::task::JoinHandle;
 
 /// A conejo service spawned on the current tokio runtime.
@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 pub struct RunningService {
     shutdown: ShutdownHandle,
     stats: Stats,
+    status: Status,
     task: JoinHandle<Result<(), conejo::Error>>,
 }
 
@@ -20,6 +21,7 @@ impl RunningService {
         RunningService {
             shutdown: conejo.shutdown_handle(),
             stats: conejo.stats(),
+            status: conejo.status(),
             task: tokio::spawn(conejo.run_until(std::future::pending())),
         }
     }
@@ -27,6 +29,11 @@ impl RunningService {
     /// The service's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The service's connection state.
+    pub fn status(&self) -> &Status {
+        &self.status
     }
 
     /// True once the service's run has returned (it failed, or was stopped).

@@ -263,6 +263,7 @@ fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
 fn control_lapin_on_the_handler_runtime_loses_its_connection() -> anyhow::Result<()> {
     let scenario = Scenario::new()?;
     let service = scenario.service()?.lapin_on_handler_runtime().build()?;
+    let shutdown = service.shutdown_handle();
     let running = scenario
         .handlers
         .spawn(service.run_until(std::future::pending()));
@@ -284,11 +285,10 @@ fn control_lapin_on_the_handler_runtime_loses_its_connection() -> anyhow::Result
         "the connection should be lost before the handlers release the runtime ({gone_after:?})"
     );
 
-    // The service then fails (no reconnection yet), and nothing was acked: the broker holds
-    // every message again.
-    let result = wait(&scenario.handlers, running)??;
-    let err = result.expect_err("a service whose connection was closed must fail");
-    assert!(err.is_connection_error(), "{err:?}");
+    // Stopped before it can reconnect (it would only hog again): nothing was acked, the
+    // broker holds every message again.
+    shutdown.shutdown();
+    wait(&scenario.handlers, running)???;
     poll_until(Duration::from_secs(15), || {
         Ok(scenario.ready_messages()? == (BURNERS + BLOCKERS) as u32)
     })?;

@@ -2,20 +2,18 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures::StreamExt;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::warn;
 
 use crate::{
     AmqpUrl, Error, Exchange, Handler, QueueConfig,
-    connection::Connection,
-    consumer::{QueueSpec, QueueWorker, Timing},
+    consumer::{Queue, QueueSpec, Timing},
     handler::erase,
-    publish::Publisher,
-    runtime::ConnectionRuntime,
     signal,
     stats::Stats,
+    status::{Status, StatusWriter},
+    supervisor::{ConnectPolicy, Supervisor},
+    url::parse_list,
 };
 
 /// Default time in-flight handlers get to finish at shutdown: well under Kubernetes' 30 s
@@ -34,6 +32,14 @@ const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Longest accepted ack linger.
 const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
+
+/// Default time one connection attempt (TCP, TLS, AMQP handshake) may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Default back-off between reconnection attempts: the first retry at once, then from
+/// 100 ms, doubling, up to 30 s.
+pub const DEFAULT_RECONNECT_DELAY: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(30));
 
 /// A RabbitMQ consumer service: queues, their handlers, and the connection conejo owns.
 ///
@@ -70,8 +76,8 @@ const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
 /// ```
 #[derive(Debug)]
 pub struct Conejo {
-    /// Where the broker is.
-    url: AmqpUrl,
+    /// Where the broker is: one address, or a cluster's nodes tried in turn.
+    urls: Vec<AmqpUrl>,
     /// Shown by the broker (management UI, `rabbitmqctl list_connections`).
     connection_name: String,
     /// Registered queues, in registration order.
@@ -82,6 +88,10 @@ pub struct Conejo {
     /// Fired by [`ShutdownHandle::shutdown`] or by `run`'s signal.
     shutdown: CancellationToken,
     stats: Stats,
+    /// Connection attempts and back-off.
+    connect: ConnectPolicy,
+    /// The live state the application can watch.
+    status: Arc<StatusWriter>,
     /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
     shared_runtime: bool,
 }
@@ -100,13 +110,14 @@ impl std::fmt::Debug for QueueSpec {
 #[must_use]
 #[derive(Debug)]
 pub struct Builder {
-    url: Result<AmqpUrl, Error>,
+    urls: Result<Vec<AmqpUrl>, Error>,
     connection_name: Option<String>,
     queues: Vec<QueueSpec>,
     exchanges: Vec<Exchange>,
     timing: Timing,
     /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
     consumer_timeout: Duration,
+    connect: ConnectPolicy,
     shared_runtime: bool,
 }
 
@@ -114,9 +125,14 @@ impl Conejo {
     /// Starts building a service that connects to `url`
     /// (`amqp://user:password@host:port/vhost`, `amqps://` for TLS; `?heartbeat=N` sets
     /// the heartbeat interval in seconds).
+    ///
+    /// A cluster's nodes are given as a comma-separated list, either of URLs
+    /// (`amqp://u:p@node1:5672,amqp://u:p@node2:5672`) or of hosts in one URL
+    /// (`amqp://u:p@node1:5672,node2:5672,node3:5672/vhost`): conejo connects to the first
+    /// that answers and, when a connection is lost, tries the next one first.
     pub fn builder(url: impl AsRef<str>) -> Builder {
         Builder {
-            url: url.as_ref().parse(),
+            urls: parse_list(url.as_ref()),
             connection_name: None,
             queues: Vec::new(),
             exchanges: Vec::new(),
@@ -125,6 +141,11 @@ impl Conejo {
                 ack_linger: DEFAULT_ACK_LINGER,
             },
             consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
+            connect: ConnectPolicy {
+                timeout: DEFAULT_CONNECT_TIMEOUT,
+                wait_for_broker: true,
+                backoff: DEFAULT_RECONNECT_DELAY,
+            },
             shared_runtime: false,
         }
     }
@@ -143,12 +164,26 @@ impl Conejo {
         self.stats.clone()
     }
 
+    /// The live connection state (connecting, connected, reconnecting, stopped), whether
+    /// each queue is consuming, and the reconnection count: for health checks and metrics.
+    #[must_use]
+    pub fn status(&self) -> Status {
+        self.status.subscribe()
+    }
+
     /// Runs until SIGINT (Ctrl-C) or SIGTERM, or until a [`ShutdownHandle`] fires, then shuts
-    /// down gracefully. Returns `Ok(())` after a clean shutdown.
+    /// down gracefully. Returns `Ok(())` after a clean shutdown — also when the signal comes
+    /// while conejo is still connecting or reconnecting.
+    ///
+    /// A lost connection is re-established (see [`Builder::reconnect_delay`]), a channel
+    /// closed by the broker is reopened, a consumer cancelled by the broker is consumed
+    /// again: none of these ends `run`.
     ///
     /// # Errors
-    /// Startup failures (connection, queue setup) and run-time failures (connection or a
-    /// consumer lost); in-flight work is still given back before returning.
+    /// Startup failures (refused credentials, a missing passive queue or dead-letter
+    /// exchange, a declaration conflict; an unreachable broker with
+    /// [`wait_for_broker(false)`](Builder::wait_for_broker)); in-flight work is still given
+    /// back before returning.
     pub async fn run(self) -> Result<(), Error> {
         self.run_until(signal::terminate()).await
     }
@@ -162,106 +197,28 @@ impl Conejo {
     /// # Errors
     /// As [`run`](Self::run).
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), Error> {
-        let runtime = Arc::new(self.connection_runtime()?);
-        let connection = Connection::open(&self.url, &self.connection_name, runtime).await?;
-        info!(url = %self.url, name = %self.connection_name, "connected");
-        if let Err(error) = connection.declare_exchanges(&self.exchanges).await {
-            close(&connection).await;
-            return Err(error);
+        let queues = self
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                let counters = self.stats.counters(&spec.name);
+                Arc::new(Queue::new(spec, index, counters))
+            })
+            .collect();
+        Supervisor {
+            urls: self.urls,
+            connection_name: self.connection_name,
+            queues,
+            exchanges: self.exchanges,
+            timing: self.timing,
+            connect: self.connect,
+            shutdown: self.shutdown,
+            status: self.status,
+            shared_runtime: self.shared_runtime,
         }
-        let publisher = Arc::new(Publisher::new(
-            connection.shared(),
-            Arc::clone(connection.runtime()),
-        ));
-
-        let mut workers = Vec::with_capacity(self.queues.len());
-        for (index, spec) in self.queues.into_iter().enumerate() {
-            let counters = self.stats.counters(&spec.name);
-            match QueueWorker::start(spec, &connection, &publisher, index, self.timing, counters)
-                .await
-            {
-                Ok(worker) => workers.push(worker),
-                Err(error) => {
-                    close(&connection).await;
-                    return Err(error);
-                }
-            }
-        }
-
-        let shutdown = self.shutdown;
-        let mut running = JoinSet::new();
-        for worker in workers {
-            running.spawn(worker.run(shutdown.clone(), self.timing));
-        }
-        let mut events = connection.lapin().events_listener();
-        let connection_lost = async {
-            while let Some(event) = events.next().await {
-                match event {
-                    lapin::Event::Error(source) => return Error::ConnectionLost { source },
-                    lapin::Event::ConnectionBlocked(reason) => {
-                        warn!(%reason, "the broker blocked the connection (resource alarm)");
-                    }
-                    lapin::Event::ConnectionUnblocked => {
-                        info!("the broker unblocked the connection")
-                    }
-                    _ => {}
-                }
-            }
-            std::future::pending().await
-        };
-
-        let mut failure = None;
-        tokio::select! {
-            () = signal => info!("shutdown signal received"),
-            () = shutdown.cancelled() => info!("shutdown requested"),
-            Some(ended) = running.join_next() => failure = ended_with(ended),
-            error = connection_lost => {
-                error!(%error, "connection lost");
-                failure = Some(error);
-            }
-        }
-        shutdown.cancel();
-        while let Some(ended) = running.join_next().await {
-            if let Some(error) = ended_with(ended) {
-                failure.get_or_insert(error);
-            }
-        }
-        close(&connection).await;
-        match failure {
-            None => {
-                info!("stopped cleanly");
-                Ok(())
-            }
-            Some(error) => Err(error),
-        }
-    }
-
-    fn connection_runtime(&self) -> Result<ConnectionRuntime, Error> {
-        #[cfg(feature = "test-util")]
-        if self.shared_runtime {
-            return Ok(ConnectionRuntime::shared());
-        }
-        debug_assert!(!self.shared_runtime);
-        ConnectionRuntime::dedicated()
-    }
-}
-
-fn ended_with(ended: Result<Result<(), Error>, tokio::task::JoinError>) -> Option<Error> {
-    match ended {
-        Ok(Ok(())) => None,
-        Ok(Err(error)) => Some(error),
-        Err(join) => {
-            error!(%join, "a queue worker panicked");
-            Some(Error::Runtime(std::io::Error::other(format!(
-                "queue worker failed: {join}"
-            ))))
-        }
-    }
-}
-
-async fn close(connection: &Connection) {
-    if let Err(error) = connection.close().await {
-        warn!(%error, "connection close failed");
+        .run(signal)
+        .await
     }
 }
 
@@ -293,6 +250,28 @@ impl Builder {
     /// handler [timeout](QueueConfig::timeout) is not below it, or that has none.
     pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
         self.consumer_timeout = timeout;
+        self
+    }
+
+    /// How long one connection attempt (TCP, TLS, AMQP handshake) may take (default 15 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.timeout = timeout;
+        self
+    }
+
+    /// At startup, wait for the broker with back-off (`true`, the default: services often
+    /// start before their broker) or fail at the first attempt that cannot connect. Refused
+    /// credentials and an unknown virtual host fail at once either way.
+    pub fn wait_for_broker(mut self, wait: bool) -> Self {
+        self.connect.wait_for_broker = wait;
+        self
+    }
+
+    /// Back-off between reconnection attempts, and between attempts to reopen a queue's
+    /// channel: the first retry at once, then `initial`, doubling up to `max`, ± 20 %
+    /// (default 100 ms to 30 s).
+    pub fn reconnect_delay(mut self, initial: Duration, max: Duration) -> Self {
+        self.connect.backoff = (initial, max);
         self
     }
 
@@ -332,7 +311,7 @@ impl Builder {
     /// [`Error::InvalidUrl`] or [`Error::InvalidConfig`] (no queue, a queue registered twice,
     /// zero concurrency or prefetch, a zero shutdown timeout…).
     pub fn build(self) -> Result<Conejo, Error> {
-        let url = self.url?;
+        let urls = self.urls?;
         if self.queues.is_empty() {
             return Err(Error::config(None, "no queue registered"));
         }
@@ -358,6 +337,19 @@ impl Builder {
         }
         if self.consumer_timeout.is_zero() {
             return Err(Error::config(None, "consumer timeout must be positive"));
+        }
+        if self.connect.timeout.is_zero() || self.connect.timeout > Duration::from_secs(600) {
+            return Err(Error::config(
+                None,
+                "connect timeout must be between 1 ns and 10 min",
+            ));
+        }
+        let (initial, max) = self.connect.backoff;
+        if initial.is_zero() || max < initial || max > Duration::from_secs(3600) {
+            return Err(Error::config(
+                None,
+                "reconnect delay: initial must be positive and at most max, max at most 1 h",
+            ));
         }
         for (index, exchange) in self.exchanges.iter().enumerate() {
             if exchange.name.is_empty() || exchange.name.len() > 255 {
@@ -389,8 +381,11 @@ impl Builder {
             }
         }
         let stats = Stats::new(self.queues.iter().map(|spec| spec.name.to_string()));
+        let status = StatusWriter::new(self.queues.iter().map(|spec| spec.name.to_string()));
         Ok(Conejo {
-            url,
+            urls,
+            connect: self.connect,
+            status: Arc::new(status),
             connection_name: self.connection_name.unwrap_or_else(program_name),
             queues: self.queues,
             exchanges: self.exchanges,

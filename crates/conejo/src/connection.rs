@@ -15,9 +15,6 @@ use crate::{
     topology::{self, Durability},
 };
 
-/// How long connecting (TCP, TLS, AMQP handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long closing a channel or the connection may take before conejo gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -82,6 +79,7 @@ impl Connection {
         url: &AmqpUrl,
         connection_name: &str,
         runtime: Arc<ConnectionRuntime>,
+        timeout: Duration,
     ) -> Result<Self, Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(connection_name))
@@ -93,7 +91,7 @@ impl Connection {
         let lapin_runtime = async_rs::Runtime::tokio_with_handle(runtime.handle().clone());
         let inner = runtime
             .run_within(
-                CONNECT_TIMEOUT,
+                timeout,
                 "connect",
                 lapin::Connection::connect_uri_with_runtime(uri, properties, lapin_runtime),
             )
@@ -113,14 +111,14 @@ impl Connection {
         &self.inner
     }
 
+    /// False once the connection failed or was closed.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.inner.status().connected()
+    }
+
     /// lapin's connection, shared (for the publisher).
     pub(crate) fn shared(&self) -> Arc<lapin::Connection> {
         Arc::clone(&self.inner)
-    }
-
-    /// The connection runtime.
-    pub(crate) fn runtime(&self) -> &Arc<ConnectionRuntime> {
-        &self.runtime
     }
 
     /// Declares (or checks, when passive) the service's exchanges, in order.

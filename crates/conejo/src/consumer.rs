@@ -1,5 +1,6 @@
-//! One queue's consumer loop, on the handler runtime: take a concurrency slot, take a
-//! delivery, hand it to its task ([`Unsettled::process`]). And its graceful stop.
+//! One queue's consumer, on the handler runtime: open a channel, take a concurrency slot,
+//! take a delivery, hand it to its task ([`Unsettled::process`]); reopen the channel when
+//! the broker closes it; stop gracefully at shutdown, fast when the connection is lost.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,13 +11,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    Context, Error,
+    Context, Error, QueueConfig,
+    backoff::Backoff,
     connection::{Connection, QueueConsumer},
     dispatch::{Dispatch, Unsettled},
     handler::ErasedHandler,
     publish::Publisher,
     settle::settle_task,
     stats::QueueCounters,
+    status::StatusWriter,
     topology::Durability,
     tracker::Settlement,
 };
@@ -28,19 +31,90 @@ pub(crate) struct QueueSpec {
     /// The type-erased handler.
     pub(crate) handler: Arc<dyn ErasedHandler>,
     /// Declaration and consumption settings.
-    pub(crate) config: crate::QueueConfig,
+    pub(crate) config: QueueConfig,
 }
 
-/// A queue whose consumer is set up and ready to run.
-pub(crate) struct QueueWorker {
-    name: Arc<str>,
-    /// What each delivery's task needs, shared: one reference count per message.
-    dispatch: Arc<Dispatch>,
+/// A registered queue while the service runs: what outlives its channels and connections.
+pub(crate) struct Queue {
+    /// The queue's name.
+    pub(crate) name: Arc<str>,
+    /// The type-erased handler.
+    handler: Arc<dyn ErasedHandler>,
+    /// Declaration and consumption settings.
+    config: QueueConfig,
     /// Messages handled at once.
     concurrency: usize,
+    /// Unacknowledged messages the broker may push.
+    prefetch: u16,
+    /// Concurrency slots, shared by every channel of the queue: a handler still running
+    /// after its channel was lost keeps its slot, so the bound holds across reconnections.
+    permits: Arc<Semaphore>,
+    /// Every delivery task of the queue, whatever its channel; waited for at shutdown.
+    tasks: TaskTracker,
+    /// This queue's counters.
+    counters: Arc<QueueCounters>,
+    /// Position in the builder, for consumer tags.
+    index: usize,
+}
+
+/// What a queue's consumer needs from the connection generation it runs in.
+#[derive(Clone)]
+pub(crate) struct Generation {
+    /// The connection.
+    pub(crate) connection: Arc<Connection>,
+    /// Its publisher of retry copies and dead letters.
+    pub(crate) publisher: Arc<Publisher>,
+    /// Fired when the service starts shutting down.
+    pub(crate) shutdown: CancellationToken,
+    /// Fired when this connection is lost.
+    pub(crate) lost: CancellationToken,
+    /// Shutdown deadline and ack linger.
+    pub(crate) timing: Timing,
+    /// Where the queue reports that it consumes.
+    pub(crate) status: Arc<StatusWriter>,
+    /// Delays between attempts to reopen a channel.
+    pub(crate) reopen: (Duration, Duration),
+}
+
+/// How a queue's consumer ended within a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The service shut down (gracefully).
+    Shutdown,
+    /// The connection was lost.
+    ConnectionLost,
+}
+
+/// How one channel's consumption ended.
+enum ChannelEnd {
+    Shutdown,
+    ConnectionLost,
+    /// The broker closed the channel (a precondition failure, a consumer timeout…).
+    Closed(lapin::Error),
+    /// The broker cancelled the consumer (the queue was deleted, or its node went down).
+    Cancelled,
+}
+
+/// One open channel of a queue, consuming.
+pub(crate) struct Channel {
     /// The channel and its consumer stream.
     consumer: QueueConsumer,
+    /// What each delivery's task needs; its settle handle belongs to this channel only.
+    dispatch: Arc<Dispatch>,
+    /// The signal given to this channel's handlers (`Context::shutdown_requested`): fired at
+    /// shutdown, and when the channel or connection is lost (their results cannot be sent).
+    signal: CancellationToken,
+    /// This channel's delivery tasks.
+    tasks: TaskTracker,
+    /// When it started consuming, for the reopen back-off.
+    opened: Instant,
 }
+
+/// A channel that ran this long before failing is reopened at once: it was healthy.
+const HEALTHY_RUN: Duration = Duration::from_secs(5);
+
+/// How long the settle task of a lost channel may take to give up.
+const LOST_CLEANUP: Duration = Duration::from_secs(2);
 
 /// Timing knobs shared by every queue.
 #[derive(Debug, Clone, Copy)]
@@ -51,126 +125,206 @@ pub(crate) struct Timing {
     pub(crate) ack_linger: Duration,
 }
 
-impl QueueWorker {
-    /// Sets up the queue's channel and consumer, and starts its settle task.
-    pub(crate) async fn start(
-        spec: QueueSpec,
-        connection: &Connection,
-        publisher: &Arc<Publisher>,
-        index: usize,
-        timing: Timing,
-        counters: Arc<QueueCounters>,
-    ) -> Result<Self, Error> {
+impl Queue {
+    pub(crate) fn new(spec: QueueSpec, index: usize, counters: Arc<QueueCounters>) -> Self {
         let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency());
-        let consumer_tag = format!("conejo-{}-{index}-{}", std::process::id(), spec.name);
-        let consumer = connection
-            .consume(&spec.name, &spec.config, prefetch, consumer_tag)
+        Queue {
+            name: spec.name,
+            handler: spec.handler,
+            config: spec.config,
+            concurrency,
+            prefetch,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            tasks: TaskTracker::new(),
+            counters,
+            index,
+        }
+    }
+
+    /// Opens a channel, sets up the queue's topology and its consumer (prefetch first), and
+    /// starts the channel's settle task.
+    pub(crate) async fn open(&self, generation: &Generation) -> Result<Channel, Error> {
+        let consumer_tag = format!("conejo-{}-{}-{}", std::process::id(), self.index, self.name);
+        let consumer = generation
+            .connection
+            .consume(&self.name, &self.config, self.prefetch, consumer_tag)
             .await?;
         let (settle, task) = settle_task(
             consumer.channel.clone(),
-            prefetch,
-            timing.ack_linger,
-            Arc::clone(&spec.name),
-            Arc::clone(&counters),
+            self.prefetch,
+            generation.timing.ack_linger,
+            Arc::clone(&self.name),
+            Arc::clone(&self.counters),
         );
         consumer.spawn_on_connection_runtime(task.run());
-        info!(queue = %spec.name, concurrency, prefetch, "consuming");
-        let config = &spec.config;
-        Ok(QueueWorker {
-            dispatch: Arc::new(Dispatch {
-                queue: Arc::clone(&spec.name),
-                policy: config.policy(),
-                retry: config.retry,
-                timeout: config.timeout,
-                poison_limit: config.poison_limit,
-                dead_letter: config.dead_letter_route(&spec.name),
-                durability: Durability {
-                    durable: config.durable || !config.declare,
-                },
-                handler: spec.handler,
-                settle,
-                publisher: Arc::clone(publisher),
-                counters,
-            }),
-            name: spec.name,
-            concurrency,
+        let config = &self.config;
+        let dispatch = Arc::new(Dispatch {
+            queue: Arc::clone(&self.name),
+            policy: config.policy(),
+            retry: config.retry,
+            timeout: config.timeout,
+            poison_limit: config.poison_limit,
+            dead_letter: config.dead_letter_route(&self.name),
+            durability: Durability {
+                durable: config.durable || !config.declare,
+            },
+            handler: Arc::clone(&self.handler),
+            settle,
+            publisher: Arc::clone(&generation.publisher),
+            counters: Arc::clone(&self.counters),
+        });
+        info!(
+            queue = %self.name,
+            concurrency = self.concurrency,
+            prefetch = self.prefetch,
+            "consuming"
+        );
+        Ok(Channel {
             consumer,
+            dispatch,
+            signal: generation.shutdown.child_token(),
+            tasks: TaskTracker::new(),
+            opened: Instant::now(),
         })
     }
 
-    /// Consumes until `shutdown` fires (then stops gracefully) or the consumer fails.
+    /// Consumes on `first` (when the caller already opened it), reopening the channel
+    /// whenever the broker closes it or cancels the consumer, until shutdown or the loss of
+    /// the connection.
     pub(crate) async fn run(
-        mut self,
-        shutdown: CancellationToken,
-        timing: Timing,
-    ) -> Result<(), Error> {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
-        let in_flight = TaskTracker::new();
+        self: Arc<Self>,
+        first: Option<Channel>,
+        generation: Generation,
+    ) -> End {
+        let mut first = first;
+        let mut backoff = Backoff::new(generation.reopen.0, generation.reopen.1);
+        loop {
+            let channel = match first.take() {
+                Some(channel) => channel,
+                None => match self.open(&generation).await {
+                    Ok(channel) => channel,
+                    Err(error) => {
+                        if !generation.connection.is_connected() {
+                            return End::ConnectionLost;
+                        }
+                        let delay = backoff.next_delay().max(generation.reopen.0);
+                        error!(
+                            queue = %self.name,
+                            %error,
+                            attempt = backoff.retries(),
+                            "cannot consume the queue; trying again in {delay:?}"
+                        );
+                        if let Some(end) = pause(&generation, delay).await {
+                            return end;
+                        }
+                        continue;
+                    }
+                },
+            };
+            generation.status.set_consuming(&self.name, true);
+            let opened = channel.opened;
+            let ended = self.consume(channel, &generation).await;
+            generation.status.set_consuming(&self.name, false);
+            let what = match ended {
+                ChannelEnd::Shutdown => return End::Shutdown,
+                ChannelEnd::ConnectionLost => return End::ConnectionLost,
+                _ if !generation.connection.is_connected() => return End::ConnectionLost,
+                ChannelEnd::Closed(error) => format!("the broker closed its channel: {error}"),
+                ChannelEnd::Cancelled => {
+                    "the broker cancelled its consumer (queue deleted, or its node down)".to_owned()
+                }
+            };
+            if opened.elapsed() >= HEALTHY_RUN {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            warn!(queue = %self.name, "{what}; consuming again in {delay:?}");
+            if let Some(end) = pause(&generation, delay).await {
+                return end;
+            }
+        }
+    }
+
+    /// Consumes one channel until shutdown, its loss, or the loss of the connection.
+    async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
+        let shutdown = &generation.shutdown;
+        let lost = &generation.lost;
         let mut last_tag = 0;
         let ended = loop {
             // A permit first: a delivery taken from the stream is always started at once, so
             // at shutdown every unstarted one is still in the stream, to be given back.
             let permit = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break Ok(()),
-                permit = Arc::clone(&permits).acquire_owned() => {
+                () = shutdown.cancelled() => break ChannelEnd::Shutdown,
+                () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                permit = Arc::clone(&self.permits).acquire_owned() => {
                     permit.expect("the semaphore is never closed")
                 }
             };
             let next = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => break Ok(()),
-                next = self.consumer.consumer.next() => next,
+                () = shutdown.cancelled() => break ChannelEnd::Shutdown,
+                () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                next = channel.consumer.consumer.next() => next,
             };
             let mut delivery = match next {
                 Some(Ok(delivery)) => delivery,
-                Some(Err(source)) => {
-                    break Err(Error::ConsumerFailed {
-                        queue: self.name.to_string(),
-                        source,
-                    });
-                }
-                None => {
-                    break Err(Error::ConsumerCancelled {
-                        queue: self.name.to_string(),
-                    });
-                }
+                Some(Err(error)) => break ChannelEnd::Closed(error),
+                None => break ChannelEnd::Cancelled,
             };
             last_tag = delivery.delivery_tag;
-            QueueCounters::add(&self.dispatch.counters.delivered, 1);
+            QueueCounters::add(&self.counters.delivered, 1);
             // From here the delivery is settled by construction: dropping `unsettled` in any
             // way but settling it gives the message back.
-            let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&self.dispatch));
+            let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&channel.dispatch));
             let ctx = Context::from_delivery(
                 Arc::clone(&self.name),
                 &mut delivery,
-                shutdown.clone(),
+                channel.signal.clone(),
                 permit,
             );
             let body = Bytes::from(std::mem::take(&mut delivery.data));
-            in_flight.spawn(unsettled.process(ctx, body));
+            let task = channel.tasks.track_future(unsettled.process(ctx, body));
+            self.tasks.spawn(task);
         };
         match ended {
-            Ok(()) => {
-                self.stop(in_flight, last_tag, timing).await;
-                Ok(())
+            ChannelEnd::Shutdown => {
+                self.stop(channel, last_tag, generation.timing).await;
+                ChannelEnd::Shutdown
             }
-            Err(error) => {
+            ChannelEnd::Cancelled if generation.connection.is_connected() => {
+                // The channel lives: let its running handlers finish and ack there, then
+                // close it, while a new consumer takes over.
+                let name = Arc::clone(&self.name);
+                let deadline = generation.timing.shutdown_timeout;
+                tokio::spawn(async move { retire(name, channel, deadline).await });
+                ChannelEnd::Cancelled
+            }
+            lost => {
                 // The channel is gone: the broker requeues everything unacked. Handlers
-                // still running finish on their own; their acks cannot be sent.
-                error!(queue = %self.name, %error, "consumer stopped");
-                in_flight.close();
-                self.dispatch.settle.close().await;
-                Err(error)
+                // still running are told (their context's signal) and their results dropped.
+                let running = channel.tasks.len();
+                if running > 0 {
+                    warn!(
+                        queue = %self.name,
+                        running,
+                        "channel lost with handlers running; their results will be dropped \
+                         (the broker redelivers those messages)"
+                    );
+                }
+                channel.signal.cancel();
+                channel.tasks.close();
+                let _ = tokio::time::timeout(LOST_CLEANUP, channel.dispatch.settle.close()).await;
+                lost
             }
         }
     }
 
     /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
     /// let in-flight handlers finish until the deadline, give back what did not finish.
-    async fn stop(mut self, in_flight: TaskTracker, mut last_tag: u64, timing: Timing) {
+    async fn stop(&self, mut channel: Channel, mut last_tag: u64, timing: Timing) {
         let deadline = Instant::now() + timing.shutdown_timeout;
-        let cancelled = self
+        let cancelled = channel
             .consumer
             .cancel(deadline.saturating_duration_since(Instant::now()))
             .await;
@@ -180,11 +334,12 @@ impl QueueWorker {
         // After cancel-ok the stream yields what was buffered, then ends.
         let mut released = 0;
         while cancelled.is_ok() {
-            match tokio::time::timeout_at(deadline, self.consumer.consumer.next()).await {
+            match tokio::time::timeout_at(deadline, channel.consumer.consumer.next()).await {
                 Ok(Some(Ok(delivery))) => {
                     last_tag = delivery.delivery_tag;
-                    QueueCounters::add(&self.dispatch.counters.delivered, 1);
-                    self.dispatch
+                    QueueCounters::add(&self.counters.delivered, 1);
+                    channel
+                        .dispatch
                         .settle
                         .settle(delivery.delivery_tag, Settlement::Requeue);
                     released += 1;
@@ -196,30 +351,76 @@ impl QueueWorker {
                 Ok(None) | Err(_) => break,
             }
         }
-        in_flight.close();
+        channel.tasks.close();
+        self.tasks.close();
         info!(
             queue = %self.name,
             released,
-            in_flight = in_flight.len(),
+            in_flight = self.tasks.len(),
             "stopping: gave back unstarted messages, waiting for running handlers"
         );
-        if tokio::time::timeout_at(deadline, in_flight.wait())
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {
             warn!(
                 queue = %self.name,
-                still_running = in_flight.len(),
+                still_running = self.tasks.len(),
                 timeout = ?timing.shutdown_timeout,
                 "shutdown deadline passed; giving back the messages of handlers still running"
             );
-            self.dispatch.settle.abandon(last_tag).await;
+            channel.dispatch.settle.abandon(last_tag).await;
         }
-        self.dispatch.settle.close().await;
-        let closed = self.consumer.close().await;
-        match closed {
+        channel.dispatch.settle.close().await;
+        match channel.consumer.close().await {
             Ok(()) => debug!(queue = %self.name, "channel closed"),
             Err(error) => warn!(queue = %self.name, %error, "channel close failed"),
         }
+    }
+}
+
+impl Queue {
+    /// At a shutdown that found no channel open (while reconnecting): waits, up to
+    /// `deadline`, for handlers left running from a lost connection; their results were
+    /// already dropped, but their work gets to finish.
+    pub(crate) async fn wait_for_orphans(&self, deadline: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                queue = %self.name,
+                still_running = self.tasks.len(),
+                "handlers from a lost connection still running at the shutdown deadline"
+            );
+        }
+    }
+}
+
+/// Waits `delay` unless shutdown or the loss of the connection comes first.
+async fn pause(generation: &Generation, delay: Duration) -> Option<End> {
+    tokio::select! {
+        biased;
+        () = generation.shutdown.cancelled() => Some(End::Shutdown),
+        () = generation.lost.cancelled() => Some(End::ConnectionLost),
+        () = tokio::time::sleep(delay) => None,
+    }
+}
+
+/// A channel whose consumer the broker cancelled: its handlers finish and ack on it (at
+/// most `deadline`), then it is closed, which gives back whatever is left unacked.
+async fn retire(queue: Arc<str>, channel: Channel, deadline: Duration) {
+    channel.tasks.close();
+    if tokio::time::timeout(deadline, channel.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(%queue, "handlers of a cancelled consumer still running; closing its channel");
+        channel.signal.cancel();
+    }
+    channel.dispatch.settle.close().await;
+    if let Err(error) = channel.consumer.close().await {
+        debug!(%queue, %error, "closing the cancelled consumer's channel failed");
     }
 }

@@ -5,9 +5,10 @@ use std::{fmt, time::Duration};
 /// An error that prevents conejo from starting or makes a running service stop.
 ///
 /// Per-message problems (a handler error, a payload that does not decode, a panic) are never
-/// an `Error`: they become an [`Outcome`](crate::Outcome) for that one message. An `Error` means
-/// the service itself cannot go on: bad configuration, an unreachable broker, a queue that does
-/// not exist, a connection or channel lost.
+/// an `Error`: they become an [`Outcome`](crate::Outcome) for that one message. Nor is a lost
+/// connection or channel: conejo reconnects. An `Error` means the service itself cannot go
+/// on: bad configuration, refused credentials, a queue that does not exist at startup, an
+/// unreachable broker when told not to wait for it.
 ///
 /// Messages never contain the password of the AMQP URL.
 #[derive(Debug, thiserror::Error)]
@@ -83,31 +84,6 @@ pub enum Error {
         source: lapin::Error,
     },
 
-    /// A running consumer stopped: its channel or the connection failed.
-    #[error("consumer of queue '{queue}' failed: {source}")]
-    ConsumerFailed {
-        /// The queue whose consumer failed.
-        queue: String,
-        /// What lapin reported.
-        #[source]
-        source: lapin::Error,
-    },
-
-    /// The broker cancelled a consumer (the queue was deleted, or a node hosting it went down).
-    #[error("the broker cancelled the consumer of queue '{queue}'")]
-    ConsumerCancelled {
-        /// The queue whose consumer was cancelled.
-        queue: String,
-    },
-
-    /// The connection to the broker was lost.
-    #[error("connection to the broker lost: {source}")]
-    ConnectionLost {
-        /// What lapin reported.
-        #[source]
-        source: lapin::Error,
-    },
-
     /// The dedicated connection runtime could not be started.
     #[error("cannot start the connection runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -135,21 +111,30 @@ impl Error {
             Error::InvalidConfig { queue, .. } => queue.as_deref(),
             Error::QueueNotFound { queue }
             | Error::DeadLetterExchangeNotFound { queue, .. }
-            | Error::QueueSetup { queue, .. }
-            | Error::ConsumerFailed { queue, .. }
-            | Error::ConsumerCancelled { queue } => Some(queue),
+            | Error::QueueSetup { queue, .. } => Some(queue),
             _ => None,
         }
     }
 
-    /// True for errors about the connection to the broker (as opposed to configuration or
-    /// a queue's own setup): a supervisor may retry those after a delay.
+    /// True for errors about reaching the broker (as opposed to configuration or a queue's
+    /// own setup).
     #[must_use]
     pub fn is_connection_error(&self) -> bool {
-        matches!(
-            self,
-            Error::Connect { .. } | Error::ConnectionLost { .. } | Error::ConsumerFailed { .. }
-        )
+        matches!(self, Error::Connect { .. })
+    }
+
+    /// True when the broker refused the connection itself: wrong credentials
+    /// (ACCESS_REFUSED) or a virtual host that does not exist or is not allowed
+    /// (NOT_ALLOWED). Waiting does not fix those, so conejo stops at once.
+    #[must_use]
+    pub fn is_refused(&self) -> bool {
+        match self {
+            Error::Connect { source, .. } => matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530)
+            ),
+            _ => false,
+        }
     }
 }
 

@@ -81,6 +81,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
+mod backoff;
 mod config;
 mod connection;
 mod consumer;
@@ -97,6 +98,8 @@ mod runtime;
 mod settle;
 mod signal;
 mod stats;
+mod status;
+mod supervisor;
 mod topology;
 mod tracker;
 mod url;
@@ -108,8 +111,8 @@ pub mod admin;
 pub mod testing;
 
 pub use app::{
-    Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT,
-    ShutdownHandle,
+    Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT,
+    DEFAULT_RECONNECT_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle,
 };
 pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
@@ -119,6 +122,7 @@ pub use message::{Decode, DecodeError, Json};
 pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use stats::{QueueStats, Stats};
+pub use status::{ConnectionState, Status};
 pub use topology::Exchange;
 pub use url::AmqpUrl;
 

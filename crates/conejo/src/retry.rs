@@ -155,7 +155,7 @@ impl RetryPolicy {
 
 /// A uniform number in [0, 1): std's randomly seeded hasher is random enough for jitter and
 /// saves a dependency.
-fn unit_random() -> f64 {
+pub(crate) fn unit_random() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(0x5EED);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64

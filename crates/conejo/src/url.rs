@@ -85,6 +85,63 @@ impl std::str::FromStr for AmqpUrl {
     }
 }
 
+/// Parses one broker address or several: a comma-separated list of URLs
+/// (`amqp://u:p@h1:5672,amqp://u:p@h2:5672`), or one URL with several hosts
+/// (`amqp://u:p@h1:5672,h2:5672,h3/vhost`). Each address is checked as an [`AmqpUrl`].
+pub(crate) fn parse_list(raw: &str) -> Result<Vec<AmqpUrl>, Error> {
+    let raw = raw.trim();
+    let mut urls = Vec::new();
+    for one in split_urls(raw) {
+        for expanded in expand_hosts(one) {
+            urls.push(expanded.parse()?);
+        }
+    }
+    if urls.is_empty() {
+        return Err(Error::InvalidUrl {
+            reason: "no broker address".to_owned(),
+        });
+    }
+    Ok(urls)
+}
+
+/// Splits at the commas that start another `amqp://` or `amqps://` URL.
+fn split_urls(raw: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (index, _) in raw.match_indices(',') {
+        let next = raw[index + 1..].trim_start().to_ascii_lowercase();
+        if next.starts_with("amqp://") || next.starts_with("amqps://") {
+            parts.push(raw[start..index].trim());
+            start = index + 1;
+        }
+    }
+    parts.push(raw[start..].trim());
+    parts
+}
+
+/// `scheme://userinfo@h1,h2/rest` → one URL per host.
+fn expand_hosts(raw: &str) -> Vec<String> {
+    let Some(scheme_end) = raw.find("://") else {
+        return vec![raw.to_owned()];
+    };
+    let after = &raw[scheme_end + 3..];
+    let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    let authority = &after[..authority_end];
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if !hosts.contains(',') {
+        return vec![raw.to_owned()];
+    }
+    let prefix = &raw[..scheme_end + 3];
+    let rest = &after[authority_end..];
+    hosts
+        .split(',')
+        .map(|host| format!("{prefix}{userinfo}{}{rest}", host.trim()))
+        .collect()
+}
+
 fn redact(url: &url::Url) -> String {
     let mut shown = url.clone();
     if url.password().is_some() {
@@ -138,6 +195,37 @@ mod tests {
             let shown = format!("{err} {err:?}");
             assert!(!shown.contains("hunter2"), "{raw} -> {shown}");
         }
+    }
+
+    #[test]
+    fn lists_of_addresses() {
+        let hosts = |raw: &str| -> Vec<String> {
+            parse_list(raw)
+                .unwrap()
+                .iter()
+                .map(|u| {
+                    format!(
+                        "{}:{}/{}",
+                        u.uri.authority.host, u.uri.authority.port, u.uri.vhost
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(hosts("amqp://u:p@h1:5672/v"), vec!["h1:5672/v"]);
+        assert_eq!(
+            hosts("amqp://u:p@h1:5672/v, amqp://u:p@h2:5673/v"),
+            vec!["h1:5672/v", "h2:5673/v"]
+        );
+        assert_eq!(
+            hosts("amqp://u:p,w@h1:5672,h2,127.0.0.1:5674/v?heartbeat=5"),
+            vec!["h1:5672/v", "h2:5672/v", "127.0.0.1:5674/v"]
+        );
+        let urls = parse_list("amqp://u:s3cret@h1,h2/v?heartbeat=5").unwrap();
+        assert_eq!(urls[1].to_string(), "amqp://u:***@h2/v?heartbeat=5");
+        assert_eq!(urls[1].heartbeat(), Some(5));
+        let err = parse_list("amqp://u:s3cret@h1,amqp://u:s3cret@h2:x").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(parse_list("").is_err());
     }
 
     #[test]

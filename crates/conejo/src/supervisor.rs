@@ -1,0 +1,324 @@
+//! The supervisor: connection generations. Connect → declare → open each queue's channel
+//! (prefetch first) → consume; when the connection is lost, back off and start a new
+//! generation; stop cleanly on shutdown, whatever the state — connecting, reconnecting or
+//! running.
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    AmqpUrl, Error, Exchange,
+    backoff::Backoff,
+    connection::Connection,
+    consumer::{End, Generation, Queue, Timing},
+    publish::Publisher,
+    runtime::ConnectionRuntime,
+    status::{ConnectionState, StatusWriter},
+};
+
+/// How conejo connects and reconnects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectPolicy {
+    /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
+    pub(crate) timeout: Duration,
+    /// At startup, wait for the broker (true) or fail at the first refused attempt.
+    pub(crate) wait_for_broker: bool,
+    /// Back-off between reconnection attempts: initial delay and cap.
+    pub(crate) backoff: (Duration, Duration),
+}
+
+/// Everything a running service needs.
+pub(crate) struct Supervisor {
+    /// The broker's addresses, tried in turn.
+    pub(crate) urls: Vec<AmqpUrl>,
+    /// Shown by the broker.
+    pub(crate) connection_name: String,
+    /// The registered queues; they outlive connections.
+    pub(crate) queues: Vec<Arc<Queue>>,
+    /// Declared before the queues, on every connection.
+    pub(crate) exchanges: Vec<Exchange>,
+    /// Shutdown deadline and ack linger.
+    pub(crate) timing: Timing,
+    /// Connection attempts and back-off.
+    pub(crate) connect: ConnectPolicy,
+    /// Fired by a signal or a [`ShutdownHandle`](crate::ShutdownHandle).
+    pub(crate) shutdown: CancellationToken,
+    /// What the application sees of the connection.
+    pub(crate) status: Arc<StatusWriter>,
+    /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
+    pub(crate) shared_runtime: bool,
+}
+
+/// How a generation ended.
+enum Ended {
+    /// Shutdown: the service stops with this result.
+    Shutdown(Result<(), Error>),
+    /// The connection was lost: reconnect.
+    Lost(String),
+    /// Setup failed in a way retrying cannot fix.
+    Fatal(Error),
+}
+
+impl Supervisor {
+    /// Runs until `signal` completes or the shutdown token fires, then shuts down.
+    pub(crate) async fn run(self, signal: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let shutdown = self.shutdown.clone();
+        let status = Arc::clone(&self.status);
+        let supervise = self.supervise();
+        tokio::pin!(supervise, signal);
+        let mut signalled = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut supervise => break result,
+                () = &mut signal, if !signalled => {
+                    signalled = true;
+                    info!("shutdown signal received");
+                    shutdown.cancel();
+                }
+            }
+        };
+        status.set_state(ConnectionState::Stopped);
+        match &result {
+            Ok(()) => info!("stopped cleanly"),
+            Err(error) => error!(%error, "stopped"),
+        }
+        result
+    }
+
+    async fn supervise(&self) -> Result<(), Error> {
+        let runtime = Arc::new(self.connection_runtime()?);
+        let mut backoff = Backoff::new(self.connect.backoff.0, self.connect.backoff.1);
+        let mut address = 0;
+        let mut ever_connected = false;
+        loop {
+            let attempt = backoff.retries() + 1;
+            self.status.set_state(if ever_connected {
+                ConnectionState::Reconnecting { attempt }
+            } else {
+                ConnectionState::Connecting { attempt }
+            });
+            let url = &self.urls[address % self.urls.len()];
+            let opened = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    info!("shutdown requested while connecting");
+                    self.wait_for_orphans().await;
+                    return Ok(());
+                }
+                opened = Connection::open(
+                    url,
+                    &self.connection_name,
+                    Arc::clone(&runtime),
+                    self.connect.timeout,
+                ) => opened,
+            };
+            let connection = match opened {
+                Ok(connection) => Arc::new(connection),
+                Err(error) if error.is_refused() => return Err(error),
+                Err(error) if !ever_connected && !self.connect.wait_for_broker => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    address += 1;
+                    let delay = backoff.next_delay();
+                    if backoff.worth_logging() {
+                        warn!(
+                            %error,
+                            attempt,
+                            "cannot reach the broker; trying {} in {delay:?}",
+                            self.urls[address % self.urls.len()]
+                        );
+                    } else {
+                        debug!(%error, attempt, "cannot reach the broker");
+                    }
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => {
+                            info!("shutdown requested while waiting for the broker");
+                            self.wait_for_orphans().await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            if ever_connected {
+                info!(%url, attempts = attempt, "reconnected");
+            } else {
+                info!(%url, name = %self.connection_name, "connected");
+            }
+            self.status
+                .connected(url.redacted().to_owned(), ever_connected);
+            match self
+                .generation(&connection, &runtime, !ever_connected)
+                .await
+            {
+                Ended::Shutdown(result) => return result,
+                Ended::Fatal(error) => return Err(error),
+                Ended::Lost(error) => {
+                    warn!(%error, %url, "connection lost; reconnecting");
+                    ever_connected = true;
+                    backoff.reset();
+                    address += 1;
+                }
+            }
+        }
+    }
+
+    /// One connection's life: declare, consume every queue, until shutdown or loss.
+    async fn generation(
+        &self,
+        connection: &Arc<Connection>,
+        runtime: &Arc<ConnectionRuntime>,
+        first: bool,
+    ) -> Ended {
+        let lost = CancellationToken::new();
+        let loss = Arc::new(Mutex::new(None));
+        let watcher = tokio::spawn(watch_events(
+            Arc::clone(connection),
+            lost.clone(),
+            Arc::clone(&loss),
+            Arc::clone(&self.status),
+        ));
+        let ended = self.run_generation(connection, runtime, first, &lost).await;
+        watcher.abort();
+        match ended {
+            Ended::Lost(reason) => {
+                let reported = loss.lock().unwrap_or_else(|e| e.into_inner()).take();
+                Ended::Lost(reported.unwrap_or(reason))
+            }
+            other => other,
+        }
+    }
+
+    async fn run_generation(
+        &self,
+        connection: &Arc<Connection>,
+        runtime: &Arc<ConnectionRuntime>,
+        first: bool,
+        lost: &CancellationToken,
+    ) -> Ended {
+        // A setup error on a live connection is the configuration's; on a dead one, the
+        // connection's (retried).
+        let setup_failed = async |error: Error| {
+            if connection.is_connected() {
+                close(connection).await;
+                Ended::Fatal(error)
+            } else {
+                Ended::Lost(error.to_string())
+            }
+        };
+        if let Err(error) = connection.declare_exchanges(&self.exchanges).await {
+            return setup_failed(error).await;
+        }
+        let generation = Generation {
+            connection: Arc::clone(connection),
+            publisher: Arc::new(Publisher::new(connection.shared(), Arc::clone(runtime))),
+            shutdown: self.shutdown.clone(),
+            lost: lost.clone(),
+            timing: self.timing,
+            status: Arc::clone(&self.status),
+            reopen: self.connect.backoff,
+        };
+        // At startup every queue is set up before any is consumed, so a configuration
+        // error stops the service at once. Later, each queue sets itself up (and retries).
+        let mut opened = Vec::with_capacity(self.queues.len());
+        for queue in &self.queues {
+            if !first {
+                opened.push(None);
+                continue;
+            }
+            match queue.open(&generation).await {
+                Ok(channel) => opened.push(Some(channel)),
+                Err(error) => return setup_failed(error).await,
+            }
+        }
+        let mut running = JoinSet::new();
+        for (queue, channel) in self.queues.iter().zip(opened) {
+            running.spawn(Arc::clone(queue).run(channel, generation.clone()));
+        }
+        let mut failure = None;
+        let mut connection_lost = false;
+        while let Some(ended) = running.join_next().await {
+            match ended {
+                Ok(End::Shutdown) => {}
+                Ok(End::ConnectionLost) => {
+                    connection_lost = true;
+                    lost.cancel();
+                }
+                Err(join) => {
+                    error!(%join, "a queue's consumer failed; shutting down");
+                    failure.get_or_insert(Error::Runtime(std::io::Error::other(format!(
+                        "queue consumer failed: {join}"
+                    ))));
+                    self.shutdown.cancel();
+                }
+            }
+        }
+        if (connection_lost || lost.is_cancelled()) && !self.shutdown.is_cancelled() {
+            return Ended::Lost("the connection failed".to_owned());
+        }
+        close(connection).await;
+        Ended::Shutdown(failure.map_or(Ok(()), Err))
+    }
+
+    async fn wait_for_orphans(&self) {
+        for queue in &self.queues {
+            queue.wait_for_orphans(self.timing.shutdown_timeout).await;
+        }
+    }
+
+    fn connection_runtime(&self) -> Result<ConnectionRuntime, Error> {
+        #[cfg(feature = "test-util")]
+        if self.shared_runtime {
+            return Ok(ConnectionRuntime::shared());
+        }
+        debug_assert!(!self.shared_runtime);
+        ConnectionRuntime::dedicated()
+    }
+}
+
+/// Follows the connection's events: a connection error fires `lost`; flow control (the
+/// broker blocking publishers after a resource alarm) is reported, never taken for a loss.
+/// A channel error while the connection lives is the channel's consumer's business.
+async fn watch_events(
+    connection: Arc<Connection>,
+    lost: CancellationToken,
+    loss: Arc<Mutex<Option<String>>>,
+    status: Arc<StatusWriter>,
+) {
+    let mut events = connection.lapin().events_listener();
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::Error(error) if !connection.is_connected() => {
+                *loss.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+                lost.cancel();
+                return;
+            }
+            lapin::Event::Error(error) => debug!(%error, "channel error"),
+            lapin::Event::ConnectionBlocked(reason) => {
+                warn!(%reason, "the broker blocked the connection (resource alarm); consuming goes on");
+                status.set_blocked(Some(reason));
+            }
+            lapin::Event::ConnectionUnblocked => {
+                info!("the broker unblocked the connection");
+                status.set_blocked(None);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn close(connection: &Connection) {
+    if let Err(error) = connection.close().await {
+        warn!(%error, "connection close failed");
+    }
+}
