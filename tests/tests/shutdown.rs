@@ -226,3 +226,48 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_broker_exits_zero_at_once() -> anyhow::Result<()> {
+    init_tracing();
+    // A loopback port nobody listens on: conejo keeps waiting for its broker.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
+        .args(["--queue", "nowhere"])
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .env("RUST_LOG", "warn,conejo=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start conejo-fixture")?;
+    let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?).lines();
+    // Waiting: it says so (and keeps trying).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), stderr.next_line())
+            .await
+            .context("the fixture never said it was waiting for the broker")??
+            .context("the fixture exited")?;
+        if line.contains("cannot reach the broker") {
+            break;
+        }
+    }
+    let pid = child.id().context("exited")?;
+    let signalled = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await??;
+    let took = signalled.elapsed();
+    eprintln!("exited {status:?} {took:?} after SIGTERM while waiting for the broker");
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    Ok(())
+}
