@@ -48,12 +48,13 @@ pub struct Broker {
     pub amqp_url: String,
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level.
+/// Logs to stderr; `RUST_LOG` overrides the default level. lapin's own logs are off by default:
+/// conejo reports every connection event itself, saying what it does next.
 pub fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn".into()),
+                .unwrap_or_else(|_| "info,lapin=off".into()),
         )
         .with_target(false)
         .init();
