@@ -257,15 +257,15 @@ impl TcpProxy {
     /// 2 s, normally much less than a millisecond — safe on a runtime, since the work is done
     /// by the proxy's thread).
     pub fn cut(&self) -> usize {
-        let epoch = {
+        // Counted before the cut is announced: the proxy's thread may close them at once.
+        let (epoch, cut) = {
             let mut connections = self.shared.lock();
             connections.epoch += 1;
-            connections.epoch
+            (connections.epoch, connections.open.len())
         };
         self.shared.cut.send_replace(epoch);
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         let mut connections = self.shared.lock();
-        let cut = connections.open.values().filter(|e| **e < epoch).count();
         while connections.open.values().any(|e| *e < epoch) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 tracing::warn!(proxy = %self.addr, "connections still open {CONTROL_TIMEOUT:?} after a cut");
@@ -429,7 +429,10 @@ async fn serve_connection(mut client: TcpStream, target: SocketAddr, shared: Arc
             )
         };
         tokio::select! {
-            _ = forward => false,
+            result = forward => {
+                tracing::debug!(%target, ?result, "proxied connection ended");
+                false
+            }
             () = cut_after(&mut cut_rx, registration.epoch) => true,
         }
     };
