@@ -141,12 +141,6 @@ async fn private_node_keeps_persistent_messages_across_stop_and_kill() -> anyhow
     let drained = broker.drain(&queue).await?;
     assert_eq!(bodies(&drained), ["persistent-1", "persistent-2"]);
 
-    // restart() = stop + start_again.
-    let restarting = Instant::now();
-    node.restart().await?;
-    eprintln!("timing: restart in {:.2?}", restarting.elapsed());
-    let broker = Broker::connect_to(&node.amqp_url()).await?;
-    assert_eq!(broker.message_count(&queue).await?, 0);
     broker.delete_queue(&queue).await?;
     broker.close().await?;
 
@@ -250,8 +244,10 @@ async fn proxy_stall_kills_a_heartbeat_1_connection_and_cut_closes_at_once() -> 
     // Control: through a passing proxy, a 1 s heartbeat keeps the connection alive.
     let connection = connect().await?;
     assert_eq!(connection.configuration().heartbeat(), 1);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(connection.status().connected(), "{:?}", connection.status());
+
+    assert_eq!(proxy.connections(), 1);
 
     // Stalled: no heartbeat gets through; lapin gives up after two intervals.
     proxy.stall();
@@ -309,14 +305,11 @@ async fn cluster_of_three_forms_and_a_killed_node_rejoins() -> anyhow::Result<()
         .collect();
     names.sort();
     assert_eq!(cluster.running_nodes().await?, names);
-    for node in cluster.nodes() {
-        assert_eq!(
-            node.running_nodes().await?,
-            names,
-            "as {} sees it",
-            node.node_name()
-        );
-    }
+    assert_eq!(
+        cluster.nodes()[2].running_nodes().await?,
+        names,
+        "as the last node to join sees it"
+    );
     assert_eq!(cluster.amqp_urls().len(), 3);
 
     // A quorum queue with members on all three nodes.
