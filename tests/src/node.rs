@@ -27,8 +27,10 @@
 //! pipe closes, the Erlang shell reads end-of-file and the VM terminates. So a node never outlives
 //! its test process, even when no destructor runs. [`PrivateNode`]'s `Drop` kills the node at once
 //! and removes its directory; a directory left behind by a process that died is removed by the
-//! next process that starts a node. Set `CONEJO_KEEP_NODE_DIRS=1` to keep the directories (their
-//! paths are printed when the node is dropped).
+//! next process that starts a node. The directory of a node that failed to start is kept (the
+//! error says where, and quotes the tails of its log and console output). Set
+//! `CONEJO_KEEP_NODE_DIRS=1` to keep every directory (their paths are printed when the nodes are
+//! dropped).
 //!
 //! The node is in its own process group, so a Ctrl-C on the test runner reaches only the test
 //! process (which then closes the pipe).
@@ -71,6 +73,10 @@ const BIN_DIR_VAR: &str = "CONEJO_RABBITMQ_BIN_DIR";
 
 /// Environment variable that, when set to anything but `0` or empty, keeps node directories.
 const KEEP_DIRS_VAR: &str = "CONEJO_KEEP_NODE_DIRS";
+
+/// A file in a node's directory that keeps it from being removed (by `Drop` and by the sweep of
+/// dead processes' directories): written when a start fails.
+const KEEP_MARKER: &str = "KEPT-AFTER-FAILED-START";
 
 /// Upper bound for a node to become ready (normally 3.5–6 s; generous for a loaded machine).
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -150,8 +156,8 @@ impl PrivateNode {
     /// `[A-Za-z0-9_-]`, at most 24 characters; it may be empty) with a new random cookie, and
     /// waits until it is ready (`rabbitmqctl await_startup`), at most [`NODE_START_TIMEOUT`].
     ///
-    /// The error of a failed start names the node's directory and quotes the tail of its log and
-    /// console output.
+    /// The error of a failed start names the node's directory, which is then kept (also by
+    /// `Drop`), and quotes the tail of its log and console output.
     pub async fn start(name_hint: &str) -> anyhow::Result<PrivateNode> {
         Self::start_with_cookie(name_hint, &random_cookie()).await
     }
@@ -164,6 +170,8 @@ impl PrivateNode {
             match node.boot().await {
                 Ok(()) => return Ok(node),
                 Err(err) if attempt < START_ATTEMPTS && node.lost_a_port() => {
+                    // Expected, nothing to inspect: let Drop remove it.
+                    node.keep_dir = false;
                     tracing::warn!(
                         node = %node.node_name,
                         "a port was taken before the node could bind it; retrying with others: {err:#}"
@@ -419,8 +427,24 @@ impl PrivateNode {
         parse_leader(&stdout, queue)
     }
 
-    /// Spawns the server and waits until it is ready; kills it on failure.
+    /// Spawns the server and waits until it is ready; on failure, kills it and keeps its
+    /// directory for inspection (see [`KEEP_MARKER`]).
     async fn boot(&mut self) -> anyhow::Result<()> {
+        let result = self.try_boot().await;
+        if let Err(err) = result {
+            self.kill_now();
+            self.keep_dir = true;
+            let _ = fs::write(self.dir.join(KEEP_MARKER), format!("{err:#}\n"));
+            return Err(err.context(format!(
+                "failed to start {}; its files are kept in {}",
+                self.node_name,
+                self.dir.display()
+            )));
+        }
+        result
+    }
+
+    async fn try_boot(&mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let pid_file = self.dir.join("pid");
         // A stale pid file would name a dead process.
@@ -461,11 +485,10 @@ impl PrivateNode {
                 Err(err) => format!("{err:#}"),
             };
             if Instant::now() >= deadline {
-                let diagnostics = self.diagnostics();
-                self.kill_now();
                 bail!(
-                    "{} not ready within {NODE_START_TIMEOUT:?} (last check: {last}); killed it{diagnostics}",
-                    self.node_name
+                    "{} not ready within {NODE_START_TIMEOUT:?} (last check: {last}){}",
+                    self.node_name,
+                    self.diagnostics()
                 );
             }
             tokio::time::sleep(POLL_PAUSE).await;
@@ -947,7 +970,8 @@ fn sweep_stale_dirs() {
             };
             let path = entry.path();
             let beam_alive = read_pid(&path.join("pid")).is_some_and(process_exists);
-            if owner != std::process::id() && !process_exists(owner) && !beam_alive {
+            let kept = path.join(KEEP_MARKER).exists();
+            if owner != std::process::id() && !process_exists(owner) && !beam_alive && !kept {
                 let _ = fs::remove_dir_all(&path);
             }
         }
@@ -1116,6 +1140,52 @@ mod tests {
         assert_eq!(parse_leader(json, "classic").unwrap(), None);
         assert!(parse_leader(json, "missing").is_err());
         assert!(parse_leader("", "qq1").is_err());
+    }
+
+    /// A server that dies at boot: the error names the node, its exit status and directory,
+    /// and quotes its console output; the node's directory is kept.
+    #[tokio::test]
+    async fn failed_start_is_diagnosable() {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = std::env::temp_dir().join(format!("conejo-fake-bin-{}", std::process::id()));
+        fs::create_dir_all(&bin).unwrap();
+        for (name, script) in [
+            (
+                "rabbitmq-server",
+                "#!/bin/sh\necho \"fake boot of $RABBITMQ_NODENAME failed\"\nsleep 0.3\nexit 3\n",
+            ),
+            // As a real rabbitmqctl does while the node is not registered yet.
+            ("rabbitmqctl", "#!/bin/sh\necho nodedown >&2\nexit 69\n"),
+        ] {
+            let path = bin.join(name);
+            fs::write(&path, script).unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut node = PrivateNode::prepare("fake", &random_cookie()).unwrap();
+        node.bin_dir = bin.clone();
+        let err = node.boot().await.expect_err("the fake server exits");
+        let msg = format!("{err:#}");
+        eprintln!("{msg}");
+        assert!(msg.contains(node.node_name()), "{msg}");
+        assert!(msg.contains("exit status: 3"), "{msg}");
+        assert!(msg.contains(&node.dir().display().to_string()), "{msg}");
+        assert!(
+            msg.contains(&format!("fake boot of {} failed", node.node_name())),
+            "{msg}"
+        );
+        assert!(!node.is_running());
+        assert!(
+            msg.starts_with(&format!(
+                "failed to start {}; its files are kept",
+                node.node_name()
+            )),
+            "{msg}"
+        );
+        let dir = node.dir().to_owned();
+        drop(node);
+        assert!(dir.join(KEEP_MARKER).is_file());
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(&bin).unwrap();
     }
 
     #[test]
