@@ -37,8 +37,9 @@
 //!
 //! # Cost, and sharing a node
 //!
-//! A node is ready 3.5–6 s after it is started (a restart with existing data is at the lower
-//! end), a three-node cluster takes 14–19 s. [`shared_private_node`] starts one node per test
+//! On this two-core machine a node is ready 4–7 s after it is started (the same for a restart
+//! with existing data, after a stop or a kill), a three-node cluster takes 16–20 s (its nodes
+//! boot in parallel, ~10 s, then two join in turn). [`shared_private_node`] starts one node per test
 //! process and hands out `&'static` references to it: the lifecycle methods ([`PrivateNode::stop`],
 //! [`PrivateNode::kill`], [`PrivateNode::start_again`], …) take `&mut self`, so tests can use the
 //! shared node (connect, declare, publish, [`PrivateNode::close_all_connections`]) but a test that
@@ -78,7 +79,7 @@ const KEEP_DIRS_VAR: &str = "CONEJO_KEEP_NODE_DIRS";
 /// dead processes' directories): written when a start fails.
 const KEEP_MARKER: &str = "KEPT-AFTER-FAILED-START";
 
-/// Upper bound for a node to become ready (normally 3.5–6 s; generous for a loaded machine).
+/// Upper bound for a node to become ready (normally 4–7 s; generous for a loaded machine).
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Upper bound for a node to exit after `rabbitmqctl stop` (normally well under a second).
@@ -433,8 +434,7 @@ impl PrivateNode {
         let result = self.try_boot().await;
         if let Err(err) = result {
             self.kill_now();
-            self.keep_dir = true;
-            let _ = fs::write(self.dir.join(KEEP_MARKER), format!("{err:#}\n"));
+            self.keep_for_inspection(&err);
             return Err(err.context(format!(
                 "failed to start {}; its files are kept in {}",
                 self.node_name,
@@ -442,6 +442,13 @@ impl PrivateNode {
             )));
         }
         result
+    }
+
+    /// Keeps the directory when the node is dropped, and from the sweep, with `err` in
+    /// [`KEEP_MARKER`].
+    fn keep_for_inspection(&mut self, err: &anyhow::Error) {
+        self.keep_dir = true;
+        let _ = fs::write(self.dir.join(KEEP_MARKER), format!("{err:#}\n"));
     }
 
     async fn try_boot(&mut self) -> anyhow::Result<()> {
@@ -743,8 +750,29 @@ impl PrivateCluster {
                 .map(|hint| PrivateNode::start_with_cookie(hint, &cookie)),
         )
         .await?;
-        let cluster = PrivateCluster { nodes };
-        let Some((seed, others)) = cluster.nodes.split_first() else {
+        let mut cluster = PrivateCluster { nodes };
+        match cluster.form().await {
+            Ok(()) => Ok(cluster),
+            Err(err) => {
+                let dirs: Vec<String> = cluster
+                    .nodes
+                    .iter_mut()
+                    .map(|node| {
+                        node.keep_for_inspection(&err);
+                        node.dir.display().to_string()
+                    })
+                    .collect();
+                Err(err.context(format!(
+                    "failed to form a cluster of {size}; the nodes' files are kept in {}",
+                    dirs.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Joins every node but the first to the first, and waits until all are running members.
+    async fn form(&self) -> anyhow::Result<()> {
+        let Some((seed, others)) = self.nodes.split_first() else {
             bail!("no nodes started");
         };
         for node in others {
@@ -765,10 +793,9 @@ impl PrivateCluster {
                 })?;
             }
         }
-        cluster
-            .wait_for_running_nodes(size, CLUSTER_TIMEOUT)
-            .await?;
-        Ok(cluster)
+        self.wait_for_running_nodes(self.nodes.len(), CLUSTER_TIMEOUT)
+            .await
+            .map(drop)
     }
 
     /// The nodes, in the order they were started (node 0 is the one the others joined).
