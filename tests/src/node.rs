@@ -38,7 +38,7 @@
 //! # Cost, and sharing a node
 //!
 //! On this two-core machine a node is ready 4–7 s after it is started (the same for a restart
-//! with existing data, after a stop or a kill), a three-node cluster takes 16–20 s (its nodes
+//! with existing data, after a stop or a kill), a three-node cluster takes 16–25 s (its nodes
 //! boot in parallel, ~10 s, then two join in turn). [`shared_private_node`] starts one node per test
 //! process and hands out `&'static` references to it: the lifecycle methods ([`PrivateNode::stop`],
 //! [`PrivateNode::kill`], [`PrivateNode::start_again`], …) take `&mut self`, so tests can use the
