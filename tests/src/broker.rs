@@ -216,11 +216,17 @@ impl Broker {
     /// (`conejo-tests.support.…`). Must be called within a tokio runtime;
     /// fails after 15 s if the broker does not answer.
     pub async fn connect() -> anyhow::Result<Broker> {
+        Self::connect_to(&amqp_url()).await
+    }
+
+    /// Like [`Broker::connect`], to the broker at `url` (e.g. a
+    /// [`PrivateNode::amqp_url`](crate::PrivateNode::amqp_url), or a
+    /// [`TcpProxy::url`](crate::TcpProxy::url)).
+    pub async fn connect_to(url: &str) -> anyhow::Result<Broker> {
         let connection_name = unique_name("conejo-tests.support");
-        let url = amqp_url();
         let props =
             ConnectionProperties::default().with_connection_name(connection_name.clone().into());
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, props))
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props))
             .await
             .map_err(|_| anyhow!("timed out after {CONNECT_TIMEOUT:?} connecting to {url}"))?
             .with_context(|| format!("failed to connect to {url}"))?;
@@ -292,6 +298,25 @@ impl Broker {
         })
         .await
         .with_context(|| format!("failed to declare queue {name:?}"))?;
+        Ok(())
+    }
+
+    /// Declares the durable queue `name` (not auto-delete, not exclusive)
+    /// with the given `x-…` arguments: it survives a broker restart, and so do
+    /// the persistent messages (`delivery_mode` 2) in it. Quorum queues
+    /// (`x-queue-type = "quorum"`) must be durable.
+    pub async fn declare_durable_queue_with_args(
+        &self,
+        name: &str,
+        args: FieldTable,
+    ) -> anyhow::Result<()> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..plain_queue_options()
+        };
+        self.with_ops(|ch| async move { ch.queue_declare(name.into(), options, args).await })
+            .await
+            .with_context(|| format!("failed to declare durable queue {name:?}"))?;
         Ok(())
     }
 

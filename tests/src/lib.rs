@@ -15,11 +15,18 @@
 //! run in parallel against the same broker.
 
 mod broker;
+mod node;
+mod proxy;
 mod rabbitmqctl;
 mod service;
 mod watch;
 
 pub use broker::{Broker, DrainedMessage, XDeath};
+pub use node::{
+    CLI_TIMEOUT, NODE_START_TIMEOUT, NODE_STOP_TIMEOUT, PrivateCluster, PrivateNode,
+    shared_private_node,
+};
+pub use proxy::{ProxyMode, TcpProxy};
 pub use rabbitmqctl::{
     BrokerConnection, find_connection, find_connection_async, find_connections,
     parse_list_connections, rabbitmqctl_close_connection, rabbitmqctl_connections,
