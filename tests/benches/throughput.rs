@@ -10,6 +10,14 @@
 //! 3. **conejo**: a [`Handler`] with `type Message = Json<Order>` that only counts, consumed
 //!    with `prefetch(p)` and `concurrency(p)`, until `stats().acked` reaches the total.
 //!
+//! With `--failing-share F` (e.g. 0.1), each run also measures **conejo with failures**: the
+//! same handler and settings, but a share `F` of the messages (one in ten for 0.1, spread
+//! evenly) fails on its first two attempts and succeeds on the third, under a retry policy of
+//! [`FAILING_INITIAL_DELAY`] × 3ⁿ with ± 10 % jitter — so each of them makes two round trips
+//! through the broker's wait queues. Its rate counts the original messages handled per second
+//! (each failing message once, when it finally succeeds); the retries it scheduled are
+//! printed beside it.
+//!
 //! Both clocks run from the first delivery user code sees until the last ack has been sent;
 //! the client process CPU time (all threads, from `/proc/self/stat`) is sampled at the same
 //! two points. Every run then checks, broker side, that the queue is empty (after closing the
@@ -19,10 +27,12 @@
 //! cargo bench -p conejo-tests --bench throughput
 //! cargo bench -p conejo-tests --bench throughput -- --messages 50000 --runs 5
 //! cargo bench -p conejo-tests --bench throughput -- --prefetch 1000 --only conejo
+//! cargo bench -p conejo-tests --bench throughput -- --failing-share 0.1
 //! ```
 //!
 //! The broker is [`amqp_url`] (`AMQP_URL`, default the local guest broker). Every queue made is
-//! deleted at the end, also when a run fails; a run that does not finish within
+//! deleted at the end (with the wait and dead-letter queues conejo declared for it), also
+//! when a run fails; a run that does not finish within
 //! [`RUN_TIMEOUT`] (`--timeout SECS`, e.g. under valgrind) fails the benchmark instead of
 //! hanging.
 
@@ -36,7 +46,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
-use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
+use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig, RetryPolicy};
 use conejo_tests::{
     Broker, amqp_url,
     lapin::{
@@ -68,6 +78,13 @@ const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Interval of the `stats().acked` poll once conejo's handler has seen every message.
 const STATS_POLL: Duration = Duration::from_millis(1);
+/// Delay before the first retry of a failing message in the failing runs (the second waits
+/// three times as long).
+const FAILING_INITIAL_DELAY: Duration = Duration::from_millis(50);
+/// Jitter of the failing runs' retry delays.
+const FAILING_JITTER: f64 = 0.1;
+/// Attempts a failing message fails before it succeeds.
+const FAILED_ATTEMPTS: u32 = 2;
 
 /// The message: a small order, as JSON.
 #[derive(Debug, Serialize, Deserialize)]
@@ -104,6 +121,8 @@ enum Kind {
     Lapin,
     /// conejo with a counting handler.
     Conejo,
+    /// conejo with a counting handler that fails a share of the messages twice.
+    Failing,
 }
 
 impl Kind {
@@ -112,6 +131,7 @@ impl Kind {
         match self {
             Kind::Lapin => "raw lapin",
             Kind::Conejo => "conejo",
+            Kind::Failing => "conejo+fails",
         }
     }
 }
@@ -129,12 +149,14 @@ struct Args {
     kinds: Vec<Kind>,
     /// Bound on one consumer run.
     timeout: Duration,
+    /// Share of the messages that fail twice in the [`Kind::Failing`] runs (0: no such run).
+    failing_share: f64,
 }
 
 impl Args {
-    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only lapin|conejo` and
-    /// `--timeout SECS` (also as `--flag=value`) from the process arguments. `--bench`, which cargo passes to
-    /// every bench binary, is ignored.
+    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only lapin|conejo`,
+    /// `--failing-share F` and `--timeout SECS` (also as `--flag=value`) from the process
+    /// arguments. `--bench`, which cargo passes to every bench binary, is ignored.
     fn parse() -> anyhow::Result<Args> {
         let mut args = Args {
             messages: DEFAULT_MESSAGES,
@@ -142,6 +164,7 @@ impl Args {
             prefetches: DEFAULT_PREFETCHES.to_vec(),
             kinds: vec![Kind::Lapin, Kind::Conejo],
             timeout: RUN_TIMEOUT,
+            failing_share: 0.0,
         };
         let mut raw = std::env::args().skip(1);
         while let Some(arg) = raw.next() {
@@ -172,6 +195,9 @@ impl Args {
                     args.timeout =
                         Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
                 }
+                "--failing-share" => {
+                    args.failing_share = value()?.parse().context("--failing-share")?;
+                }
                 "--only" => {
                     args.kinds = match value()?.as_str() {
                         "lapin" => vec![Kind::Lapin],
@@ -181,7 +207,8 @@ impl Args {
                 }
                 _ => bail!(
                     "unknown argument {arg:?}; usage: throughput [--messages N] [--runs R] \
-                     [--prefetch P[,P…]] [--only lapin|conejo] [--timeout SECS]"
+                     [--prefetch P[,P…]] [--only lapin|conejo] [--failing-share F] \
+                     [--timeout SECS]"
                 ),
             }
         }
@@ -192,6 +219,13 @@ impl Args {
             !args.prefetches.is_empty() && !args.prefetches.contains(&0),
             "prefetches must be positive"
         );
+        ensure!(
+            (0.0..=1.0).contains(&args.failing_share),
+            "--failing-share must be between 0 and 1"
+        );
+        if args.failing_share > 0.0 {
+            args.kinds.push(Kind::Failing);
+        }
         Ok(args)
     }
 }
@@ -261,6 +295,8 @@ struct Sample {
     elapsed: Duration,
     /// Process CPU time over the same span.
     cpu: Option<Duration>,
+    /// Retries conejo scheduled (confirmed retry copies); 0 but in failing runs.
+    retries: u64,
 }
 
 impl Sample {
@@ -272,6 +308,7 @@ impl Sample {
                 .cpu
                 .zip(start.cpu)
                 .map(|(end, start)| end.saturating_sub(start)),
+            retries: 0,
         }
     }
 
@@ -446,31 +483,114 @@ impl Handler for Noop {
     }
 }
 
-/// conejo with [`Noop`], `prefetch(p)` and `concurrency(p)`, until every message is acked.
-async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
-    let Run {
-        queue,
-        messages,
-        prefetch,
-        cpu,
-        timeout,
-    } = run;
-    let progress = Arc::new(Progress {
+/// True when the message `index` is one of the failing share: spread evenly, exactly
+/// `⌊messages × share⌋` of the first `messages`.
+fn fails(index: u64, share: f64) -> bool {
+    ((index + 1) as f64 * share).floor() > (index as f64 * share).floor()
+}
+
+/// [`Noop`], but the failing share of the messages fails on its first [`FAILED_ATTEMPTS`]
+/// attempts (a retry, as `?` would); `handled` counts successes only.
+#[derive(Debug)]
+struct Flaky {
+    /// Shared with the benchmark.
+    progress: Arc<Progress>,
+    /// Share of the messages that fail.
+    share: f64,
+}
+
+impl Handler for Flaky {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+        let progress = &*self.progress;
+        progress.first.get_or_init(|| Mark::now(progress.cpu));
+        if fails(order.id, self.share) && ctx.attempt() <= FAILED_ATTEMPTS {
+            return Err(HandlerError::retry("transient failure (benchmark)"));
+        }
+        drop(std::hint::black_box(order));
+        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
+            progress.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a run of `messages` originals.
+fn progress(messages: u32, cpu: CpuClock) -> Arc<Progress> {
+    Arc::new(Progress {
         handled: AtomicU64::new(0),
         first: OnceLock::new(),
         done: Notify::new(),
         target: u64::from(messages),
         cpu,
-    });
+    })
+}
+
+/// The settings of every conejo run: `prefetch(p)` and `concurrency(p)`.
+fn conejo_config(prefetch: u16) -> QueueConfig {
+    QueueConfig::new()
+        .prefetch(prefetch)
+        .concurrency(usize::from(prefetch))
+}
+
+/// conejo with [`Noop`], `prefetch(p)` and `concurrency(p)`, until every message is acked.
+async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
+    let progress = progress(run.messages, run.cpu);
+    let handler = Noop(Arc::clone(&progress));
+    run_service(
+        broker,
+        run,
+        handler,
+        conejo_config(run.prefetch),
+        &progress,
+        0,
+    )
+    .await
+}
+
+/// As [`run_conejo`], with [`Flaky`] failing `share` of the messages twice, retried after
+/// [`FAILING_INITIAL_DELAY`] and three times that.
+async fn run_failing(broker: &Broker, run: Run<'_>, share: f64) -> anyhow::Result<Sample> {
+    let failing = (0..u64::from(run.messages))
+        .filter(|&index| fails(index, share))
+        .count() as u64;
+    let progress = progress(run.messages, run.cpu);
+    let handler = Flaky {
+        progress: Arc::clone(&progress),
+        share,
+    };
+    let config = conejo_config(run.prefetch).retry(
+        RetryPolicy::default()
+            .initial_delay(FAILING_INITIAL_DELAY)
+            .jitter(FAILING_JITTER),
+    );
+    let retries = failing * u64::from(FAILED_ATTEMPTS);
+    run_service(broker, run, handler, config, &progress, retries).await
+}
+
+/// Runs conejo with `handler` until it has handled every message and acked every delivery
+/// (the originals, and the `retries` retry copies it is expected to schedule), then checks
+/// the counts.
+async fn run_service<H: Handler>(
+    broker: &Broker,
+    run: Run<'_>,
+    handler: H,
+    config: QueueConfig,
+    progress: &Progress,
+    retries: u64,
+) -> anyhow::Result<Sample> {
+    let Run {
+        queue,
+        messages,
+        cpu,
+        timeout,
+        ..
+    } = run;
+    let deliveries = u64::from(messages) + retries;
     let conejo = Conejo::builder(amqp_url())
         .connection_name(unique_name("throughput.conejo"))
-        .queue_with(
-            queue,
-            Noop(Arc::clone(&progress)),
-            QueueConfig::new()
-                .prefetch(prefetch)
-                .concurrency(usize::from(prefetch)),
-        )
+        .queue_with(queue, handler, config)
         .build()?;
     let stats = conejo.stats();
     let shutdown = conejo.shutdown_handle();
@@ -483,7 +603,7 @@ async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
         }
         loop {
             let acked = stats.queue(queue).map_or(0, |q| q.acked);
-            if acked >= u64::from(messages) {
+            if acked >= deliveries {
                 return Ok(Mark::now(cpu));
             }
             tokio::time::sleep(STATS_POLL).await;
@@ -506,15 +626,22 @@ async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
 
     let final_stats = stats.queue(queue).context("no stats for the queue")?;
     ensure!(
-        final_stats.acked == u64::from(messages)
+        final_stats.acked == deliveries
+            && final_stats.retried == retries
+            && final_stats.dead_lettered == 0
             && progress.handled.load(Relaxed) == u64::from(messages),
-        "conejo acked {} and handled {} of {messages} messages: {final_stats:?}",
+        "conejo acked {} deliveries (of {deliveries}), scheduled {} retries (of {retries}) and \
+         handled {} of {messages} messages: {final_stats:?}",
         final_stats.acked,
+        final_stats.retried,
         progress.handled.load(Relaxed)
     );
     ensure_empty(broker, queue).await?;
     let start = *progress.first.get().context("no message was handled")?;
-    Ok(Sample::between(start, end))
+    Ok(Sample {
+        retries: final_stats.retried,
+        ..Sample::between(start, end)
+    })
 }
 
 /// Results of one (prefetch, consumer) pair.
@@ -563,17 +690,23 @@ async fn measure(
                 let sample = match entry.kind {
                     Kind::Lapin => run_lapin(broker, spec).await,
                     Kind::Conejo => run_conejo(broker, spec).await,
+                    Kind::Failing => run_failing(broker, spec, args.failing_share).await,
                 }
                 .with_context(|| {
                     format!("{} run {run}, prefetch {prefetch}", entry.kind.label())
                 })?;
                 broker.delete_consumed_queue(&queue).await?;
                 eprintln!(
-                    "prefetch {prefetch:>5}  run {run}/{}  {:<9}  {:>9.0} msg/s  {:?}",
+                    "prefetch {prefetch:>5}  run {run}/{}  {:<9}  {:>9.0} msg/s  {:?}{}",
                     args.runs,
                     entry.kind.label(),
                     sample.rate(args.messages),
                     sample.elapsed,
+                    if entry.kind == Kind::Failing {
+                        format!("  {} retries", sample.retries)
+                    } else {
+                        String::new()
+                    },
                 );
                 entry.samples.push(sample);
             }
@@ -632,6 +765,38 @@ fn table(args: &Args, series: &[Series]) -> String {
                 conejo / lapin
             );
         }
+        if let (Some(conejo), Some(failing)) = (of(Kind::Conejo), of(Kind::Failing)) {
+            let _ = writeln!(
+                out,
+                "{prefetch:>8} | {:<13} | {:>11.2}x |",
+                "fails/conejo",
+                failing / conejo
+            );
+        }
+    }
+    for entry in series.iter().filter(|s| s.kind == Kind::Failing) {
+        let retries: Vec<String> = entry
+            .samples
+            .iter()
+            .map(|s| s.retries.to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:>8} | {:<13} | retries scheduled per run: {}",
+            entry.prefetch,
+            entry.kind.label(),
+            retries.join(" ")
+        );
+    }
+    if args.failing_share > 0.0 {
+        let _ = writeln!(
+            out,
+            "conejo+fails: a share {} of the messages fails on attempts 1 and 2 and succeeds on \
+             attempt 3 (retries after {FAILING_INITIAL_DELAY:?} and 3 × that, ± {:.0} %); its \
+             msg/s counts original messages handled, its CPU is per original message",
+            args.failing_share,
+            FAILING_JITTER * 100.0
+        );
     }
     out
 }
@@ -648,11 +813,16 @@ async fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "throughput: {} messages of {BODY_LEN} B per run, {} run(s), prefetch {:?}, \
-         {cores} cores, broker {}",
+         {cores} cores, broker {}{}",
         args.messages,
         args.runs,
         args.prefetches,
         amqp_url().split('@').next_back().unwrap_or_default(),
+        if args.failing_share > 0.0 {
+            format!(", failing share {}", args.failing_share)
+        } else {
+            String::new()
+        },
     );
 
     let broker = Broker::connect().await?;

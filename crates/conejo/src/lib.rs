@@ -16,30 +16,52 @@
 //! run through [`Blocking`] on tokio's blocking pool, at most `concurrency` at a time.
 //!
 //! ## The path of a message
-//! broker → delivery (lapin, connection runtime) → decode ([`Decode`], e.g. [`Json`]) →
-//! [`Handler::handle`] (your runtime) → [`Outcome`] → settle task (connection runtime) →
-//! `basic.ack` / `basic.nack` / `basic.reject`.
+//! broker → delivery (lapin, connection runtime) → poison check ([`QueueConfig::poison_limit`])
+//! → decode ([`Decode`], e.g. [`Json`]) → [`Handler::handle`] (your runtime, within
+//! [`QueueConfig::timeout`]) → [`Outcome`] → on failure, a copy published with confirms to a
+//! wait queue or the dead-letter exchange → settle task (connection runtime) → `basic.ack`,
+//! or `basic.nack` (requeue) to give a message back.
 //!
 //! ## Acknowledgements and failures
-//! - A message is acknowledged only after its handler returned `Ok`: at-least-once delivery.
+//! - A message is acknowledged only after its handler returned `Ok`, or after the broker
+//!   confirmed its retry copy or dead letter: at-least-once delivery, a duplicate at worst,
+//!   never a loss.
 //! - Acks are coalesced: finished deliveries with consecutive tags are acknowledged with one
 //!   `basic.ack(multiple = true)`, within [`Builder::ack_linger`] (5 ms) or as soon as a
-//!   quarter of the prefetch window is waiting. No delivery is ever settled twice, and acks
-//!   only go to the channel that delivered the message.
-//! - A failure — handler error, payload that does not decode, panic — is a [`Failure`]; the
-//!   queue's policy ([`QueueConfig::on_failure`], default [`Failure::default_outcome`])
-//!   makes it [`Outcome::Retry`] (requeue) or [`Outcome::Reject`] (dead-letter, or drop).
+//!   quarter of the prefetch window is waiting. No delivery is ever settled twice, acks
+//!   only go to the channel that delivered the message, and a delivery whose task ends
+//!   without a result (a panic, a dropped task) is given back.
+//! - A failure — handler error, payload that does not decode, panic, timeout — is a
+//!   [`Failure`]; the queue's policy ([`QueueConfig::on_failure`], default
+//!   [`Failure::default_outcome`]) makes it [`Outcome::Retry`] or [`Outcome::Reject`].
+//! - [`Outcome::Retry`] waits in the broker, not in the process: a copy goes to the wait queue
+//!   `<queue>.retry.<ttl>ms`, which dead-letters it back to the queue once its delay has
+//!   passed, as attempt [`Context::attempt`] + 1. The delays and the number of attempts are
+//!   the queue's [`RetryPolicy`] (default: 5 attempts, 1 s × 3ⁿ capped at 60 s, ± 20 %:
+//!   about 40 s to the dead-letter queue); [`HandlerError::retry_after`] overrides the delay.
+//! - [`Outcome::Reject`], a retry on the last attempt, and a message delivered
+//!   [`poison_limit`](QueueConfig::poison_limit) times without a result are dead-lettered:
+//!   a copy with `conejo-reason`, `conejo-failure`, `conejo-error` and other headers goes to
+//!   `<queue>.dlx` → `<queue>.dlq` (declared by conejo), or to the exchange named with
+//!   [`QueueConfig::dead_letter_exchange`], which must exist
+//!   ([`Error::DeadLetterExchangeNotFound`]).
+//! - `conejo::admin` (feature `admin`) and the `conejo` binary (crate `conejo-cli`) list,
+//!   show and replay dead letters.
+//!
+//! The repository's README has the full picture: the queues conejo declares, every header,
+//! the caveats of poison detection.
 //!
 //! ## Shutdown
 //! On SIGINT/SIGTERM or a [`ShutdownHandle`]: stop consuming, give back at once the
 //! messages prefetched but not started, let in-flight handlers finish (up to
 //! [`Builder::shutdown_timeout`], 20 s by default) and ack them, requeue whatever did not
-//! finish, close the channels and the connection.
+//! finish, close the channels and the connection. Nothing given back uses up an attempt.
 //!
 //! ## Not yet
 //! Reconnection: when the connection or a channel is lost, [`Conejo::run`] returns an
 //! [`Error`] (after giving back what it can) and the process should exit non-zero and be
-//! restarted by its supervisor. Unacknowledged messages are redelivered by the broker.
+//! restarted by its supervisor. Unacknowledged messages are redelivered by the broker
+//! (using up no attempt). Metrics export: [`Conejo::stats`] only.
 //!
 //! ## Example
 //! ```no_run
@@ -53,7 +75,7 @@
 //! impl Handler for Orders {
 //!     type Message = Json<Order>;
 //!     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
-//!         println!("order {} (redelivered: {})", order.id, ctx.redelivered());
+//!         println!("order {} (attempt {})", order.id, ctx.attempt());
 //!         Ok(())
 //!     }
 //! }
