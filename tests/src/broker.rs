@@ -413,10 +413,35 @@ impl Broker {
         queue: &str,
         bodies: Vec<Vec<u8>>,
     ) -> anyhow::Result<()> {
+        self.publish_many(queue, bodies, BasicProperties::default())
+            .await
+    }
+
+    /// As [`Broker::publish_many_bytes`], persistent (`delivery_mode = 2`): the messages
+    /// of a durable queue survive a broker restart.
+    pub async fn publish_many_persistent(
+        &self,
+        queue: &str,
+        bodies: Vec<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        self.publish_many(
+            queue,
+            bodies,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+    }
+
+    async fn publish_many(
+        &self,
+        queue: &str,
+        bodies: Vec<Vec<u8>>,
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
         let total = bodies.len();
         let batch = unique_name("bulk");
         let channel = self.publish.get(&self.connection).await?;
-        let result = publish_pipelined(&channel, queue, &batch, bodies).await;
+        let result = publish_pipelined(&channel, queue, &batch, bodies, &properties).await;
         let confirms = match result {
             Ok(confirms) => confirms,
             Err(err) => {
@@ -711,10 +736,13 @@ async fn publish_pipelined(
     queue: &str,
     batch: &str,
     bodies: Vec<Vec<u8>>,
+    properties: &BasicProperties,
 ) -> lapin::Result<Vec<PublisherConfirm>> {
     stream::iter(bodies.into_iter().enumerate())
         .map(|(i, body)| async move {
-            let props = BasicProperties::default().with_message_id(format!("{batch}.{i}").into());
+            let props = properties
+                .clone()
+                .with_message_id(format!("{batch}.{i}").into());
             channel
                 .basic_publish("".into(), queue.into(), mandatory(), &body, props)
                 .await

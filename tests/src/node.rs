@@ -160,14 +160,24 @@ impl PrivateNode {
     /// The error of a failed start names the node's directory, which is then kept (also by
     /// `Drop`), and quotes the tail of its log and console output.
     pub async fn start(name_hint: &str) -> anyhow::Result<PrivateNode> {
-        Self::start_with_cookie(name_hint, &random_cookie()).await
+        Self::start_with_cookie(name_hint, &random_cookie(), "").await
     }
 
-    async fn start_with_cookie(name_hint: &str, cookie: &str) -> anyhow::Result<PrivateNode> {
+    /// As [`start`](Self::start), with `config` appended to the node's `rabbitmq.conf`
+    /// (e.g. `consumer_timeout = 2000`).
+    pub async fn start_with_config(name_hint: &str, config: &str) -> anyhow::Result<PrivateNode> {
+        Self::start_with_cookie(name_hint, &random_cookie(), config).await
+    }
+
+    async fn start_with_cookie(
+        name_hint: &str,
+        cookie: &str,
+        config: &str,
+    ) -> anyhow::Result<PrivateNode> {
         sweep_stale_dirs();
         let mut attempt = 1;
         loop {
-            let mut node = Self::prepare(name_hint, cookie)?;
+            let mut node = Self::prepare(name_hint, cookie, config)?;
             match node.boot().await {
                 Ok(()) => return Ok(node),
                 Err(err) if attempt < START_ATTEMPTS && node.lost_a_port() => {
@@ -185,7 +195,7 @@ impl PrivateNode {
     }
 
     /// Creates the node's directory, files and port reservation, without starting it.
-    fn prepare(name_hint: &str, cookie: &str) -> anyhow::Result<PrivateNode> {
+    fn prepare(name_hint: &str, cookie: &str, config: &str) -> anyhow::Result<PrivateNode> {
         static NODES: AtomicU64 = AtomicU64::new(0);
         let bin_dir = bin_dir();
         let server = bin_dir.join("rabbitmq-server");
@@ -211,12 +221,12 @@ impl PrivateNode {
             process: Mutex::new(NodeProcess::default()),
             keep_dir: keep_dirs(),
         };
-        node.write_files(cookie)
+        node.write_files(cookie, config)
             .with_context(|| format!("failed to prepare {}", node.dir.display()))?;
         Ok(node)
     }
 
-    fn write_files(&self, cookie: &str) -> anyhow::Result<()> {
+    fn write_files(&self, cookie: &str, config: &str) -> anyhow::Result<()> {
         if self.dir.exists() {
             // Left by an earlier process that had the same pid.
             fs::remove_dir_all(&self.dir)?;
@@ -243,11 +253,18 @@ impl PrivateNode {
                 "# Written by conejo-tests.\n\
                  listeners.tcp.1 = 127.0.0.1:{}\n\
                  log.console = false\n\
-                 log.file.level = info\n",
+                 log.file.level = info\n\
+                 {config}\n",
                 self.ports.amqp()
             ),
         )?;
         fs::write(self.dir.join("enabled_plugins"), "[].\n")?;
+        // Channels check their consumer timeouts on each tick, every minute by default: a
+        // second, so that a test's short consumer_timeout is enforced promptly.
+        fs::write(
+            self.dir.join("advanced.config"),
+            "[{rabbit, [{channel_tick_interval, 1000}]}].\n",
+        )?;
         Ok(())
     }
 
@@ -564,6 +581,7 @@ impl PrivateNode {
                 self.ports.cli_max().to_string(),
             )
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
@@ -747,7 +765,7 @@ impl PrivateCluster {
         let nodes = futures::future::try_join_all(
             hints
                 .iter()
-                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie)),
+                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie, "")),
         )
         .await?;
         let mut cluster = PrivateCluster { nodes };
@@ -1188,7 +1206,7 @@ mod tests {
             fs::write(&path, script).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut node = PrivateNode::prepare("fake", &random_cookie()).unwrap();
+        let mut node = PrivateNode::prepare("fake", &random_cookie(), "").unwrap();
         node.bin_dir = bin.clone();
         let err = node.boot().await.expect_err("the fake server exits");
         let msg = format!("{err:#}");

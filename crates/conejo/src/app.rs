@@ -37,9 +37,9 @@ const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Default back-off between reconnection attempts: the first retry at once, then from
-/// 100 ms, doubling, up to 30 s.
+/// 100 ms, doubling, up to 5 s.
 pub const DEFAULT_RECONNECT_DELAY: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(30));
+    (Duration::from_millis(100), Duration::from_secs(5));
 
 /// A RabbitMQ consumer service: queues, their handlers, and the connection conejo owns.
 ///
@@ -246,8 +246,9 @@ impl Builder {
     }
 
     /// The broker's `consumer_timeout` (default 30 min, RabbitMQ's default): a delivery
-    /// unacked for longer closes its channel. conejo warns at startup about a queue whose
-    /// handler [timeout](QueueConfig::timeout) is not below it, or that has none.
+    /// unacked for longer closes its channel (conejo then reopens it, and the message is
+    /// redelivered). conejo warns at startup about a queue whose handler
+    /// [timeout](QueueConfig::timeout) is not below it.
     pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
         self.consumer_timeout = timeout;
         self
@@ -269,7 +270,7 @@ impl Builder {
 
     /// Back-off between reconnection attempts, and between attempts to reopen a queue's
     /// channel: the first retry at once, then `initial`, doubling up to `max`, ± 20 %
-    /// (default 100 ms to 30 s).
+    /// (default 100 ms to 5 s).
     pub fn reconnect_delay(mut self, initial: Duration, max: Duration) -> Self {
         self.connect.backoff = (initial, max);
         self

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::{
     Context, Error, Failure, Outcome, RetryPolicy,
     outcome::FailurePolicy,
-    topology::{Binding, DeadLetterRoute, LONGEST_SUFFIX},
+    topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
 };
 
 /// Default number of deliveries without a result (the consumer crashed or lost its
@@ -143,7 +143,9 @@ impl QueueConfig {
         self
     }
 
-    /// Declares a quorum queue (replicated, `x-queue-type = quorum`); must be durable.
+    /// Declares a quorum queue (replicated, `x-queue-type = quorum`); must be durable. With
+    /// [`passive`](Self::passive), says that the existing queue is one: its dead-letter and
+    /// wait queues are then quorum queues too.
     ///
     /// The broker counts a quorum queue's redeliveries (`x-delivery-count`): conejo reads
     /// that count for poison detection and, unless set, declares `x-delivery-limit` to the
@@ -300,6 +302,15 @@ impl QueueConfig {
                 routing_key: self.dead_letter_routing_key.clone(),
                 ..DeadLetterRoute::default_for(queue)
             },
+        }
+    }
+
+    /// Flags of the dead-letter and wait queues conejo declares for this queue: durable
+    /// unless the queue is declared transient, quorum when the queue is one.
+    pub(crate) fn durability(&self) -> Durability {
+        Durability {
+            durable: self.durable || !self.declare,
+            quorum: self.is_quorum(),
         }
     }
 

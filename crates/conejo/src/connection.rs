@@ -9,11 +9,7 @@ use lapin::{
     types::{FieldTable, LongString, ShortString},
 };
 
-use crate::{
-    AmqpUrl, Error, Exchange, QueueConfig,
-    runtime::ConnectionRuntime,
-    topology::{self, Durability},
-};
+use crate::{AmqpUrl, Error, Exchange, QueueConfig, runtime::ConnectionRuntime, topology};
 
 /// How long closing a channel or the connection may take before conejo gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,10 +154,58 @@ impl Connection {
             })
     }
 
-    /// Opens a channel, applies the prefetch, declares the queue (or checks it exists), its
-    /// bindings and its dead-letter topology, and starts consuming — in this order, so the
-    /// prefetch is in force before the first delivery and nothing is consumed that could
-    /// not be dead-lettered.
+    /// Declares the queue's dead-letter topology (or checks the user's exchange), on a
+    /// channel of its own: a refusal closes that channel, not the consumer's.
+    pub(crate) async fn declare_dead_letter(
+        &self,
+        queue: &str,
+        config: &QueueConfig,
+    ) -> Result<(), Error> {
+        let connection = Arc::clone(&self.inner);
+        let route = config.dead_letter_route(queue);
+        let durability = config.durability();
+        let name = queue.to_owned();
+        let declared = {
+            let route = route.clone();
+            self.runtime
+                .run(async move {
+                    let channel = connection.create_channel().await?;
+                    let declared =
+                        topology::declare_dead_letter(&channel, &name, &route, durability).await;
+                    if channel.status().connected() {
+                        let _ = channel.close(200, ShortString::from("declared")).await;
+                    }
+                    declared
+                })
+                .await
+        };
+        declared.map_err(|source| {
+            if !route.owned && is_not_found(&source) {
+                Error::DeadLetterExchangeNotFound {
+                    queue: queue.to_owned(),
+                    exchange: route.exchange,
+                }
+            } else if route.owned {
+                Error::Topology {
+                    what: format!(
+                        "dead-letter exchange '{}' and queue '{}'",
+                        route.exchange,
+                        topology::dead_letter_queue_name(queue)
+                    ),
+                    source,
+                }
+            } else {
+                Error::Topology {
+                    what: format!("dead-letter exchange '{}'", route.exchange),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Opens a channel, applies the prefetch, declares the queue (or checks it exists) and
+    /// its bindings, and starts consuming — in this order, so the prefetch is in force
+    /// before the first delivery.
     pub(crate) async fn consume(
         &self,
         queue: &str,
@@ -184,10 +228,6 @@ impl Connection {
             FieldTable::default()
         };
         let bindings = config.bindings.clone();
-        let dead_letter = config.dead_letter_route(queue);
-        let durability = Durability {
-            durable: config.durable || !config.declare,
-        };
         let queue_name = queue.to_owned();
         let setup = self.runtime.spawn(async move {
             let channel = connection
@@ -207,9 +247,6 @@ impl Connection {
                     .await
                     .map_err(|e| ("bind", e))?;
             }
-            topology::declare_dead_letter(&channel, &queue_name, &dead_letter, durability)
-                .await
-                .map_err(|e| ("dead-letter", e))?;
             let consumer = channel
                 .basic_consume(
                     name,
@@ -230,12 +267,6 @@ impl Connection {
             }),
             Ok(Err(("declare", source))) if is_not_found(&source) => {
                 Err(Error::QueueNotFound { queue })
-            }
-            Ok(Err(("dead-letter", source))) if is_not_found(&source) => {
-                Err(Error::DeadLetterExchangeNotFound {
-                    queue,
-                    exchange: config.dead_letter_route("").exchange,
-                })
             }
             Ok(Err(("bind", source))) => Err(Error::Topology {
                 what: format!(

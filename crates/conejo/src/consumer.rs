@@ -20,7 +20,6 @@ use crate::{
     settle::settle_task,
     stats::QueueCounters,
     status::StatusWriter,
-    topology::Durability,
     tracker::Settlement,
 };
 
@@ -142,8 +141,29 @@ impl Queue {
     }
 
     /// Opens a channel, sets up the queue's topology and its consumer (prefetch first), and
-    /// starts the channel's settle task.
-    pub(crate) async fn open(&self, generation: &Generation) -> Result<Channel, Error> {
+    /// starts the channel's settle task. With `strict` (at startup) a dead-letter topology
+    /// that cannot be declared is an error; later (a reconnection, a node of the cluster
+    /// down) the queue is consumed anyway and its dead letters wait until it can be.
+    pub(crate) async fn open(
+        &self,
+        generation: &Generation,
+        strict: bool,
+    ) -> Result<Channel, Error> {
+        if let Err(error) = generation
+            .connection
+            .declare_dead_letter(&self.name, &self.config)
+            .await
+        {
+            if strict || !generation.connection.is_connected() {
+                return Err(error);
+            }
+            warn!(
+                queue = %self.name,
+                %error,
+                "cannot declare the dead-letter topology; consuming anyway (a message to \
+                 dead-letter is given back until it can be)"
+            );
+        }
         let consumer_tag = format!("conejo-{}-{}-{}", std::process::id(), self.index, self.name);
         let consumer = generation
             .connection
@@ -165,9 +185,7 @@ impl Queue {
             timeout: config.timeout,
             poison_limit: config.poison_limit,
             dead_letter: config.dead_letter_route(&self.name),
-            durability: Durability {
-                durable: config.durable || !config.declare,
-            },
+            durability: config.durability(),
             handler: Arc::clone(&self.handler),
             settle,
             publisher: Arc::clone(&generation.publisher),
@@ -201,7 +219,7 @@ impl Queue {
         loop {
             let channel = match first.take() {
                 Some(channel) => channel,
-                None => match self.open(&generation).await {
+                None => match self.open(&generation, false).await {
                     Ok(channel) => channel,
                     Err(error) => {
                         if !generation.connection.is_connected() {

@@ -49,8 +49,9 @@ pub(crate) struct Publisher {
     runtime: Arc<ConnectionRuntime>,
     /// The confirm-mode channel; `None` until first used or after it failed.
     channel: Arc<Mutex<Option<lapin::Channel>>>,
-    /// Wait queues already declared on this connection (their names).
-    declared: std::sync::Mutex<HashSet<String>>,
+    /// Wait queues already declared on this connection (their names). Held across a
+    /// declaration, so that deliveries failing together declare a new wait queue once.
+    declared: Mutex<HashSet<String>>,
 }
 
 impl Publisher {
@@ -59,7 +60,7 @@ impl Publisher {
             connection,
             runtime,
             channel: Arc::default(),
-            declared: std::sync::Mutex::default(),
+            declared: Mutex::default(),
         }
     }
 
@@ -117,12 +118,8 @@ impl Publisher {
         durability: Durability,
     ) -> Result<(), lapin::Error> {
         let name = topology::wait_queue_name(queue, ttl_ms);
-        if self
-            .declared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
-        {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(&name) {
             return Ok(());
         }
         let connection = Arc::clone(&self.connection);
@@ -137,10 +134,7 @@ impl Publisher {
                 declared
             })
             .await?;
-        self.declared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name);
+        declared.insert(name);
         Ok(())
     }
 }

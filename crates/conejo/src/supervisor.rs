@@ -236,7 +236,7 @@ impl Supervisor {
                 opened.push(None);
                 continue;
             }
-            match queue.open(&generation).await {
+            match queue.open(&generation, true).await {
                 Ok(channel) => opened.push(Some(channel)),
                 Err(error) => return setup_failed(error).await,
             }

@@ -176,22 +176,38 @@ pub(crate) fn wait_queue_name(queue: &str, ttl_ms: u32) -> String {
 pub(crate) const LONGEST_SUFFIX: usize = ".retry.86400000ms".len();
 
 /// Flags of the queues conejo declares for a consumed queue (dead-letter and wait queues):
-/// durable when it is, so a broker restart keeps the messages they hold.
+/// durable when it is, so a broker restart keeps the messages they hold, and replicated
+/// (quorum) when it is, so that losing a node loses neither them nor the ability to
+/// declare them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Durability {
     /// Survive a broker restart.
     pub(crate) durable: bool,
+    /// Quorum queues, like the consumed one.
+    pub(crate) quorum: bool,
 }
 
 impl Durability {
     fn queue_options(self) -> QueueDeclareOptions {
         QueueDeclareOptions {
             passive: false,
-            durable: self.durable,
+            durable: self.durable || self.quorum,
             exclusive: false,
             auto_delete: false,
             nowait: false,
         }
+    }
+
+    /// `x-queue-type = quorum` for replicated queues.
+    fn arguments(self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if self.quorum {
+            arguments.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        arguments
     }
 }
 
@@ -232,7 +248,7 @@ pub(crate) async fn declare_dead_letter(
         .queue_declare(
             ShortString::from(dlq.as_str()),
             durability.queue_options(),
-            FieldTable::default(),
+            durability.arguments(),
         )
         .await?;
     channel
@@ -254,11 +270,23 @@ pub(crate) async fn declare_wait_queue(
     ttl_ms: u32,
     durability: Durability,
 ) -> Result<(), lapin::Error> {
-    let mut arguments = FieldTable::default();
+    let mut arguments = durability.arguments();
     arguments.insert(
         ShortString::from("x-message-ttl"),
         AMQPValue::LongUInt(ttl_ms),
     );
+    if durability.quorum {
+        // A quorum queue dead-letters at most once unless told otherwise; a retry waiting
+        // here must reach its queue even if a node fails at that moment.
+        arguments.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        arguments.insert(
+            ShortString::from("x-overflow"),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+    }
     arguments.insert(
         ShortString::from("x-dead-letter-exchange"),
         AMQPValue::LongString(LongString::from("")),

@@ -1,0 +1,542 @@
+//! Connection resilience, proven by fault injection: broker nodes this test binary starts
+//! itself (restarted, killed, clustered), a TCP proxy that stalls the network, a channel the
+//! broker closes, a consumer process killed mid-stream. Every test is bounded in time and
+//! prints what it measured; "nothing lost" is checked against what the broker confirmed.
+
+use std::{
+    collections::BTreeSet,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use conejo::{Conejo, ConnectionState, Context, Handler, HandlerError, QueueConfig, Status};
+use conejo_tests::{
+    Broker, PrivateCluster, PrivateNode, RunningService, TcpProxy, amqp_url, init_tracing,
+    unique_name,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+/// Counts how often each message (body = its index) was handled, and when.
+#[derive(Clone)]
+struct Tally {
+    counts: Arc<Mutex<Vec<u32>>>,
+    times: Arc<Mutex<Vec<Instant>>>,
+    pause: Duration,
+}
+
+impl Tally {
+    fn new(n: usize, pause: Duration) -> Self {
+        Tally {
+            counts: Arc::new(Mutex::new(vec![0; n])),
+            times: Arc::default(),
+            pause,
+        }
+    }
+
+    fn handled(&self) -> usize {
+        self.counts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&c| c > 0)
+            .count()
+    }
+
+    fn duplicates(&self) -> u32 {
+        self.counts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|&c| c.saturating_sub(1))
+            .sum()
+    }
+
+    fn first_after(&self, at: Instant) -> Option<Instant> {
+        self.times.lock().unwrap().iter().copied().find(|&t| t > at)
+    }
+
+    async fn wait_handled(&self, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.handled() < n {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "handled {} of {n} within {timeout:?}",
+                self.handled()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Handler for Tally {
+    type Message = String;
+
+    async fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
+        let index: usize = body.parse()?;
+        if !self.pause.is_zero() {
+            tokio::time::sleep(self.pause).await;
+        }
+        self.counts.lock().unwrap()[index] += 1;
+        self.times.lock().unwrap().push(Instant::now());
+        Ok(())
+    }
+}
+
+fn bodies(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| i.to_string().into_bytes()).collect()
+}
+
+async fn wait_state(
+    status: &Status,
+    timeout: Duration,
+    done: impl Fn(&Status) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !done(status) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "status still {:?} after {timeout:?}",
+            status.state()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// `rabbitmqctl stop`, then start.
+    Restart,
+    /// SIGKILL of the node's VM, then start.
+    Kill,
+}
+
+/// 100,000 persistent messages on a durable queue; the node goes down mid-stream.
+///
+/// A graceful restart keeps a classic queue's acks. A SIGKILL does not: a classic queue
+/// redelivers messages acked shortly before the crash (its acks are not synced to disk) and
+/// rebuilds its index slowly, so the kill runs on a quorum queue, whose acks are in its log.
+async fn survive(fault: Fault) -> anyhow::Result<()> {
+    init_tracing();
+    const N: usize = 100_000;
+    let mut node = PrivateNode::start(&format!("{fault:?}")).await?;
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    let queue = unique_name("survive");
+    let mut arguments = FieldTable::default();
+    let config = match fault {
+        Fault::Restart => QueueConfig::new(),
+        Fault::Kill => {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            QueueConfig::new().passive().quorum()
+        }
+    };
+    broker
+        .declare_durable_queue_with_args(&queue, arguments)
+        .await?;
+    let published = Instant::now();
+    broker.publish_many_persistent(&queue, bodies(N)).await?;
+    eprintln!(
+        "{N} persistent messages confirmed in {:?}",
+        published.elapsed()
+    );
+    drop(broker);
+
+    let tally = Tally::new(N, Duration::ZERO);
+    let service = RunningService::spawn(
+        Conejo::builder(node.amqp_url())
+            .queue_with(&queue, tally.clone(), config)
+            .build()?,
+    );
+    let status = service.status().clone();
+    tally.wait_handled(N / 5, Duration::from_secs(60)).await?;
+    let down = Instant::now();
+    match fault {
+        Fault::Restart => node.stop().await?,
+        Fault::Kill => node.kill().await?,
+    }
+    let handled_at_fault = tally.handled();
+    anyhow::ensure!(handled_at_fault < N, "the stream ended before the fault");
+    wait_state(&status, Duration::from_secs(10), |s| {
+        s.state() != ConnectionState::Connected
+    })
+    .await?;
+    node.start_again().await?;
+    let back = Instant::now();
+    tally.wait_handled(N, Duration::from_secs(120)).await?;
+    assert!(!service.is_finished(), "the service never exits");
+    let resumed = tally
+        .first_after(back)
+        .context("nothing handled after the node came back")?;
+    eprintln!(
+        "{fault:?}: node down {:?}; consuming again {:?} after it was back; \
+         {handled_at_fault} handled before the fault; {} duplicates; reconnects {}",
+        back - down,
+        resumed - back,
+        tally.duplicates(),
+        status.reconnects()
+    );
+    assert!(
+        resumed - back < Duration::from_secs(8),
+        "{:?}",
+        resumed - back
+    );
+    assert_eq!(status.reconnects(), 1);
+    // At most the unacked window (the prefetch, 32 by default) comes back twice.
+    assert!(
+        tally.duplicates() <= 32,
+        "{} duplicates",
+        tally.duplicates()
+    );
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    broker
+        .wait_for_count(&queue, 0, Duration::from_secs(30))
+        .await?;
+    service.stop().await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    survive(Fault::Restart).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_stream_loses_nothing() -> anyhow::Result<()> {
+    survive(Fault::Kill).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow::Result<()> {
+    init_tracing();
+    const N: usize = 6_000;
+    let broker = Broker::connect().await?;
+    let queue = unique_name("stall");
+    broker.declare_queue(&queue).await?;
+    broker.publish_many_bytes(&queue, bodies(N)).await?;
+    let proxy = TcpProxy::start_for_url(&amqp_url())?;
+    let url = proxy.url(&amqp_url())?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    // 4 handlers of 1 ms: about 3,000 messages a second, so the stall comes mid-stream.
+    let tally = Tally::new(N, Duration::from_millis(1));
+    let service = RunningService::spawn(
+        Conejo::builder(format!("{url}{separator}heartbeat=1"))
+            .connect_timeout(Duration::from_secs(2))
+            .queue_with(
+                &queue,
+                tally.clone(),
+                QueueConfig::new().durable(false).concurrency(4),
+            )
+            .build()?,
+    );
+    let status = service.status().clone();
+    tally.wait_handled(N / 10, Duration::from_secs(30)).await?;
+    proxy.stall();
+    let stalled = Instant::now();
+    wait_state(&status, Duration::from_secs(10), |s| {
+        s.state() != ConnectionState::Connected
+    })
+    .await?;
+    let detected = stalled.elapsed();
+    // Longer than two heartbeat intervals, then the network heals.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(detected)).await;
+    proxy.pass();
+    let healed = Instant::now();
+    tally.wait_handled(N, Duration::from_secs(60)).await?;
+    // Copies of redelivered messages (poison counting) may still wait in the queue.
+    broker
+        .wait_for_count(&queue, 0, Duration::from_secs(30))
+        .await?;
+    let resumed = tally
+        .first_after(healed)
+        .context("nothing after the stall")?;
+    eprintln!(
+        "stall detected after {detected:?} (heartbeat 1 s); consuming {:?} after the network \
+         healed; {} duplicates",
+        resumed - healed,
+        tally.duplicates()
+    );
+    assert!(detected < Duration::from_secs(4), "{detected:?}");
+    assert!(status.reconnects() >= 1);
+    assert!(!service.is_finished());
+    service.stop().await??;
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// Holds one message far past the broker's consumer_timeout the first time it sees it
+/// (until its context says the delivery is lost); handles everything else at once.
+#[derive(Clone, Default)]
+struct SlowOnce {
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    handled: Arc<Mutex<Vec<String>>>,
+    gave_up: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Handler for SlowOnce {
+    type Message = String;
+
+    async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
+        let first = self.seen.lock().unwrap().insert(body.clone());
+        if body == "slow" && first {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                () = ctx.shutdown_requested() => {
+                    *self.gave_up.lock().unwrap() = Some(Instant::now());
+                    return Err(HandlerError::retry("delivery lost"));
+                }
+            }
+        }
+        self.handled.lock().unwrap().push(body);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_by_the_broker_is_reopened_while_other_queues_go_on() -> anyhow::Result<()>
+{
+    init_tracing();
+    // The broker closes a channel holding a delivery unacked for more than 2 s.
+    let node = PrivateNode::start_with_config("channel", "consumer_timeout = 2000").await?;
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    let slow_queue = unique_name("slow");
+    let busy_queue = unique_name("busy");
+    for queue in [&slow_queue, &busy_queue] {
+        broker.declare_queue(queue).await?;
+    }
+    let slow = SlowOnce::default();
+    const N: usize = 300;
+    let busy = Tally::new(N, Duration::from_millis(50));
+    let service = RunningService::spawn(
+        Conejo::builder(node.amqp_url())
+            .queue_with(&slow_queue, slow.clone(), QueueConfig::new().durable(false))
+            .queue_with(
+                &busy_queue,
+                busy.clone(),
+                QueueConfig::new().durable(false).concurrency(1),
+            )
+            .build()?,
+    );
+    let status = service.status().clone();
+    wait_state(&status, Duration::from_secs(10), Status::is_ready).await?;
+    broker.publish_many_bytes(&busy_queue, bodies(N)).await?;
+    let started = Instant::now();
+    broker.publish_bytes(&slow_queue, b"slow").await?;
+    broker.publish_bytes(&slow_queue, b"after").await?;
+
+    // The broker closes the slow queue's channel; its handler is told; conejo reopens that
+    // channel only; "slow" comes back and is handled, and "after".
+    loop {
+        let mut handled = slow.handled.lock().unwrap().clone();
+        if handled.len() == 2 {
+            handled.sort();
+            assert_eq!(handled, vec!["after", "slow"]);
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(40),
+            "slow queue handled {handled:?}; stats {:?}",
+            service.stats().queue(&slow_queue)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    let gave_up = slow
+        .gave_up
+        .lock()
+        .unwrap()
+        .context("the slow handler was never told its delivery was lost")?;
+    let window = gave_up + Duration::from_secs(1);
+    let busy_during = busy
+        .times
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|&&t| t > started && t < window)
+        .count();
+    eprintln!(
+        "channel closed by the broker {:?} in (consumer_timeout 2 s), reopened; slow handled \
+         again {took:?} in; the busy queue handled {busy_during} meanwhile",
+        gave_up - started
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the 60 s handler was not cut short"
+    );
+    assert_eq!(status.reconnects(), 0, "only the channel was reopened");
+    assert!(busy_during > 10, "the other queue kept consuming");
+    assert!(!service.is_finished());
+    busy.wait_handled(N, Duration::from_secs(60)).await?;
+    broker
+        .wait_for_count(&slow_queue, 0, Duration::from_secs(30))
+        .await?;
+    service.stop().await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_stream_is_restarted_and_loses_nothing() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("killed-consumer");
+    broker.declare_queue(&queue).await?;
+    let mut ids = BTreeSet::new();
+    for n in 0..200 {
+        ids.insert(
+            broker
+                .publish_bytes(&queue, format!("{n}").as_bytes())
+                .await?,
+        );
+    }
+    let finished = Arc::new(Mutex::new(Vec::<String>::new()));
+    let spawn = |finished: Arc<Mutex<Vec<String>>>| -> anyhow::Result<tokio::process::Child> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
+            .args(["--queue", &queue, "--handler-ms", "20"])
+            .args(["--concurrency", "4", "--prefetch", "10"])
+            .env("AMQP_URL", amqp_url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start conejo-fixture")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(id) = line.strip_prefix("finished ") {
+                    finished.lock().unwrap().push(id.to_owned());
+                }
+            }
+        });
+        Ok(child)
+    };
+    let mut first = spawn(Arc::clone(&finished))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while finished.lock().unwrap().len() < 40 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the first run handled too little"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.start_kill()?;
+    first.wait().await?;
+    let before = finished.lock().unwrap().len();
+
+    let mut second = spawn(Arc::clone(&finished))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: BTreeSet<String> = finished.lock().unwrap().iter().cloned().collect();
+        if ids.is_subset(&done) && broker.message_count(&queue).await? == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} of {} handled",
+            ids.intersection(&done).count(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = second.id().context("exited")?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(15), second.wait()).await??;
+    assert!(status.success(), "{status:?}");
+    let total = finished.lock().unwrap().len();
+    eprintln!(
+        "killed after {before} handled; all {} handled after the restart, {} duplicates",
+        ids.len(),
+        total - ids.len()
+    );
+    // the first run's unacked window (prefetch 10) may be handled twice
+    assert!(total - ids.len() <= 10);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_under_a_quorum_queue_fails_over_within_two_seconds()
+-> anyhow::Result<()> {
+    init_tracing();
+    const N: usize = 10_000;
+    let formed = Instant::now();
+    let mut cluster = PrivateCluster::start(3).await?;
+    eprintln!("cluster formed in {:?}", formed.elapsed());
+    let urls = cluster.amqp_urls();
+    let queue = unique_name("failover");
+    {
+        let broker = Broker::connect_to(&urls[0]).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        broker
+            .declare_durable_queue_with_args(&queue, arguments)
+            .await?;
+        broker.publish_many_persistent(&queue, bodies(N)).await?;
+    }
+    // 8 handlers of 2 ms: the kill lands mid-stream.
+    let tally = Tally::new(N, Duration::from_millis(2));
+    let service = RunningService::spawn(
+        Conejo::builder(urls.join(","))
+            .queue_with(
+                &queue,
+                tally.clone(),
+                QueueConfig::new().passive().quorum().concurrency(8),
+            )
+            .build()?,
+    );
+    let status = service.status().clone();
+    tally.wait_handled(N / 5, Duration::from_secs(60)).await?;
+    let address = status.address().context("not connected")?;
+    let victim = urls
+        .iter()
+        .position(|url| {
+            let port = url.rsplit(':').next().unwrap_or_default();
+            address.contains(&format!(":{}/", port.split('/').next().unwrap_or_default()))
+        })
+        .context("which node is conejo on?")?;
+    let killed = Instant::now();
+    cluster.kill(victim).await?;
+    let handled_at_kill = tally.handled();
+    anyhow::ensure!(handled_at_kill < N, "the stream ended before the kill");
+    tally.wait_handled(N, Duration::from_secs(120)).await?;
+    let resumed = tally
+        .first_after(killed)
+        .context("nothing after the kill")?;
+    let failover = resumed - killed;
+    eprintln!(
+        "killed node {victim} (conejo's); first delivery from another node {failover:?} \
+         after the kill; {} duplicates; now on {:?}",
+        tally.duplicates(),
+        status.address()
+    );
+    assert!(failover < Duration::from_secs(2), "{failover:?}");
+    assert_eq!(status.reconnects(), 1);
+    // redeliveries: no more than the unacked window (prefetch 16)
+    assert!(
+        tally.duplicates() <= 16,
+        "{} duplicates",
+        tally.duplicates()
+    );
+    let survivor = (victim + 1) % urls.len();
+    let broker = Broker::connect_to(&urls[survivor]).await?;
+    broker
+        .wait_for_count(&queue, 0, Duration::from_secs(30))
+        .await?;
+    service.stop().await??;
+    Ok(())
+}
