@@ -11,7 +11,9 @@ use std::{
 };
 
 use anyhow::Context as _;
-use conejo::{Conejo, ConnectionState, Context, Handler, HandlerError, QueueConfig, Status};
+use conejo::{
+    Conejo, ConnectionState, Context, Handler, HandlerError, QueueConfig, RetryPolicy, Status,
+};
 use conejo_tests::{
     Broker, PrivateCluster, PrivateNode, RunningService, TcpProxy, amqp_url, init_tracing,
     unique_name,
@@ -537,6 +539,79 @@ async fn a_cluster_node_killed_under_a_quorum_queue_fails_over_within_two_second
     broker
         .wait_for_count(&queue, 0, Duration::from_secs(30))
         .await?;
+    service.stop().await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::Result<()> {
+    init_tracing();
+    let node = PrivateNode::start("blocked").await?;
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    let queue = unique_name("blocked");
+    broker.declare_queue(&queue).await?;
+    // Fails its first attempt once the alarm is on, so that conejo publishes (a retry copy)
+    // while the broker blocks publishers.
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let alarm = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[derive(Clone)]
+    struct FailsOnce(Arc<Mutex<Vec<u32>>>, Arc<std::sync::atomic::AtomicBool>);
+    impl Handler for FailsOnce {
+        type Message = String;
+        async fn handle(&self, _: String, ctx: &Context) -> Result<(), HandlerError> {
+            self.0.lock().unwrap().push(ctx.attempt());
+            if ctx.attempt() == 1 {
+                while !self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                return Err(HandlerError::retry("try again"));
+            }
+            Ok(())
+        }
+    }
+    broker.publish_bytes(&queue, b"m").await?;
+    let service = RunningService::spawn(
+        Conejo::builder(format!("{}?heartbeat=2", node.amqp_url()))
+            .queue_with(
+                &queue,
+                FailsOnce(Arc::clone(&attempts), Arc::clone(&alarm)),
+                QueueConfig::new()
+                    .durable(false)
+                    .retry(RetryPolicy::default().initial_delay(Duration::from_millis(100))),
+            )
+            .build()?,
+    );
+    let status = service.status().clone();
+    wait_state(&status, Duration::from_secs(10), Status::is_ready).await?;
+    // A memory alarm: the broker blocks every connection that publishes.
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"])
+        .await?;
+    alarm.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_state(&status, Duration::from_secs(20), |s| s.blocked().is_some()).await?;
+    eprintln!(
+        "blocked: {:?}; state {:?}",
+        status.blocked(),
+        status.state()
+    );
+    assert_eq!(status.state(), ConnectionState::Connected);
+    assert!(!status.is_ready(), "a blocked service is not ready");
+    // Longer than two heartbeat intervals: still the same connection.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(status.reconnects(), 0);
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"])
+        .await?;
+    wait_state(&status, Duration::from_secs(20), |s| s.blocked().is_none()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while attempts.lock().unwrap().len() < 2 {
+        anyhow::ensure!(Instant::now() < deadline, "the retry never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*attempts.lock().unwrap(), vec![1, 2]);
+    assert_eq!(
+        status.reconnects(),
+        0,
+        "a blocked connection is not a lost one"
+    );
     service.stop().await??;
     Ok(())
 }

@@ -57,11 +57,20 @@
 //! [`Builder::shutdown_timeout`], 20 s by default) and ack them, requeue whatever did not
 //! finish, close the channels and the connection. Nothing given back uses up an attempt.
 //!
+//! ## Connections
+//! conejo runs connection generations: connect → declare → open each queue's channel
+//! (prefetch first) → consume. A lost connection is re-established with back-off
+//! ([`Builder::reconnect_delay`]), trying the next of several addresses first
+//! ([`Conejo::builder`] takes a cluster's nodes as a comma-separated list); a channel closed
+//! by the broker is reopened for that queue only; a consumer cancelled by the broker is
+//! consumed again. Handlers whose delivery was lost are told through
+//! [`Context::shutdown_requested`], and their results never reach another channel.
+//! At startup conejo waits for the broker ([`Builder::wait_for_broker`]). [`Conejo::status`]
+//! tells the state, for readiness and liveness checks.
+//!
 //! ## Not yet
-//! Reconnection: when the connection or a channel is lost, [`Conejo::run`] returns an
-//! [`Error`] (after giving back what it can) and the process should exit non-zero and be
-//! restarted by its supervisor. Unacknowledged messages are redelivered by the broker
-//! (using up no attempt). Metrics export: [`Conejo::stats`] only.
+//! Metrics export ([`Conejo::stats`] and [`Conejo::status`] only), health endpoints, TLS
+//! client certificates.
 //!
 //! ## Example
 //! ```no_run
