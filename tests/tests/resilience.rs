@@ -615,3 +615,40 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
     service.stop().await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_reconnecting_returns_at_once() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("reconnecting");
+    broker.declare_queue(&queue).await?;
+    let proxy = TcpProxy::start_for_url(&amqp_url())?;
+    let service = RunningService::spawn(
+        Conejo::builder(proxy.url(&amqp_url())?)
+            .queue_with(
+                &queue,
+                Tally::new(1, Duration::ZERO),
+                QueueConfig::new().durable(false),
+            )
+            .build()?,
+    );
+    let status = service.status().clone();
+    wait_state(&status, Duration::from_secs(10), Status::is_ready).await?;
+    // The broker becomes unreachable: conejo keeps trying.
+    proxy.refuse()?;
+    proxy.cut();
+    wait_state(
+        &status,
+        Duration::from_secs(10),
+        |s| matches!(s.state(), ConnectionState::Reconnecting { attempt } if attempt >= 3),
+    )
+    .await?;
+    let asked = Instant::now();
+    service.stop().await??;
+    let took = asked.elapsed();
+    eprintln!("stopped {took:?} after the request, while reconnecting");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(status.state(), ConnectionState::Stopped);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}

@@ -52,7 +52,12 @@ const BROKER_HEADERS: [&str; 6] = [
 
 /// An integer header, whatever integer type the publisher used.
 pub(crate) fn int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
-    Some(match *headers?.inner().get(name)? {
+    int_value(headers?.inner().get(name)?)
+}
+
+/// An integer value of any AMQP integer type.
+pub(crate) fn int_value(value: &AMQPValue) -> Option<i64> {
+    Some(match *value {
         AMQPValue::LongLongInt(v) => v,
         AMQPValue::LongInt(v) => i64::from(v),
         AMQPValue::LongUInt(v) => i64::from(v),

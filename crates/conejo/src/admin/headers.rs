@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::headers::{
     ATTEMPT, ERROR, FAILURE, FIRST_FAILURE_AT, LAST_FAILURE_AT, ORIGINAL_EXCHANGE, ORIGINAL_QUEUE,
-    ORIGINAL_ROUTING_KEY, REASON, REDELIVERIES, REPLAYED,
+    ORIGINAL_ROUTING_KEY, REASON, REDELIVERIES, REPLAYED, int_value,
 };
 
 /// The headers a replay removes, so that the message starts over with fresh attempts.
@@ -86,7 +86,7 @@ impl ConejoHeaders {
             }
             None => false,
         };
-        let int = |slot: &mut Option<i64>| match amqp_int(value) {
+        let int = |slot: &mut Option<i64>| match int_value(value) {
             Some(n) => {
                 *slot = Some(n);
                 true
@@ -132,7 +132,7 @@ pub(crate) fn replay_headers(headers: Option<&FieldTable>) -> FieldTable {
         .filter(|(key, _)| !CLEARED_BY_REPLAY.contains(&key.as_str()))
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
-    let before = kept.get(REPLAYED).and_then(amqp_int).unwrap_or(0);
+    let before = kept.get(REPLAYED).and_then(int_value).unwrap_or(0);
     let after = i32::try_from(before.saturating_add(1).max(1)).unwrap_or(i32::MAX);
     kept.insert(ShortString::from(REPLAYED), AMQPValue::LongInt(after));
     kept.into()
@@ -155,19 +155,6 @@ fn amqp_string(value: &AMQPValue) -> Option<String> {
         AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
         _ => None,
     }
-}
-
-fn amqp_int(value: &AMQPValue) -> Option<i64> {
-    Some(match *value {
-        AMQPValue::ShortShortInt(n) => n.into(),
-        AMQPValue::ShortShortUInt(n) => n.into(),
-        AMQPValue::ShortInt(n) => n.into(),
-        AMQPValue::ShortUInt(n) => n.into(),
-        AMQPValue::LongInt(n) => n.into(),
-        AMQPValue::LongUInt(n) => n.into(),
-        AMQPValue::LongLongInt(n) => n,
-        _ => return None,
-    })
 }
 
 #[cfg(test)]
