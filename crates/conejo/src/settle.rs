@@ -117,6 +117,13 @@ pub(crate) struct SettleTask {
     tracker: AckTracker,
     /// How long a finished ack may wait for others to share its frame.
     linger: Duration,
+    /// Acks held behind a running delivery go out one by one (the protocol allows no
+    /// better) once this many wait — they hold prefetch slots —
+    hold_limit: usize,
+    /// — or once they have waited this long.
+    max_hold: Duration,
+    /// Since when acks have been held behind a running delivery.
+    held_since: Option<Instant>,
     /// For logs.
     queue: Arc<str>,
     counters: Arc<QueueCounters>,
@@ -153,6 +160,9 @@ pub(crate) fn settle_task(
             channel,
             tracker: AckTracker::new(),
             linger,
+            hold_limit: usize::from(prefetch / 2).max(1),
+            max_hold: (linger * 10).max(Duration::from_millis(50)),
+            held_since: None,
             queue,
             counters,
             dead: false,
@@ -202,8 +212,24 @@ impl SettleTask {
             }
             self.take_inbox().await;
             if forced || self.tracker.pending_acks() >= self.shared.batch {
-                let actions = self.tracker.flush(forced);
+                let actions = self.tracker.flush(false);
                 self.send(actions).await;
+            }
+            if forced && self.tracker.pending_acks() > 0 {
+                // What is left waits behind a running delivery: usually one about to finish,
+                // after which a single `multiple` ack covers it all. Single acks only when
+                // the held ones crowd the prefetch window or have waited long enough.
+                let now = Instant::now();
+                let since = *self.held_since.get_or_insert(now - self.linger);
+                if self.tracker.pending_acks() >= self.hold_limit
+                    || now.duration_since(since) >= self.max_hold
+                {
+                    let actions = self.tracker.flush(true);
+                    self.send(actions).await;
+                }
+            }
+            if self.tracker.pending_acks() == 0 {
+                self.held_since = None;
             }
             deadline = if self.tracker.pending_acks() > 0 {
                 Some(match deadline {
@@ -276,7 +302,10 @@ impl SettleTask {
             match result {
                 Ok(()) => {
                     let counter = match action {
-                        Action::Ack { .. } => &self.counters.acked,
+                        Action::Ack { .. } => {
+                            QueueCounters::add(&self.counters.ack_frames, 1);
+                            &self.counters.acked
+                        }
                         Action::Requeue { .. } => &self.counters.requeued,
                     };
                     QueueCounters::add(counter, count(&action));

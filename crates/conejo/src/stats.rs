@@ -13,6 +13,7 @@ use std::{
 pub(crate) struct QueueCounters {
     pub(crate) delivered: AtomicU64,
     pub(crate) acked: AtomicU64,
+    pub(crate) ack_frames: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) requeued: AtomicU64,
@@ -37,6 +38,7 @@ impl QueueCounters {
         QueueStats {
             delivered: self.delivered.load(Relaxed),
             acked: self.acked.load(Relaxed),
+            ack_frames: self.ack_frames.load(Relaxed),
             retried: self.retried.load(Relaxed),
             dead_lettered: self.dead_lettered.load(Relaxed),
             requeued: self.requeued.load(Relaxed),
@@ -64,6 +66,9 @@ pub struct QueueStats {
     pub delivered: u64,
     /// Deliveries acknowledged: handled, or whose retry copy or dead letter was confirmed.
     pub acked: u64,
+    /// `basic.ack` frames sent: `acked / ack_frames` is how many deliveries one frame settled
+    /// on average (coalescing).
+    pub ack_frames: u64,
     /// Retry copies published to a wait queue (and confirmed): failures that will be tried again.
     pub retried: u64,
     /// Dead letters published (and confirmed): rejected, out of attempts, or poison.

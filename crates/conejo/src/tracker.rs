@@ -2,14 +2,18 @@
 //! frames as possible. Pure logic: the settle task feeds it and sends what it returns.
 //!
 //! A channel carries exactly one consumer, so its delivery tags are 1, 2, 3… in delivery
-//! order. Acknowledgements are coalesced: when tags `low..=t` are all finished, one
-//! `basic.ack(t, multiple = true)` settles them. A tag finished behind a still-running one
-//! waits (it cannot be covered by `multiple` without also acking the running one) until the
-//! gap closes or the linger time forces individual acks. Requeues go out at once, one tag
-//! each; a later `multiple` ack does not touch them, since the broker no longer holds them.
-//! Nothing is ever settled twice.
+//! order. Acknowledgements are coalesced: when every outstanding tag up to `t` is finished,
+//! one `basic.ack(t, multiple = true)` settles them. A tag finished behind a still-running one
+//! waits (a `multiple` ack would also ack the running one) until the gap closes or the linger
+//! time forces individual acks — the fewest frames the protocol allows. Requeues go out at
+//! once, one tag each; a later `multiple` ack does not touch them, since the broker no longer
+//! holds them. Nothing is ever settled twice.
+//!
+//! The state is exact and bounded by the prefetch, whatever the handler latencies: the tags
+//! known to be running, and the finished ones not yet acked — never one slot per tag since
+//! the oldest running delivery. A flush costs what is pending, not the age of that delivery.
 
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 
 /// What to send to the broker, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,26 +51,21 @@ pub(crate) enum Refused {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    /// Delivered (or not yet seen), not finished.
-    Open,
-    /// Finished with an ack that is not sent yet.
-    AckPending,
-    /// Settled with the broker.
-    Done,
-}
-
 /// The settlement state of one channel's deliveries.
 #[derive(Debug)]
 pub(crate) struct AckTracker {
-    /// Every tag below it is settled with the broker; `window[0]` is this tag.
+    /// Every tag below it is settled with the broker.
     low: u64,
-    /// States of tags `low, low + 1, …`; never longer than the prefetch window.
-    window: VecDeque<Slot>,
-    /// Number of `AckPending` slots.
-    pending: usize,
-    /// Set by [`AckTracker::abandon`]: every later settlement is refused.
+    /// The highest tag seen so far; every tag up to it has been delivered.
+    seen: u64,
+    /// Tags seen to be delivered (a higher tag was settled) but not finished: the running
+    /// handlers. At most the prefetch.
+    running: BTreeSet<u64>,
+    /// Tags finished with an ack not sent yet, in arrival order (sorted at flush). At most
+    /// the prefetch.
+    pending: Vec<u64>,
+    /// Set by [`AckTracker::abandon`] or [`AckTracker::close`]: every later settlement is
+    /// refused.
     closed: bool,
 }
 
@@ -75,15 +74,16 @@ impl AckTracker {
     pub(crate) fn new() -> Self {
         AckTracker {
             low: 1,
-            window: VecDeque::new(),
-            pending: 0,
+            seen: 0,
+            running: BTreeSet::new(),
+            pending: Vec::new(),
             closed: false,
         }
     }
 
     /// Acks finished but not yet sent.
     pub(crate) fn pending_acks(&self) -> usize {
-        self.pending
+        self.pending.len()
     }
 
     /// Records a finished delivery. Acks are held for [`flush`](Self::flush); a requeue is
@@ -92,75 +92,61 @@ impl AckTracker {
         if self.closed {
             return Err(Refused::Closed);
         }
-        if tag < self.low {
+        if tag < self.low || tag == 0 {
             return Err(Refused::Duplicate);
         }
-        let index = usize::try_from(tag - self.low).map_err(|_| Refused::Duplicate)?;
-        if index >= self.window.len() {
-            self.window.resize(index + 1, Slot::Open);
-        }
-        if self.window[index] != Slot::Open {
+        if tag > self.seen {
+            // Every tag between was delivered before this one: those handlers still run.
+            self.running.extend(self.seen.max(self.low - 1) + 1..tag);
+            self.seen = tag;
+        } else if !self.running.remove(&tag) {
             return Err(Refused::Duplicate);
         }
-        let action = match how {
+        Ok(match how {
             Settlement::Ack => {
-                self.window[index] = Slot::AckPending;
-                self.pending += 1;
+                self.pending.push(tag);
                 None
             }
             Settlement::Requeue => {
-                self.window[index] = Slot::Done;
+                self.advance();
                 Some(Action::Requeue {
                     tag,
                     multiple: false,
                     count: 1,
                 })
             }
-        };
-        self.trim_done();
-        Ok(action)
+        })
     }
 
-    /// The acks to send now: one `multiple` ack for the finished prefix, and — when `force`
-    /// (the linger time is up) — single acks for tags finished behind an unfinished one.
+    /// The acks to send now: one `multiple` ack for the finished tags below the oldest
+    /// running one, and — when `force` (the linger time is up) — single acks for the tags
+    /// finished behind it.
     pub(crate) fn flush(&mut self, force: bool) -> Vec<Action> {
         let mut actions = Vec::new();
-        let mut last_acked = None;
-        let mut count = 0;
-        while let Some(&front) = self.window.front() {
-            match front {
-                Slot::Open => break,
-                Slot::AckPending => {
-                    last_acked = Some(self.low);
-                    count += 1;
-                }
-                Slot::Done => {}
-            }
-            self.window.pop_front();
-            self.low += 1;
+        if self.pending.is_empty() {
+            return actions;
         }
-        self.pending -= count as usize;
-        if let Some(tag) = last_acked {
+        self.pending.sort_unstable();
+        let first_running = self.first_running();
+        let below = self.pending.partition_point(|&tag| tag < first_running);
+        if below > 0 {
             actions.push(Action::Ack {
-                tag,
-                multiple: count > 1,
-                count,
+                tag: self.pending[below - 1],
+                multiple: below > 1,
+                count: below as u64,
             });
         }
-        if force && self.pending > 0 {
-            for (offset, slot) in self.window.iter_mut().enumerate() {
-                if *slot == Slot::AckPending {
-                    *slot = Slot::Done;
-                    actions.push(Action::Ack {
-                        tag: self.low + offset as u64,
-                        multiple: false,
-                        count: 1,
-                    });
-                }
-            }
-            self.pending = 0;
+        if force {
+            actions.extend(self.pending[below..].iter().map(|&tag| Action::Ack {
+                tag,
+                multiple: false,
+                count: 1,
+            }));
+            self.pending.clear();
+        } else {
+            self.pending.drain(..below);
         }
-        self.trim_done();
+        self.advance();
         actions
     }
 
@@ -171,22 +157,13 @@ impl AckTracker {
     pub(crate) fn abandon(&mut self, last_delivered: u64) -> Vec<Action> {
         let mut actions = self.flush(true);
         self.closed = true;
-        let beyond_window = self.low + self.window.len() as u64;
-        let unseen = last_delivered.saturating_sub(beyond_window.saturating_sub(1));
-        let mut open_in_window = self
-            .window
-            .iter()
-            .enumerate()
-            .filter(|(offset, slot)| {
-                **slot == Slot::Open && self.low + (*offset as u64) <= last_delivered
-            })
-            .map(|(offset, _)| self.low + offset as u64);
-        let count = open_in_window.clone().count() as u64 + unseen;
+        let unseen = last_delivered.saturating_sub(self.seen.max(self.low - 1));
+        let count = self.running.len() as u64 + unseen;
         // The highest unsettled tag: a tag the broker still holds, as `multiple` requires.
         let highest = if unseen > 0 {
             Some(last_delivered)
         } else {
-            open_in_window.next_back()
+            self.running.last().copied()
         };
         if let Some(tag) = highest {
             actions.push(Action::Requeue {
@@ -195,8 +172,9 @@ impl AckTracker {
                 count,
             });
         }
-        self.window.clear();
+        self.running.clear();
         self.low = self.low.max(last_delivered + 1);
+        self.seen = self.seen.max(last_delivered);
         actions
     }
 
@@ -205,12 +183,22 @@ impl AckTracker {
         self.closed = true;
     }
 
-    /// Drops settled tags at the front, so the window starts at an unsettled one.
-    fn trim_done(&mut self) {
-        while self.window.front() == Some(&Slot::Done) {
-            self.window.pop_front();
-            self.low += 1;
-        }
+    /// The oldest tag not finished: a running one, or the next to come.
+    fn first_running(&self) -> u64 {
+        self.running.first().copied().unwrap_or(self.seen + 1)
+    }
+
+    /// Moves `low` up to the oldest tag the broker may still hold unsettled.
+    fn advance(&mut self) {
+        let oldest_pending = self.pending.iter().copied().min();
+        let first_running = self.first_running();
+        self.low = oldest_pending.map_or(first_running, |p| p.min(first_running));
+    }
+
+    /// Bookkeeping size, for the memory tests.
+    #[cfg(test)]
+    fn footprint(&self) -> usize {
+        self.running.len() + self.pending.len()
     }
 }
 
@@ -255,7 +243,7 @@ mod tests {
         assert_eq!(t.flush(true), vec![ack(3, false, 1), ack(4, false, 1)]);
         t.settle(2, Ack).unwrap();
         assert_eq!(t.flush(false), vec![ack(2, false, 1)]);
-        assert!(t.window.is_empty());
+        assert_eq!(t.footprint(), 0);
         assert_eq!(t.low, 5);
     }
 
@@ -392,5 +380,136 @@ mod tests {
             assert!(outstanding.is_empty(), "left outstanding: {outstanding:?}");
             assert!(settled[1..].iter().all(|&s| s == 1), "{settled:?}");
         }
+    }
+
+    /// A broker that delivers only while fewer than `prefetch` tags are outstanding, handlers
+    /// that finish in random order — one of them never — and a tracker that must stay within
+    /// the prefetch, never ack a tag before it finished, and settle each exactly once.
+    #[test]
+    fn memory_stays_within_the_prefetch_behind_a_delivery_that_never_finishes() {
+        let mut seed = 0xD1B5_4A32_D192_ED03_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..20 {
+            let prefetch = 1 + (next() % 64) as usize;
+            let total = 10_000u64;
+            let stuck = 1 + next() % 50; // this delivery's handler never returns
+            let mut t = AckTracker::new();
+            let mut outstanding = std::collections::BTreeSet::new(); // broker side
+            let mut running: Vec<u64> = Vec::new(); // handlers side
+            let mut finished_ok = std::collections::BTreeSet::new();
+            let mut settled = vec![0u32; total as usize + 1];
+            let mut delivered = 0u64;
+            let mut frames = 0usize;
+            let mut apply = |actions: Vec<Action>,
+                             outstanding: &mut std::collections::BTreeSet<u64>,
+                             finished_ok: &std::collections::BTreeSet<u64>,
+                             frames: &mut usize| {
+                for action in actions {
+                    *frames += 1;
+                    let (tag, multiple, ack) = match action {
+                        Action::Ack { tag, multiple, .. } => (tag, multiple, true),
+                        Action::Requeue { tag, multiple, .. } => (tag, multiple, false),
+                    };
+                    assert!(outstanding.contains(&tag), "tag {tag} not outstanding");
+                    let covered: Vec<u64> = if multiple {
+                        outstanding.range(..=tag).copied().collect()
+                    } else {
+                        vec![tag]
+                    };
+                    for c in covered {
+                        if ack {
+                            assert!(finished_ok.contains(&c), "tag {c} acked before it finished");
+                        }
+                        outstanding.remove(&c);
+                        settled[c as usize] += 1;
+                    }
+                }
+            };
+            while delivered < total || running.len() > 1 {
+                // the broker pushes while the window has room
+                while delivered < total && outstanding.len() < prefetch {
+                    delivered += 1;
+                    outstanding.insert(delivered);
+                    running.push(delivered);
+                }
+                // a random handler (never the stuck one) finishes
+                let candidates: Vec<usize> = (0..running.len())
+                    .filter(|&i| running[i] != stuck)
+                    .collect();
+                if candidates.is_empty() {
+                    // nothing running but finished acks waiting: the linger time forces them
+                    apply(t.flush(true), &mut outstanding, &finished_ok, &mut frames);
+                    if delivered < total && outstanding.len() < prefetch {
+                        continue;
+                    }
+                    break;
+                }
+                let i = candidates[(next() % candidates.len() as u64) as usize];
+                let tag = running.swap_remove(i);
+                let how = if next() % 50 == 0 { Requeue } else { Ack };
+                if how == Ack {
+                    finished_ok.insert(tag);
+                }
+                if let Some(action) = t.settle(tag, how).unwrap() {
+                    apply(vec![action], &mut outstanding, &finished_ok, &mut frames);
+                }
+                assert!(
+                    t.footprint() <= prefetch,
+                    "round {round}: {} > {prefetch}",
+                    t.footprint()
+                );
+                if next() % 4 == 0 {
+                    let forced = next() % 3 == 0;
+                    apply(t.flush(forced), &mut outstanding, &finished_ok, &mut frames);
+                }
+            }
+            apply(t.flush(true), &mut outstanding, &finished_ok, &mut frames);
+            // only the stuck one is left; shutdown gives it back
+            assert_eq!(
+                outstanding.iter().copied().collect::<Vec<_>>(),
+                vec![stuck],
+                "round {round}, prefetch {prefetch}, delivered {delivered}"
+            );
+            apply(
+                t.abandon(delivered),
+                &mut outstanding,
+                &finished_ok,
+                &mut frames,
+            );
+            assert!(outstanding.is_empty());
+            // (with a prefetch of 1 the stuck delivery holds the whole window: the broker
+            // delivers nothing more, as it should)
+            let delivered_tags = &settled[1..=delivered as usize];
+            assert!(delivered_tags.iter().all(|&n| n == 1), "round {round}");
+            assert_eq!(t.settle(stuck, Ack), Err(Refused::Closed));
+        }
+    }
+
+    #[test]
+    fn a_flush_behind_a_running_delivery_costs_what_is_pending() {
+        // tag 1 runs for ever; 2..=100_000 finish in order, flushed every 64
+        let mut t = AckTracker::new();
+        let mut acked = 0u64;
+        for tag in 2..=100_000u64 {
+            t.settle(tag, Ack).unwrap();
+            if tag % 64 == 0 {
+                let actions = t.flush(true);
+                assert!(actions.len() <= 64);
+                acked += actions.len() as u64;
+                // the running delivery is the only thing remembered
+                assert_eq!(t.footprint(), 1);
+            }
+        }
+        acked += t.flush(true).len() as u64;
+        assert_eq!(acked, 99_999);
+        // once it finishes, it is acked alone
+        t.settle(1, Ack).unwrap();
+        assert_eq!(t.flush(false), vec![ack(1, false, 1)]);
+        assert_eq!(t.footprint(), 0);
     }
 }
