@@ -4,6 +4,7 @@
 //! on the channel that delivered the message.
 
 use std::{
+    future::Future,
     mem,
     sync::{
         Arc, Mutex,
@@ -108,12 +109,39 @@ impl SettleHandle {
     }
 }
 
+/// Where a settle task sends its frames: the channel that delivered the messages (or, in
+/// unit tests, a recorder).
+pub(crate) trait AckSink: Send + Sync + 'static {
+    /// Sends one `basic.ack` or `basic.nack` frame.
+    fn send(&self, action: Action) -> impl Future<Output = Result<(), lapin::Error>> + Send;
+}
+
+impl AckSink for lapin::Channel {
+    async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+        match action {
+            Action::Ack { tag, multiple, .. } => {
+                self.basic_ack(tag, BasicAckOptions { multiple }).await
+            }
+            Action::Requeue { tag, multiple, .. } => {
+                self.basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple,
+                        requeue: true,
+                    },
+                )
+                .await
+            }
+        }
+    }
+}
+
 /// The settle task's state.
-pub(crate) struct SettleTask {
+pub(crate) struct SettleTask<S = lapin::Channel> {
     shared: Arc<Shared>,
     control: mpsc::UnboundedReceiver<Control>,
     /// The channel that delivered the messages; the only one acks may go to.
-    channel: lapin::Channel,
+    channel: S,
     tracker: AckTracker,
     /// How long a finished ack may wait for others to share its frame.
     linger: Duration,
@@ -134,13 +162,13 @@ pub(crate) struct SettleTask {
 /// Creates a settle task for `channel` and its handle. `prefetch` sizes the batches: acks
 /// are sent once a quarter of the prefetch window is waiting, so the broker never runs out
 /// of window while acks linger.
-pub(crate) fn settle_task(
-    channel: lapin::Channel,
+pub(crate) fn settle_task<S: AckSink>(
+    channel: S,
     prefetch: u16,
     linger: Duration,
     queue: Arc<str>,
     counters: Arc<QueueCounters>,
-) -> (SettleHandle, SettleTask) {
+) -> (SettleHandle, SettleTask<S>) {
     let shared = Arc::new(Shared {
         inbox: Mutex::default(),
         notify: Notify::new(),
@@ -170,7 +198,7 @@ pub(crate) fn settle_task(
     )
 }
 
-impl SettleTask {
+impl<S: AckSink> SettleTask<S> {
     /// Runs until closed (or until every handle is gone).
     pub(crate) async fn run(mut self) {
         let mut deadline: Option<Instant> = None;
@@ -281,25 +309,7 @@ impl SettleTask {
                 QueueCounters::add(&self.counters.ack_failures, count(&action));
                 continue;
             }
-            let result = match action {
-                Action::Ack { tag, multiple, .. } => {
-                    self.channel
-                        .basic_ack(tag, BasicAckOptions { multiple })
-                        .await
-                }
-                Action::Requeue { tag, multiple, .. } => {
-                    self.channel
-                        .basic_nack(
-                            tag,
-                            BasicNackOptions {
-                                multiple,
-                                requeue: true,
-                            },
-                        )
-                        .await
-                }
-            };
-            match result {
+            match self.channel.send(action).await {
                 Ok(()) => {
                     let counter = match action {
                         Action::Ack { .. } => {
@@ -336,5 +346,169 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The settle task's timing, under tokio's paused clock, with a recorder for a channel.
+    use super::*;
+    use crate::tracker::Settlement::{Ack, Requeue};
+
+    /// Records every frame with the (paused) time it was sent.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<(Duration, Action)>>>, Option<Instant>);
+
+    impl AckSink for Recorder {
+        async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+            let at = self.1.map_or(Duration::ZERO, |start| start.elapsed());
+            self.0.lock().unwrap().push((at, action));
+            Ok(())
+        }
+    }
+
+    const LINGER: Duration = Duration::from_millis(5);
+
+    fn start(prefetch: u16) -> (SettleHandle, Recorder, Arc<QueueCounters>) {
+        let recorder = Recorder(Arc::default(), Some(Instant::now()));
+        let counters = Arc::new(QueueCounters::default());
+        let (handle, task) = settle_task(
+            recorder.clone(),
+            prefetch,
+            LINGER,
+            Arc::from("q"),
+            Arc::clone(&counters),
+        );
+        tokio::spawn(task.run());
+        (handle, recorder, counters)
+    }
+
+    fn frames(recorder: &Recorder) -> Vec<(Duration, Action)> {
+        recorder.0.lock().unwrap().clone()
+    }
+
+    fn ack(tag: u64, count: u64) -> Action {
+        Action::Ack {
+            tag,
+            multiple: count > 1,
+            count,
+        }
+    }
+
+    /// Lets the settle task run without moving the clock.
+    async fn settle_down() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_lingers_then_goes_out() {
+        let (handle, recorder, _) = start(40);
+        handle.settle(1, Ack);
+        handle.settle(2, Ack);
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        assert!(frames(&recorder).is_empty(), "sent before the linger time");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(frames(&recorder), vec![(LINGER, ack(2, 2))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_out_at_once() {
+        let (handle, recorder, counters) = start(40); // batch: a quarter, 10
+        for tag in 1..=10 {
+            handle.settle(tag, Ack);
+        }
+        settle_down().await;
+        assert_eq!(frames(&recorder), vec![(Duration::ZERO, ack(10, 10))]);
+        assert_eq!(
+            counters
+                .ack_frames
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_requeue_is_urgent() {
+        let (handle, recorder, _) = start(40);
+        handle.settle(1, Requeue);
+        settle_down().await;
+        assert_eq!(
+            frames(&recorder),
+            vec![(
+                Duration::ZERO,
+                Action::Requeue {
+                    tag: 1,
+                    multiple: false,
+                    count: 1
+                }
+            )]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_behind_a_running_delivery_wait_then_go_one_by_one() {
+        let (handle, recorder, _) = start(40);
+        // 1 still runs; 2..=4 finished behind it
+        for tag in 2..=4 {
+            handle.settle(tag, Ack);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(
+            frames(&recorder).is_empty(),
+            "no single acks while 1 may finish soon"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(sent, vec![ack(2, 1), ack(3, 1), ack(4, 1)]);
+        // then 1 finishes: acked alone, never with `multiple` over the others
+        handle.settle(1, Ack);
+        tokio::time::sleep(LINGER * 2).await;
+        assert_eq!(frames(&recorder).last().unwrap().1, ack(1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_acks_crowding_the_window_go_at_once() {
+        let (handle, recorder, _) = start(8); // batch 2, hold limit 4
+        for tag in 2..=5 {
+            handle.settle(tag, Ack);
+        }
+        tokio::time::sleep(LINGER + Duration::from_millis(1)).await;
+        let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(sent, vec![ack(2, 1), ack(3, 1), ack(4, 1), ack(5, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandon_gives_back_the_rest_and_late_results_are_dropped() {
+        let (handle, recorder, counters) = start(40);
+        handle.settle(1, Ack);
+        settle_down().await;
+        handle.abandon(3).await;
+        let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(
+            sent,
+            vec![
+                ack(1, 1),
+                Action::Requeue {
+                    tag: 3,
+                    multiple: true,
+                    count: 2
+                }
+            ]
+        );
+        handle.settle(2, Ack); // a handler finishing after the deadline
+        handle.close().await;
+        assert_eq!(
+            frames(&recorder).len(),
+            2,
+            "nothing sent for the late result"
+        );
+        assert_eq!(
+            counters
+                .late_settlements
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 }
