@@ -6,7 +6,7 @@
 use std::{
     future::Future,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -56,6 +56,11 @@ pub(crate) struct Supervisor {
     /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
     pub(crate) shared_runtime: bool,
 }
+
+/// A connection that lived this long was healthy: when it is lost, reconnect at once. One
+/// lost sooner backs off, so that a broker accepting connections and dropping them at once
+/// is not hammered.
+const HEALTHY_GENERATION: Duration = Duration::from_secs(1);
 
 /// How a generation ended.
 enum Ended {
@@ -157,6 +162,7 @@ impl Supervisor {
             }
             self.status
                 .connected(url.redacted().to_owned(), ever_connected);
+            let began = Instant::now();
             match self
                 .generation(&connection, &runtime, !ever_connected)
                 .await
@@ -164,10 +170,28 @@ impl Supervisor {
                 Ended::Shutdown(result) => return result,
                 Ended::Fatal(error) => return Err(error),
                 Ended::Lost(error) => {
-                    warn!(%error, %url, "connection lost; reconnecting");
                     ever_connected = true;
-                    backoff.reset();
                     address += 1;
+                    if began.elapsed() >= HEALTHY_GENERATION {
+                        warn!(%error, %url, "connection lost; reconnecting");
+                        backoff.reset();
+                        continue;
+                    }
+                    // Lost again soon after connecting: back off rather than loop.
+                    let delay = backoff.next_delay().max(self.connect.backoff.0);
+                    warn!(
+                        %error,
+                        %url,
+                        "connection lost soon after connecting; reconnecting in {delay:?}"
+                    );
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => {
+                            self.wait_for_orphans().await;
+                            return Ok(());
+                        }
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
         }
