@@ -591,3 +591,39 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("fn-handler");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"hello").await?;
+    broker.publish_bytes(&queue, b"stop").await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                conejo::handler_fn(move |text: String, ctx: Context| {
+                    let sink = Arc::clone(&sink);
+                    async move {
+                        if text == "stop" {
+                            ctx.request_shutdown();
+                        }
+                        sink.lock().unwrap().push(text);
+                        Ok(())
+                    }
+                }),
+                config().concurrency(1),
+            )
+            .build()?,
+    );
+    // The service stops by itself, cleanly, after acking both.
+    service.join(WAIT).await??;
+    assert_eq!(*seen.lock().unwrap(), vec!["hello", "stop"]);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}

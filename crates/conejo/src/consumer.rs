@@ -299,6 +299,7 @@ impl Queue {
                 Arc::clone(&self.name),
                 &mut delivery,
                 channel.signal.clone(),
+                generation.shutdown.clone(),
                 permit,
             );
             let body = Bytes::from(std::mem::take(&mut delivery.data));

@@ -33,8 +33,11 @@ pub struct Context {
     redelivered: bool,
     /// The AMQP properties: headers, ids, content type, timestamp…
     properties: BasicProperties,
-    /// Cancelled when the service starts shutting down.
+    /// Cancelled when the service starts shutting down, or this delivery's channel or
+    /// connection is lost.
     shutdown: CancellationToken,
+    /// The service's own shutdown, for [`Context::request_shutdown`].
+    service: CancellationToken,
     /// The queue's concurrency slot held by this delivery. A blocking handler takes it into
     /// its thread, so that a thread abandoned at a timeout keeps the slot until it returns
     /// and the concurrency bound holds. Not cloned.
@@ -53,6 +56,7 @@ impl Clone for Context {
             redelivered: self.redelivered,
             properties: self.properties.clone(),
             shutdown: self.shutdown.clone(),
+            service: self.service.clone(),
             slot: Mutex::new(None),
         }
     }
@@ -63,6 +67,7 @@ impl Context {
         queue: Arc<str>,
         delivery: &mut lapin::message::Delivery,
         shutdown: CancellationToken,
+        service: CancellationToken,
         slot: OwnedSemaphorePermit,
     ) -> Self {
         let properties = std::mem::take(&mut delivery.properties);
@@ -88,6 +93,7 @@ impl Context {
             redelivered: delivery.redelivered,
             properties,
             shutdown,
+            service,
             slot: Mutex::new(Some(slot)),
         }
     }
@@ -110,6 +116,7 @@ impl Context {
             redelivered: false,
             properties: BasicProperties::default(),
             shutdown: CancellationToken::new(),
+            service: CancellationToken::new(),
             slot: Mutex::new(None),
         }
     }
@@ -237,5 +244,28 @@ impl Context {
     /// stop early (and return an error, so the message is retried later).
     pub async fn shutdown_requested(&self) {
         self.shutdown.cancelled().await;
+    }
+
+    /// Starts the service's graceful shutdown, as SIGTERM would: for a handler that finds the
+    /// service cannot go on (a required resource gone for good, a fatal misconfiguration).
+    /// The handler should still return: its own message is settled by what it returns.
+    ///
+    /// ```
+    /// use conejo::{Context, Handler, HandlerError};
+    ///
+    /// struct Migrations;
+    /// impl Handler for Migrations {
+    ///     type Message = String;
+    ///     async fn handle(&self, version: String, ctx: &Context) -> Result<(), HandlerError> {
+    ///         if version != "v2" {
+    ///             ctx.request_shutdown(); // this build cannot serve the new schema
+    ///             return Err(HandlerError::retry(format!("schema {version} unsupported")));
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    /// ```
+    pub fn request_shutdown(&self) {
+        self.service.cancel();
     }
 }

@@ -211,6 +211,78 @@ impl Drop for Abandoned {
     }
 }
 
+/// A handler made of a function or closure: `|message, ctx| async move { … }`, registered
+/// like any [`Handler`]. The function receives the [`Context`] by value (a copy per message:
+/// implement [`Handler`] on a struct where that copy matters).
+///
+/// ```no_run
+/// use conejo::{Conejo, Context, HandlerError, Json, handler_fn};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64 }
+///
+/// async fn store(Json(order): Json<Order>, ctx: Context) -> Result<(), HandlerError> {
+///     println!("order {} (attempt {})", order.id, ctx.attempt());
+///     Ok(())
+/// }
+///
+/// # async fn run() -> Result<(), conejo::Error> {
+/// Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .queue("orders", handler_fn(store))
+///     .queue("audit", handler_fn(|line: String, _ctx| async move {
+///         println!("{line}");
+///         Ok(())
+///     }))
+///     .build()?
+///     .run()
+///     .await
+/// # }
+/// ```
+pub fn handler_fn<M, F, Fut>(function: F) -> FnHandler<F, M>
+where
+    M: Decode,
+    F: Fn(M, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    FnHandler {
+        function,
+        message: std::marker::PhantomData,
+    }
+}
+
+/// A [`Handler`] made by [`handler_fn`].
+pub struct FnHandler<F, M> {
+    /// The user's function.
+    function: F,
+    /// The message type the function takes.
+    message: std::marker::PhantomData<fn(M)>,
+}
+
+impl<F, M> std::fmt::Debug for FnHandler<F, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FnHandler")
+            .field("message", &std::any::type_name::<M>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M, F, Fut> Handler for FnHandler<F, M>
+where
+    M: Decode,
+    F: Fn(M, Context) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    type Message = M;
+
+    fn handle(
+        &self,
+        message: M,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (self.function)(message, ctx.clone())
+    }
+}
+
 /// A handler with its message type erased: what a queue's consumer calls. Built once at
 /// registration, so the per-message path has no generics.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
@@ -320,6 +392,37 @@ mod tests {
             other => panic!("expected a panic failure, got {other:?}"),
         }
         assert_eq!(handler.default_concurrency(), DEFAULT_ASYNC_CONCURRENCY);
+    }
+
+    #[tokio::test]
+    async fn functions_and_closures_are_handlers() {
+        async fn double(Json(n): Json<u32>, _: Context) -> Result<(), HandlerError> {
+            if n == 1 {
+                return Err(HandlerError::reject("one"));
+            }
+            Ok(())
+        }
+        let ctx = Context::detached("q");
+        let handler = erase(handler_fn(double));
+        assert!(handler.call(&Bytes::from_static(b"2"), &ctx).await.is_ok());
+        assert!(matches!(
+            handler.call(&Bytes::from_static(b"1"), &ctx).await,
+            Err(Failure::Handler(e)) if e.is_reject()
+        ));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let closure = erase(handler_fn(move |text: String, ctx: Context| {
+            let sink = Arc::clone(&sink);
+            async move {
+                sink.lock().unwrap().push((text, ctx.attempt()));
+                Ok(())
+            }
+        }));
+        closure
+            .call(&Bytes::from_static(b"hi"), &ctx.clone().with_attempt(3))
+            .await
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![("hi".to_owned(), 3)]);
     }
 
     #[tokio::test]

@@ -148,7 +148,7 @@ pub use app::{
 pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
 pub use error::{Error, HandlerError};
-pub use handler::{Blocking, BlockingHandler, Handler};
+pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
 pub use message::{Decode, DecodeError, Json};
 pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
