@@ -131,6 +131,7 @@ mod signal;
 mod stats;
 mod status;
 mod supervisor;
+mod tls;
 mod topology;
 mod tracker;
 mod url;
@@ -154,6 +155,9 @@ pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use stats::{QueueStats, Stats};
 pub use status::{ConnectionState, Status};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::TlsConfig;
 pub use topology::Exchange;
 pub use url::AmqpUrl;
 
