@@ -23,8 +23,8 @@ mod watch;
 
 pub use broker::{Broker, DrainedMessage, XDeath};
 pub use node::{
-    CLI_TIMEOUT, NODE_START_TIMEOUT, NODE_STOP_TIMEOUT, PrivateCluster, PrivateNode,
-    shared_private_node,
+    CLI_TIMEOUT, NODE_START_TIMEOUT, NODE_STOP_TIMEOUT, NodeOptions, PrivateCluster, PrivateNode,
+    TlsListener, shared_private_node,
 };
 pub use proxy::{ProxyMode, TcpProxy};
 pub use rabbitmqctl::{

@@ -127,6 +127,31 @@ pub struct PrivateNode {
     ports: PortBlock,
     process: Mutex<NodeProcess>,
     keep_dir: bool,
+    /// Whether the node has a TLS listener (on `ports.amqps()`).
+    tls: bool,
+}
+
+/// How [`PrivateNode::start_with_options`] sets a node up beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Appended to the node's `rabbitmq.conf`.
+    pub config: String,
+    /// Plugins to enable (e.g. `rabbitmq_auth_mechanism_ssl`); none by default.
+    pub plugins: Vec<String>,
+    /// A TLS listener on `127.0.0.1:`[`PrivateNode::amqps_port`].
+    pub tls: Option<TlsListener>,
+}
+
+/// The files of a node's TLS listener (PEM). The listener asks for a client certificate and
+/// refuses a connection without one (`verify_peer`, `fail_if_no_peer_cert`), TLS 1.3 and 1.2.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    /// The CA that client certificates must chain to (`ssl_options.cacertfile`).
+    pub ca_file: PathBuf,
+    /// The server's certificate (`ssl_options.certfile`).
+    pub cert_file: PathBuf,
+    /// The server's private key (`ssl_options.keyfile`).
+    pub key_file: PathBuf,
 }
 
 /// The node's OS process, if one was started.
@@ -160,24 +185,36 @@ impl PrivateNode {
     /// The error of a failed start names the node's directory, which is then kept (also by
     /// `Drop`), and quotes the tail of its log and console output.
     pub async fn start(name_hint: &str) -> anyhow::Result<PrivateNode> {
-        Self::start_with_cookie(name_hint, &random_cookie(), "").await
+        Self::start_with_cookie(name_hint, &random_cookie(), &NodeOptions::default()).await
     }
 
     /// As [`start`](Self::start), with `config` appended to the node's `rabbitmq.conf`
     /// (e.g. `consumer_timeout = 2000`).
     pub async fn start_with_config(name_hint: &str, config: &str) -> anyhow::Result<PrivateNode> {
-        Self::start_with_cookie(name_hint, &random_cookie(), config).await
+        let options = NodeOptions {
+            config: config.to_owned(),
+            ..NodeOptions::default()
+        };
+        Self::start_with_cookie(name_hint, &random_cookie(), &options).await
+    }
+
+    /// As [`start`](Self::start), with extra configuration, plugins and a TLS listener.
+    pub async fn start_with_options(
+        name_hint: &str,
+        options: &NodeOptions,
+    ) -> anyhow::Result<PrivateNode> {
+        Self::start_with_cookie(name_hint, &random_cookie(), options).await
     }
 
     async fn start_with_cookie(
         name_hint: &str,
         cookie: &str,
-        config: &str,
+        options: &NodeOptions,
     ) -> anyhow::Result<PrivateNode> {
         sweep_stale_dirs();
         let mut attempt = 1;
         loop {
-            let mut node = Self::prepare(name_hint, cookie, config)?;
+            let mut node = Self::prepare(name_hint, cookie, options)?;
             match node.boot().await {
                 Ok(()) => return Ok(node),
                 Err(err) if attempt < START_ATTEMPTS && node.lost_a_port() => {
@@ -195,7 +232,11 @@ impl PrivateNode {
     }
 
     /// Creates the node's directory, files and port reservation, without starting it.
-    fn prepare(name_hint: &str, cookie: &str, config: &str) -> anyhow::Result<PrivateNode> {
+    fn prepare(
+        name_hint: &str,
+        cookie: &str,
+        options: &NodeOptions,
+    ) -> anyhow::Result<PrivateNode> {
         static NODES: AtomicU64 = AtomicU64::new(0);
         let bin_dir = bin_dir();
         let server = bin_dir.join("rabbitmq-server");
@@ -220,13 +261,14 @@ impl PrivateNode {
             ports: PortBlock::reserve()?,
             process: Mutex::new(NodeProcess::default()),
             keep_dir: keep_dirs(),
+            tls: options.tls.is_some(),
         };
-        node.write_files(cookie, config)
+        node.write_files(cookie, options)
             .with_context(|| format!("failed to prepare {}", node.dir.display()))?;
         Ok(node)
     }
 
-    fn write_files(&self, cookie: &str, config: &str) -> anyhow::Result<()> {
+    fn write_files(&self, cookie: &str, options: &NodeOptions) -> anyhow::Result<()> {
         if self.dir.exists() {
             // Left by an earlier process that had the same pid.
             fs::remove_dir_all(&self.dir)?;
@@ -247,18 +289,40 @@ impl PrivateNode {
              export ERL_FLAGS=\"-kernel inet_dist_use_interface {127,0,0,1}\"\n\
              export ERL_EPMD_ADDRESS=127.0.0.1\n",
         )?;
+        let tls = match &options.tls {
+            Some(tls) => format!(
+                "listeners.ssl.1 = 127.0.0.1:{}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n\
+                 ssl_options.versions.1 = tlsv1.3\n\
+                 ssl_options.versions.2 = tlsv1.2\n",
+                self.ports.amqps(),
+                tls.ca_file.display(),
+                tls.cert_file.display(),
+                tls.key_file.display(),
+            ),
+            None => String::new(),
+        };
         fs::write(
             self.dir.join("rabbitmq.conf"),
             format!(
                 "# Written by conejo-tests.\n\
                  listeners.tcp.1 = 127.0.0.1:{}\n\
+                 {tls}\
                  log.console = false\n\
                  log.file.level = info\n\
-                 {config}\n",
-                self.ports.amqp()
+                 {}\n",
+                self.ports.amqp(),
+                options.config,
             ),
         )?;
-        fs::write(self.dir.join("enabled_plugins"), "[].\n")?;
+        fs::write(
+            self.dir.join("enabled_plugins"),
+            format!("[{}].\n", options.plugins.join(",")),
+        )?;
         // Channels check their consumer timeouts on each tick, every minute by default: a
         // second, so that a test's short consumer_timeout is enforced promptly.
         fs::write(
@@ -287,6 +351,12 @@ impl PrivateNode {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f` (vhost `/`; `guest` may log in over loopback).
     pub fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.ports.amqp())
+    }
+
+    /// The TLS listener's port (on 127.0.0.1), if the node was started with one
+    /// ([`NodeOptions::tls`]).
+    pub fn amqps_port(&self) -> Option<u16> {
+        self.tls.then(|| self.ports.amqps())
     }
 
     /// The Erlang distribution port (on 127.0.0.1).
@@ -762,10 +832,11 @@ impl PrivateCluster {
         ensure!(size > 0, "a cluster needs at least one node");
         let cookie = random_cookie();
         let hints: Vec<String> = (0..size).map(|i| format!("k{i}")).collect();
+        let options = NodeOptions::default();
         let nodes = futures::future::try_join_all(
             hints
                 .iter()
-                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie, "")),
+                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie, &options)),
         )
         .await?;
         let mut cluster = PrivateCluster { nodes };
@@ -903,8 +974,8 @@ impl PrivateCluster {
     }
 }
 
-/// A reserved block of [`PortBlock::SIZE`] consecutive loopback ports: AMQP, distribution, and
-/// the CLI tools' distribution range. Released (for this process) when dropped.
+/// A reserved block of [`PortBlock::SIZE`] consecutive loopback ports: AMQP, distribution, the
+/// CLI tools' distribution range, and AMQPS (used only by a node with a TLS listener). Released (for this process) when dropped.
 #[derive(Debug)]
 struct PortBlock {
     base: u16,
@@ -914,7 +985,7 @@ struct PortBlock {
 static RESERVED_BLOCKS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 impl PortBlock {
-    const SIZE: u16 = 8;
+    const SIZE: u16 = 9;
     /// First port of the first block.
     const LOW: u16 = 20_000;
     /// Blocks end below Linux's default ephemeral range (32768–60999), so an outgoing
@@ -962,6 +1033,10 @@ impl PortBlock {
     }
 
     fn cli_max(&self) -> u16 {
+        self.base + Self::SIZE - 2
+    }
+
+    fn amqps(&self) -> u16 {
         self.base + Self::SIZE - 1
     }
 }
@@ -1154,8 +1229,9 @@ mod tests {
         let a = PortBlock::reserve().unwrap();
         let b = PortBlock::reserve().unwrap();
         assert_ne!(a.base, b.base);
-        assert!(a.base >= PortBlock::LOW && a.cli_max() < PortBlock::HIGH);
-        assert_eq!(a.cli_max() - a.amqp() + 1, PortBlock::SIZE);
+        assert!(a.base >= PortBlock::LOW && a.amqps() < PortBlock::HIGH);
+        assert_eq!(a.amqps() - a.amqp() + 1, PortBlock::SIZE);
+        assert!(a.cli_min() < a.cli_max() && a.cli_max() < a.amqps());
         let base = a.base;
         drop(a);
         assert!(!RESERVED_BLOCKS.lock().unwrap().contains(&base));
@@ -1206,7 +1282,8 @@ mod tests {
             fs::write(&path, script).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut node = PrivateNode::prepare("fake", &random_cookie(), "").unwrap();
+        let mut node =
+            PrivateNode::prepare("fake", &random_cookie(), &NodeOptions::default()).unwrap();
         node.bin_dir = bin.clone();
         let err = node.boot().await.expect_err("the fake server exits");
         let msg = format!("{err:#}");

@@ -13,6 +13,7 @@ use crate::{
     stats::Stats,
     status::{Status, StatusWriter},
     supervisor::{ConnectPolicy, Supervisor},
+    tls::TlsSetup,
     url::parse_list,
 };
 
@@ -94,6 +95,8 @@ pub struct Conejo {
     status: Arc<StatusWriter>,
     /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
     shared_runtime: bool,
+    /// TLS material (CA, client certificate), read once by `build()`.
+    tls: TlsSetup,
 }
 
 impl std::fmt::Debug for QueueSpec {
@@ -119,6 +122,8 @@ pub struct Builder {
     consumer_timeout: Duration,
     connect: ConnectPolicy,
     shared_runtime: bool,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::TlsConfig>,
 }
 
 impl Conejo {
@@ -147,6 +152,8 @@ impl Conejo {
                 backoff: DEFAULT_RECONNECT_DELAY,
             },
             shared_runtime: false,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 
@@ -216,6 +223,7 @@ impl Conejo {
             shutdown: self.shutdown,
             status: self.status,
             shared_runtime: self.shared_runtime,
+            tls: self.tls,
         }
         .run(signal)
         .await
@@ -297,6 +305,33 @@ impl Builder {
         self
     }
 
+    /// TLS settings for the `amqps://` URL(s): a CA to trust on top of the OS roots, a client
+    /// certificate (mutual TLS), SASL EXTERNAL. Its files are read and checked by
+    /// [`build`](Self::build), and used for every reconnection. Requires the `tls` feature;
+    /// without this call an `amqps://` URL trusts the OS roots and sends no client
+    /// certificate.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # fn main() -> Result<(), conejo::Error> {
+    /// let service = conejo::Conejo::builder("amqps://app:secret@rabbit.internal:5671/%2f")
+    ///     .tls(conejo::TlsConfig::new().ca_file("/etc/conejo/ca.pem"))
+    ///     .queue("orders", Orders)
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: crate::TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// **Do not use in services.** Runs lapin (its heartbeat and internal RPC) on the
     /// application's runtime instead of conejo's dedicated one — the setup that loses its
     /// connection when handlers hog the runtime. Exists so tests can show that hazard.
@@ -310,9 +345,12 @@ impl Builder {
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] or [`Error::InvalidConfig`] (no queue, a queue registered twice,
-    /// zero concurrency or prefetch, a zero shutdown timeout…).
-    pub fn build(self) -> Result<Conejo, Error> {
-        let urls = self.urls?;
+    /// zero concurrency or prefetch, a zero shutdown timeout…; an `amqps://` URL without the
+    /// `tls` feature; a TLS file that is missing, not PEM, or a key that does not match its
+    /// certificate).
+    pub fn build(mut self) -> Result<Conejo, Error> {
+        let mut urls = std::mem::replace(&mut self.urls, Ok(Vec::new()))?;
+        let tls = self.tls_setup(&mut urls)?;
         if self.queues.is_empty() {
             return Err(Error::config(None, "no queue registered"));
         }
@@ -394,7 +432,42 @@ impl Builder {
             shutdown: CancellationToken::new(),
             stats,
             shared_runtime: self.shared_runtime,
+            tls,
         })
+    }
+
+    /// Checks that the URLs and the TLS settings agree, and reads the TLS files.
+    #[cfg(feature = "tls")]
+    fn tls_setup(&self, urls: &mut [AmqpUrl]) -> Result<TlsSetup, Error> {
+        let Some(config) = &self.tls else {
+            return Ok(TlsSetup::default());
+        };
+        if let Some(plain) = urls.iter().find(|url| !url.is_tls()) {
+            return Err(Error::config(
+                None,
+                format!("TLS settings given, but {plain} is not an amqps:// URL"),
+            ));
+        }
+        let setup = config.load()?;
+        if config.uses_external_auth() {
+            urls.iter_mut().for_each(AmqpUrl::use_external_auth);
+        }
+        Ok(setup)
+    }
+
+    /// Without the `tls` feature, an `amqps://` URL cannot work: say so now.
+    #[cfg(not(feature = "tls"))]
+    fn tls_setup(&self, urls: &mut [AmqpUrl]) -> Result<TlsSetup, Error> {
+        match urls.iter().find(|url| url.is_tls()) {
+            Some(url) => Err(Error::config(
+                None,
+                format!(
+                    "{url} needs TLS, which this build of conejo lacks: enable conejo's `tls` \
+                     feature (conejo = {{ version = \"…\", features = [\"tls\"] }})"
+                ),
+            )),
+            None => Ok(TlsSetup::default()),
+        }
     }
 }
 
@@ -462,6 +535,59 @@ mod tests {
         assert!(matches!(err, Error::InvalidUrl { .. }));
         assert!(!err.to_string().contains("pw-xyz"));
         let conejo = Conejo::builder("amqp://u:pw-xyz@host/")
+            .queue("a", Noop)
+            .build()
+            .unwrap();
+        assert!(!format!("{conejo:?}").contains("pw-xyz"));
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn amqps_without_the_tls_feature_fails_in_build() {
+        let err = Conejo::builder("amqps://u:pw-xyz@host:5671/%2f")
+            .queue("a", Noop)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("enable conejo's `tls` feature"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("pw-xyz"));
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_settings_are_checked_in_build() {
+        use crate::TlsConfig;
+        let err = Conejo::builder("amqp://u:p@host/")
+            .tls(TlsConfig::new())
+            .queue("a", Noop)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("not an amqps:// URL"), "{err}");
+        let err = Conejo::builder("amqps://host/")
+            .tls(TlsConfig::new().external_auth())
+            .queue("a", Noop)
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("external_auth needs a client certificate"),
+            "{err}"
+        );
+        let err = Conejo::builder("amqps://host/")
+            .tls(TlsConfig::new().ca_file("/nonexistent/ca.pem"))
+            .queue("a", Noop)
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("TLS ca_file /nonexistent/ca.pem: cannot read"),
+            "{err}"
+        );
+        // The OS roots alone, no client certificate.
+        let conejo = Conejo::builder("amqps://u:pw-xyz@host/")
             .queue("a", Noop)
             .build()
             .unwrap();

@@ -9,7 +9,9 @@ use lapin::{
     types::{FieldTable, LongString, ShortString},
 };
 
-use crate::{AmqpUrl, Error, Exchange, QueueConfig, runtime::ConnectionRuntime, topology};
+use crate::{
+    AmqpUrl, Error, Exchange, QueueConfig, runtime::ConnectionRuntime, tls::TlsSetup, topology,
+};
 
 /// How long closing a channel or the connection may take before conejo gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,6 +78,7 @@ impl Connection {
         connection_name: &str,
         runtime: Arc<ConnectionRuntime>,
         timeout: Duration,
+        tls: &TlsSetup,
     ) -> Result<Self, Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(connection_name))
@@ -85,12 +88,21 @@ impl Connection {
             );
         let uri = url.uri();
         let lapin_runtime = async_rs::Runtime::tokio_with_handle(runtime.handle().clone());
+        // The checked TLS material, the same on every attempt (reconnections included).
+        #[cfg(feature = "tls")]
+        let connect = lapin::Connection::connect_uri_with_config(
+            uri,
+            properties,
+            tls.lapin_config(),
+            lapin_runtime,
+        );
+        #[cfg(not(feature = "tls"))]
+        let connect = {
+            let _ = tls;
+            lapin::Connection::connect_uri_with_runtime(uri, properties, lapin_runtime)
+        };
         let inner = runtime
-            .run_within(
-                timeout,
-                "connect",
-                lapin::Connection::connect_uri_with_runtime(uri, properties, lapin_runtime),
-            )
+            .run_within(timeout, "connect", connect)
             .await
             .map_err(|source| Error::Connect {
                 url: url.redacted().to_owned(),

@@ -125,14 +125,18 @@ impl Error {
 
     /// True when the broker refused the connection itself: wrong credentials
     /// (ACCESS_REFUSED) or a virtual host that does not exist or is not allowed
-    /// (NOT_ALLOWED). Waiting does not fix those, so conejo stops at once.
+    /// (NOT_ALLOWED); and, over TLS, a certificate refused by either side (the broker's
+    /// not trusted, ours missing or not accepted). Waiting does not fix those, so conejo stops
+    /// at once.
     #[must_use]
     pub fn is_refused(&self) -> bool {
         match self {
-            Error::Connect { source, .. } => matches!(
-                source.kind(),
-                lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530)
-            ),
+            Error::Connect { source, .. } => {
+                matches!(
+                    source.kind(),
+                    lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530)
+                ) || crate::tls::is_certificate_error(source)
+            }
             _ => false,
         }
     }

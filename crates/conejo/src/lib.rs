@@ -68,9 +68,15 @@
 //! At startup conejo waits for the broker ([`Builder::wait_for_broker`]). [`Conejo::status`]
 //! tells the state, for readiness and liveness checks.
 //!
+//! ## Cargo features
+//! - `tls`: `amqps://` with rustls — a private CA, client certificates (mutual TLS) and SASL
+//!   EXTERNAL through `TlsConfig` and `Builder::tls`. Off by default: without it conejo has
+//!   no TLS code, and `build()` rejects an `amqps://` URL.
+//! - `admin`: `conejo::admin`, to inspect and replay dead letters.
+//! - `test-util`: broker-free helpers for handler tests.
+//!
 //! ## Not yet
-//! Metrics export ([`Conejo::stats`] and [`Conejo::status`] only), health endpoints, TLS
-//! client certificates.
+//! Metrics export ([`Conejo::stats`] and [`Conejo::status`] only), health endpoints.
 //!
 //! ## Example
 //! ```no_run
@@ -131,6 +137,7 @@ mod signal;
 mod stats;
 mod status;
 mod supervisor;
+mod tls;
 mod topology;
 mod tracker;
 mod url;
@@ -154,6 +161,9 @@ pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use stats::{QueueStats, Stats};
 pub use status::{ConnectionState, Status};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::TlsConfig;
 pub use topology::Exchange;
 pub use url::AmqpUrl;
 

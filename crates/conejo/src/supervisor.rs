@@ -22,6 +22,7 @@ use crate::{
     publish::Publisher,
     runtime::ConnectionRuntime,
     status::{ConnectionState, StatusWriter},
+    tls::TlsSetup,
 };
 
 /// How conejo connects and reconnects.
@@ -55,6 +56,8 @@ pub(crate) struct Supervisor {
     pub(crate) status: Arc<StatusWriter>,
     /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
     pub(crate) shared_runtime: bool,
+    /// TLS material checked by `build()`, used by every connection attempt.
+    pub(crate) tls: TlsSetup,
 }
 
 /// A connection that lived this long was healthy: when it is lost, reconnect at once. One
@@ -123,6 +126,7 @@ impl Supervisor {
                     &self.connection_name,
                     Arc::clone(&runtime),
                     self.connect.timeout,
+                    &self.tls,
                 ) => opened,
             };
             let connection = match opened {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::Error;
 
@@ -41,6 +41,18 @@ impl AmqpUrl {
     #[must_use]
     pub fn heartbeat(&self) -> Option<u16> {
         self.uri.query.heartbeat
+    }
+
+    /// True for an `amqps://` URL (TLS).
+    #[must_use]
+    pub fn is_tls(&self) -> bool {
+        self.uri.scheme == AMQPScheme::AMQPS
+    }
+
+    /// Authenticate with SASL EXTERNAL (the identity of the client certificate).
+    #[cfg(feature = "tls")]
+    pub(crate) fn use_external_auth(&mut self) {
+        self.uri.query.auth_mechanism = Some(lapin::uri::SASLMechanism::External);
     }
 
     pub(crate) fn uri(&self) -> AMQPUri {
