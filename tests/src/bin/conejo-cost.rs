@@ -317,7 +317,7 @@ async fn lapin_loop(
     Ok(format!("prefetch {prefetch} ack_frames {ack_frames}"))
 }
 
-/// Counts handled messages for [`conejo`], and says when the last one was.
+/// Counts handled messages for [`conejo()`], and says when the last one was.
 #[derive(Debug)]
 struct Progress {
     /// Messages handled so far.
