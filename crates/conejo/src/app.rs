@@ -8,7 +8,7 @@ use tracing::warn;
 use crate::{
     AmqpUrl, Error, Exchange, Handler, QueueConfig,
     consumer::{Queue, QueueSpec, Timing},
-    handler::erase,
+    service::{BoxService, Layer, Layers, Registration, Service},
     signal,
     stats::Stats,
     status::{Status, StatusWriter},
@@ -85,6 +85,8 @@ pub struct Conejo {
     queues: Vec<QueueSpec>,
     /// Exchanges declared before the queues.
     exchanges: Vec<Exchange>,
+    /// Layers around every queue's pipeline.
+    layers: Layers,
     timing: Timing,
     /// Fired by [`ShutdownHandle::shutdown`] or by `run`'s signal.
     shutdown: CancellationToken,
@@ -117,6 +119,7 @@ pub struct Builder {
     connection_name: Option<String>,
     queues: Vec<QueueSpec>,
     exchanges: Vec<Exchange>,
+    layers: Layers,
     timing: Timing,
     /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
     consumer_timeout: Duration,
@@ -141,6 +144,7 @@ impl Conejo {
             connection_name: None,
             queues: Vec::new(),
             exchanges: Vec::new(),
+            layers: Layers::default(),
             timing: Timing {
                 shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
                 ack_linger: DEFAULT_ACK_LINGER,
@@ -210,7 +214,7 @@ impl Conejo {
             .enumerate()
             .map(|(index, spec)| {
                 let counters = self.stats.counters(&spec.name);
-                Arc::new(Queue::new(spec, index, counters))
+                Arc::new(Queue::new(spec, &self.layers, index, counters))
             })
             .collect();
         Supervisor {
@@ -240,9 +244,44 @@ impl Builder {
     pub fn queue_with<H: Handler>(mut self, queue: &str, handler: H, config: QueueConfig) -> Self {
         self.queues.push(QueueSpec {
             name: Arc::from(queue),
-            handler: erase(handler),
+            handler: Registration::new(handler),
             config,
         });
+        self
+    }
+
+    /// Wraps the pipeline of every queue in `layer`, outside the queues' own
+    /// [layers](QueueConfig::layer); a layer added later wraps the ones added before. See
+    /// [`service`](crate::service) for writing one, and [`from_fn`](crate::service::from_fn)
+    /// for a closure.
+    ///
+    /// ```no_run
+    /// use conejo::{Conejo, Context, HandlerError, handler_fn};
+    /// use conejo::service::{Delivery, Next, from_fn};
+    ///
+    /// # async fn run() -> Result<(), conejo::Error> {
+    /// Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue("audit", handler_fn(|line: String, _ctx: Context| async move {
+    ///         println!("{line}");
+    ///         Ok::<(), HandlerError>(())
+    ///     }))
+    ///     // Every message of every queue: log who sent it.
+    ///     .layer(from_fn(|delivery: Delivery, next: Next| async move {
+    ///         let app = delivery.context().properties().app_id().clone();
+    ///         tracing::debug!(app = ?app, "received");
+    ///         next.run(delivery).await
+    ///     }))
+    ///     .build()?
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxService> + Send + Sync + 'static,
+        L::Service: Service,
+    {
+        self.layers.push(layer);
         self
     }
 
@@ -428,6 +467,7 @@ impl Builder {
             connection_name: self.connection_name.unwrap_or_else(program_name),
             queues: self.queues,
             exchanges: self.exchanges,
+            layers: self.layers,
             timing: self.timing,
             shutdown: CancellationToken::new(),
             stats,

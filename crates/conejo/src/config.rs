@@ -8,6 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::{
     Context, Error, Failure, Outcome, RetryPolicy,
     outcome::FailurePolicy,
+    service::{BoxService, Layer, Layers, Service},
     topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
 };
 
@@ -77,6 +78,8 @@ pub struct QueueConfig {
     pub(crate) dead_letter_exchange: Option<String>,
     /// Routing key of dead letters; `None` keeps the message's own.
     pub(crate) dead_letter_routing_key: Option<String>,
+    /// The user's layers around this queue's handler.
+    pub(crate) layers: Layers,
 }
 
 impl Default for QueueConfig {
@@ -95,6 +98,7 @@ impl Default for QueueConfig {
             poison_limit: Some(DEFAULT_POISON_LIMIT),
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
+            layers: Layers::default(),
         }
     }
 }
@@ -189,6 +193,21 @@ impl QueueConfig {
         self
     }
 
+    /// Wraps this queue's handler in `layer` (inside the service's
+    /// [layers](crate::Builder::layer)); a layer added later wraps the ones added before. A
+    /// layer sees each delivery's raw body and [`Context`] before decoding, and its result:
+    /// see [`service`](crate::service), and [`from_fn`](crate::service::from_fn) for a
+    /// closure. The queue's [timeout](Self::timeout) and conejo's panic isolation wrap the
+    /// layers.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxService> + Send + Sync + 'static,
+        L::Service: Service,
+    {
+        self.layers.push(layer);
+        self
+    }
+
     /// How failed messages are retried (default [`RetryPolicy::default`]).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -239,7 +258,7 @@ impl QueueConfig {
     /// The prefetch that will be applied, for a handler whose default concurrency is 16.
     #[must_use]
     pub fn effective_prefetch(&self) -> u16 {
-        self.resolve(crate::handler::DEFAULT_ASYNC_CONCURRENCY).1
+        self.resolve(crate::service::DEFAULT_ASYNC_CONCURRENCY).1
     }
 
     /// (concurrency, prefetch) once the handler's default concurrency is known.
@@ -374,6 +393,7 @@ impl fmt::Debug for QueueConfig {
             .field("poison_limit", &self.poison_limit)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_routing_key", &self.dead_letter_routing_key)
+            .field("layers", &self.layers)
             .finish()
     }
 }

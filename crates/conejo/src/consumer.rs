@@ -15,8 +15,8 @@ use crate::{
     backoff::Backoff,
     connection::{Connection, QueueConsumer},
     dispatch::{Dispatch, Unsettled},
-    handler::ErasedHandler,
     publish::Publisher,
+    service::{BoxLayer, BoxService, Layers, Registration},
     settle::settle_task,
     stats::QueueCounters,
     status::StatusWriter,
@@ -27,8 +27,8 @@ use crate::{
 pub(crate) struct QueueSpec {
     /// The queue's name.
     pub(crate) name: Arc<str>,
-    /// The type-erased handler.
-    pub(crate) handler: Arc<dyn ErasedHandler>,
+    /// The handler, its pipeline not yet assembled.
+    pub(crate) handler: Registration,
     /// Declaration and consumption settings.
     pub(crate) config: QueueConfig,
 }
@@ -37,8 +37,10 @@ pub(crate) struct QueueSpec {
 pub(crate) struct Queue {
     /// The queue's name.
     pub(crate) name: Arc<str>,
-    /// The type-erased handler.
-    handler: Arc<dyn ErasedHandler>,
+    /// Timeout, panic isolation, the user's layers, decoding and the handler.
+    pipeline: BoxService,
+    /// True for a blocking handler.
+    blocking: bool,
     /// Declaration and consumption settings.
     config: QueueConfig,
     /// Messages handled at once.
@@ -125,11 +127,28 @@ pub(crate) struct Timing {
 }
 
 impl Queue {
-    pub(crate) fn new(spec: QueueSpec, index: usize, counters: Arc<QueueCounters>) -> Self {
-        let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency());
+    pub(crate) fn new(
+        spec: QueueSpec,
+        service_layers: &Layers,
+        index: usize,
+        counters: Arc<QueueCounters>,
+    ) -> Self {
+        let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency);
+        let blocking = spec.handler.blocking;
+        // The queue's own layers inside the service's.
+        let layers: Vec<BoxLayer> = spec
+            .config
+            .layers
+            .0
+            .iter()
+            .chain(&service_layers.0)
+            .cloned()
+            .collect();
+        let pipeline = spec.handler.assemble(&layers, spec.config.timeout);
         Queue {
             name: spec.name,
-            handler: spec.handler,
+            pipeline,
+            blocking,
             config: spec.config,
             concurrency,
             prefetch,
@@ -182,11 +201,11 @@ impl Queue {
             queue: Arc::clone(&self.name),
             policy: config.policy(),
             retry: config.retry,
-            timeout: config.timeout,
             poison_limit: config.poison_limit,
             dead_letter: config.dead_letter_route(&self.name),
             durability: config.durability(),
-            handler: Arc::clone(&self.handler),
+            pipeline: self.pipeline.clone(),
+            blocking: self.blocking,
             settle,
             publisher: Arc::clone(&generation.publisher),
             counters: Arc::clone(&self.counters),

@@ -16,8 +16,17 @@ use crate::headers;
 /// It also carries the service's shutdown signal, so that a long handler can stop early:
 /// a handler that returns an error because of shutdown has its message retried (by the
 /// default policy, [`HandlerError::retry`](crate::HandlerError::retry)).
-#[derive(Debug)]
+///
+/// Cloning is cheap (one reference count): the metadata is shared, not copied.
+#[derive(Debug, Clone)]
 pub struct Context {
+    /// Shared by every copy of this delivery's context.
+    inner: Arc<Inner>,
+}
+
+/// What a [`Context`] holds.
+#[derive(Debug)]
+struct Inner {
     /// The queue the message was consumed from (shared by all its deliveries).
     queue: Arc<str>,
     /// The broker's tag for this delivery, unique on its channel.
@@ -38,28 +47,11 @@ pub struct Context {
     shutdown: CancellationToken,
     /// The service's own shutdown, for [`Context::request_shutdown`].
     service: CancellationToken,
-    /// The queue's concurrency slot held by this delivery. A blocking handler takes it into
+    /// The queue's concurrency slot held by this delivery, released when the delivery is
+    /// settled — whatever copies of the context live on. A blocking handler takes it into
     /// its thread, so that a thread abandoned at a timeout keeps the slot until it returns
-    /// and the concurrency bound holds. Not cloned.
+    /// and the concurrency bound holds.
     slot: Mutex<Option<OwnedSemaphorePermit>>,
-}
-
-impl Clone for Context {
-    /// A copy of the metadata; the concurrency slot stays with the original.
-    fn clone(&self) -> Self {
-        Context {
-            queue: Arc::clone(&self.queue),
-            delivery_tag: self.delivery_tag,
-            exchange: self.exchange.clone(),
-            routing_key: self.routing_key.clone(),
-            attempt: self.attempt,
-            redelivered: self.redelivered,
-            properties: self.properties.clone(),
-            shutdown: self.shutdown.clone(),
-            service: self.service.clone(),
-            slot: Mutex::new(None),
-        }
-    }
 }
 
 impl Context {
@@ -85,22 +77,49 @@ impl Context {
             }
         }
         Context {
-            queue,
-            delivery_tag: delivery.delivery_tag,
-            exchange,
-            routing_key,
-            attempt,
-            redelivered: delivery.redelivered,
-            properties,
-            shutdown,
-            service,
-            slot: Mutex::new(Some(slot)),
+            inner: Arc::new(Inner {
+                queue,
+                delivery_tag: delivery.delivery_tag,
+                exchange,
+                routing_key,
+                attempt,
+                redelivered: delivery.redelivered,
+                properties,
+                shutdown,
+                service,
+                slot: Mutex::new(Some(slot)),
+            }),
         }
+    }
+
+    /// This context's own metadata, to change (tests' `with_*`): copied first if shared,
+    /// the copy without the concurrency slot.
+    fn inner_mut(&mut self) -> &mut Inner {
+        if Arc::get_mut(&mut self.inner).is_none() {
+            let shared = &self.inner;
+            self.inner = Arc::new(Inner {
+                queue: Arc::clone(&shared.queue),
+                delivery_tag: shared.delivery_tag,
+                exchange: shared.exchange.clone(),
+                routing_key: shared.routing_key.clone(),
+                attempt: shared.attempt,
+                redelivered: shared.redelivered,
+                properties: shared.properties.clone(),
+                shutdown: shared.shutdown.clone(),
+                service: shared.service.clone(),
+                slot: Mutex::new(None),
+            });
+        }
+        Arc::get_mut(&mut self.inner).expect("not shared any more")
     }
 
     /// Takes the delivery's concurrency slot (for a blocking handler's thread).
     pub(crate) fn take_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.inner
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// A context for a message that did not come from a broker: for tests of handlers and
@@ -108,63 +127,65 @@ impl Context {
     #[must_use]
     pub fn detached(queue: &str) -> Self {
         Context {
-            queue: Arc::from(queue),
-            delivery_tag: 0,
-            exchange: ShortString::from(""),
-            routing_key: ShortString::from(queue),
-            attempt: 1,
-            redelivered: false,
-            properties: BasicProperties::default(),
-            shutdown: CancellationToken::new(),
-            service: CancellationToken::new(),
-            slot: Mutex::new(None),
+            inner: Arc::new(Inner {
+                queue: Arc::from(queue),
+                delivery_tag: 0,
+                exchange: ShortString::from(""),
+                routing_key: ShortString::from(queue),
+                attempt: 1,
+                redelivered: false,
+                properties: BasicProperties::default(),
+                shutdown: CancellationToken::new(),
+                service: CancellationToken::new(),
+                slot: Mutex::new(None),
+            }),
         }
     }
 
     /// Sets the attempt number: for tests.
     #[must_use]
     pub fn with_attempt(mut self, attempt: u32) -> Self {
-        self.attempt = attempt.max(1);
+        self.inner_mut().attempt = attempt.max(1);
         self
     }
 
     /// Replaces the properties (headers, ids, content type…): for tests.
     #[must_use]
     pub fn with_properties(mut self, properties: BasicProperties) -> Self {
-        self.properties = properties;
+        self.inner_mut().properties = properties;
         self
     }
 
     /// Marks the message as redelivered: for tests.
     #[must_use]
     pub fn with_redelivered(mut self, redelivered: bool) -> Self {
-        self.redelivered = redelivered;
+        self.inner_mut().redelivered = redelivered;
         self
     }
 
     /// The queue the message was consumed from.
     #[must_use]
     pub fn queue(&self) -> &str {
-        &self.queue
+        &self.inner.queue
     }
 
     /// The delivery tag (unique on the consuming channel; for logs).
     #[must_use]
     pub fn delivery_tag(&self) -> u64 {
-        self.delivery_tag
+        self.inner.delivery_tag
     }
 
     /// The exchange the message was published to (empty for the default exchange). For a
     /// retry, the exchange of the original message.
     #[must_use]
     pub fn exchange(&self) -> &str {
-        self.exchange.as_str()
+        self.inner.exchange.as_str()
     }
 
     /// The routing key the message was published with (for a retry, the original's).
     #[must_use]
     pub fn routing_key(&self) -> &str {
-        self.routing_key.as_str()
+        self.inner.routing_key.as_str()
     }
 
     /// Which attempt at handling this message this delivery is: 1 for the first, 2 for the
@@ -172,7 +193,7 @@ impl Context {
     /// given back at shutdown or lost with a connection does not use up an attempt.
     #[must_use]
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.inner.attempt
     }
 
     /// The broker's redelivered flag: this very message was delivered before without being
@@ -180,13 +201,14 @@ impl Context {
     /// copies, so for them it is false: see [`attempt`](Self::attempt).
     #[must_use]
     pub fn redelivered(&self) -> bool {
-        self.redelivered
+        self.inner.redelivered
     }
 
     /// The `message-id` property.
     #[must_use]
     pub fn message_id(&self) -> Option<&str> {
-        self.properties
+        self.inner
+            .properties
             .message_id()
             .as_ref()
             .map(ShortString::as_str)
@@ -195,7 +217,8 @@ impl Context {
     /// The `correlation-id` property.
     #[must_use]
     pub fn correlation_id(&self) -> Option<&str> {
-        self.properties
+        self.inner
+            .properties
             .correlation_id()
             .as_ref()
             .map(ShortString::as_str)
@@ -204,7 +227,8 @@ impl Context {
     /// The `content-type` property.
     #[must_use]
     pub fn content_type(&self) -> Option<&str> {
-        self.properties
+        self.inner
+            .properties
             .content_type()
             .as_ref()
             .map(ShortString::as_str)
@@ -213,13 +237,17 @@ impl Context {
     /// The `reply-to` property.
     #[must_use]
     pub fn reply_to(&self) -> Option<&str> {
-        self.properties.reply_to().as_ref().map(ShortString::as_str)
+        self.inner
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(ShortString::as_str)
     }
 
     /// The message headers, if any.
     #[must_use]
     pub fn headers(&self) -> Option<&FieldTable> {
-        self.properties.headers().as_ref()
+        self.inner.properties.headers().as_ref()
     }
 
     /// One header's value.
@@ -231,19 +259,19 @@ impl Context {
     /// All AMQP properties of the message.
     #[must_use]
     pub fn properties(&self) -> &BasicProperties {
-        &self.properties
+        &self.inner.properties
     }
 
     /// True once the service has started shutting down.
     #[must_use]
     pub fn is_shutting_down(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.inner.shutdown.is_cancelled()
     }
 
     /// Completes when the service starts shutting down: `select!` on it in long handlers to
     /// stop early (and return an error, so the message is retried later).
     pub async fn shutdown_requested(&self) {
-        self.shutdown.cancelled().await;
+        self.inner.shutdown.cancelled().await;
     }
 
     /// Starts the service's graceful shutdown, as SIGTERM would: for a handler that finds the
@@ -266,6 +294,6 @@ impl Context {
     /// }
     /// ```
     pub fn request_shutdown(&self) {
-        self.service.cancel();
+        self.inner.service.cancel();
     }
 }

@@ -1,19 +1,19 @@
-//! One delivery's way through conejo, on the handler runtime: poison check → decode →
-//! handler (with its timeout) → outcome → settlement. Failures become a retry copy in a wait
+//! One delivery's way through conejo, on the handler runtime: poison check → the queue's
+//! pipeline (timeout, panic isolation, the user's layers, decode, handler) → outcome →
+//! settlement. Failures become a retry copy in a wait
 //! queue or a dead letter, each confirmed by the broker before the delivery is acked.
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::SystemTime};
 
 use bytes::Bytes;
-use tracing::{error, warn};
+use tracing::{Instrument, Span, error, field, info_span, warn};
 
 use crate::{
-    Context, Failure, Outcome, RetryPolicy,
-    handler::ErasedHandler,
-    headers,
+    Context, Failure, Outcome, RetryPolicy, headers,
     outcome::FailurePolicy,
     publish::{PublishError, Publisher},
     retry::{MAX_RETRY_DELAY, wait_ttl_ms},
+    service::{BoxService, Delivery, Service},
     settle::SettleHandle,
     stats::QueueCounters,
     topology::{self, DeadLetterRoute, Durability},
@@ -28,14 +28,14 @@ const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(5);
 pub(crate) struct Dispatch {
     /// The consumed queue.
     pub(crate) queue: Arc<str>,
-    /// The type-erased handler.
-    pub(crate) handler: Arc<dyn ErasedHandler>,
+    /// Timeout, panic isolation, the user's layers, decoding and the handler.
+    pub(crate) pipeline: BoxService,
+    /// True for a blocking handler, whose thread outlives a timeout.
+    pub(crate) blocking: bool,
     /// Maps failures to outcomes.
     pub(crate) policy: FailurePolicy,
     /// Attempts and delays of retries.
     pub(crate) retry: RetryPolicy,
-    /// The handler's time limit.
-    pub(crate) timeout: Option<Duration>,
     /// Deliveries without a result before a message is poison.
     pub(crate) poison_limit: Option<u32>,
     /// Where dead letters go.
@@ -98,6 +98,9 @@ impl Unsettled {
     pub(crate) async fn process(self, ctx: Context, body: Bytes) {
         let how = self.dispatch.handle(&ctx, &body).await;
         self.settle(how);
+        // The concurrency slot goes with the settlement, whatever copies of the context a
+        // handler kept (a blocking handler's abandoned thread took it already).
+        drop(ctx.take_slot());
     }
 
     fn settle(mut self, how: Settlement) {
@@ -122,22 +125,42 @@ impl Drop for Unsettled {
 }
 
 impl Dispatch {
-    /// Runs the pipeline and says how to settle the delivery.
+    /// Runs the pipeline and says how to settle the delivery, inside the delivery's span.
     async fn handle(&self, ctx: &Context, body: &Bytes) -> Settlement {
+        let span = info_span!(
+            "delivery",
+            queue = %self.queue,
+            delivery_tag = ctx.delivery_tag(),
+            message_id = ctx.message_id(),
+            attempt = ctx.attempt(),
+            outcome = field::Empty,
+            handler_ms = field::Empty,
+        );
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::adopt_parent(&span, ctx.headers());
+        self.handle_in_span(ctx, body).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, ctx: &Context, body: &Bytes) -> Settlement {
         if let Some(limit) = self.poison_limit
             && let Some(settled) = self.check_poison(ctx, body, limit).await
         {
             return settled;
         }
-        let call = self.handler.call(body, ctx);
-        let result = match self.timeout {
-            None => call.await,
-            Some(limit) => tokio::time::timeout(limit, call)
-                .await
-                .unwrap_or(Err(Failure::Timeout(limit))),
-        };
+        let started = tokio::time::Instant::now();
+        let result = self
+            .pipeline
+            .call(Delivery::new(body.clone(), ctx.clone()))
+            .await;
+        let span = Span::current();
+        if !span.is_disabled() {
+            span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
+        }
         match result {
-            Ok(()) => Settlement::Ack,
+            Ok(()) => {
+                span.record("outcome", "acked");
+                Settlement::Ack
+            }
             Err(failure) => self.fail(failure, ctx, body).await,
         }
     }
@@ -179,7 +202,10 @@ impl Dispatch {
             .publish("", &self.queue, body.clone(), properties)
             .await
         {
-            Ok(()) => Some(Settlement::Ack),
+            Ok(()) => {
+                Span::current().record("outcome", "redelivery-counted");
+                Some(Settlement::Ack)
+            }
             // Not counted this time; handle it rather than give it back again.
             Err(error) => {
                 QueueCounters::add(&self.counters.publish_failures, 1);
@@ -199,7 +225,7 @@ impl Dispatch {
             Failure::Timeout(_) => &counters.timeouts,
         };
         QueueCounters::add(counter, 1);
-        if matches!(failure, Failure::Timeout(_)) && self.handler.is_blocking() {
+        if matches!(failure, Failure::Timeout(_)) && self.blocking {
             QueueCounters::add(&counters.abandoned, 1);
             warn!(
                 queue = %self.queue,
@@ -223,6 +249,7 @@ impl Dispatch {
                     "{}; acked (dropped) as the failure policy says",
                     describe(&failure)
                 );
+                Span::current().record("outcome", "acked");
                 Settlement::Ack
             }
             Outcome::Retry if ctx.attempt() < self.retry.attempts() => {
@@ -279,6 +306,7 @@ impl Dispatch {
                     attempt + 1,
                     self.retry.attempts()
                 );
+                Span::current().record("outcome", "retried");
                 Settlement::Ack
             }
             Err(error) => self.publish_failed(ctx, &wait_queue, error).await,
@@ -332,6 +360,7 @@ impl Dispatch {
                     error_text.as_deref().unwrap_or("delivered too often without a result"),
                     route.exchange
                 );
+                Span::current().record("outcome", "dead-lettered");
                 Settlement::Ack
             }
             Err(error) => self.publish_failed(ctx, &route.exchange, error).await,
@@ -353,11 +382,15 @@ impl Dispatch {
             () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
             () = ctx.shutdown_requested() => {}
         }
+        Span::current().record("outcome", "requeued");
         Settlement::Requeue
     }
 
-    /// Where the message came from and when it first failed, set once.
+    /// Where the message came from and when it first failed, set once; with the
+    /// `opentelemetry` feature, this delivery's trace context, parent of the copy's.
     fn mark_origin(&self, h: &mut lapin::types::FieldTable, ctx: &Context, now: &str) {
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::inject_current(h);
         headers::set_text(h, headers::ORIGINAL_EXCHANGE, ctx.exchange());
         headers::set_text(h, headers::ORIGINAL_ROUTING_KEY, ctx.routing_key());
         headers::set_text(h, headers::ORIGINAL_QUEUE, &self.queue);

@@ -1,9 +1,7 @@
-//! The handler traits users implement, the blocking bridge, and their type-erased form.
+//! The handler traits users implement, and the blocking bridge.
 
 use std::{
-    any::Any,
     future::Future,
-    panic::AssertUnwindSafe,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -11,11 +9,9 @@ use std::{
     time::Instant,
 };
 
-use bytes::Bytes;
-use futures::{FutureExt, future::BoxFuture};
 use tracing::warn;
 
-use crate::{Context, Decode, Failure, HandlerError};
+use crate::{Context, Decode, HandlerError};
 
 /// Handles the messages of one or more queues. The central trait of conejo.
 ///
@@ -258,6 +254,16 @@ pub struct FnHandler<F, M> {
     message: std::marker::PhantomData<fn(M)>,
 }
 
+/// A function handler can serve several queues.
+impl<F: Clone, M> Clone for FnHandler<F, M> {
+    fn clone(&self) -> Self {
+        FnHandler {
+            function: self.function.clone(),
+            message: std::marker::PhantomData,
+        }
+    }
+}
+
 impl<F, M> std::fmt::Debug for FnHandler<F, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FnHandler")
@@ -283,73 +289,18 @@ where
     }
 }
 
-/// A handler with its message type erased: what a queue's consumer calls. Built once at
-/// registration, so the per-message path has no generics.
-pub(crate) trait ErasedHandler: Send + Sync + 'static {
-    /// Decodes the body and runs the handler; every failure, panics included, comes back as
-    /// a [`Failure`].
-    fn call<'a>(&'a self, body: &'a Bytes, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>>;
-
-    /// The concurrency to use when the queue's configuration does not set one.
-    fn default_concurrency(&self) -> usize;
-
-    /// True for a [`Blocking`] handler, whose thread outlives a timeout.
-    fn is_blocking(&self) -> bool;
-}
-
-/// Erases a [`Handler`]'s message type.
-struct Erased<H> {
-    /// The user's handler.
-    handler: H,
-}
-
-/// Concurrency of an async handler when the queue does not set one.
-pub(crate) const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
-
-pub(crate) fn erase<H: Handler>(handler: H) -> Arc<dyn ErasedHandler> {
-    Arc::new(Erased { handler })
-}
-
-impl<H: Handler> ErasedHandler for Erased<H> {
-    fn call<'a>(&'a self, body: &'a Bytes, ctx: &'a Context) -> BoxFuture<'a, Result<(), Failure>> {
-        let work = async move {
-            let message = H::Message::decode_shared(body, ctx).map_err(Failure::Decode)?;
-            self.handler
-                .handle(message, ctx)
-                .await
-                .map_err(Failure::Handler)
-        };
-        Box::pin(AssertUnwindSafe(work).catch_unwind().map(|result| {
-            result.unwrap_or_else(|panic| Err(Failure::Panic(panic_message(&*panic))))
-        }))
-    }
-
-    fn default_concurrency(&self) -> usize {
-        self.handler
-            .default_concurrency()
-            .unwrap_or(DEFAULT_ASYNC_CONCURRENCY)
-    }
-
-    fn is_blocking(&self) -> bool {
-        // Only `Blocking` sets a default concurrency of its own.
-        self.handler.default_concurrency().is_some()
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        (*message).to_owned()
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Json;
+    use crate::{
+        Failure, Json,
+        service::{BoxService, Delivery, Registration, Service},
+    };
+    use bytes::Bytes;
+
+    fn erase<H: Handler>(handler: H) -> BoxService {
+        Registration::new(handler).assemble(&[], None)
+    }
 
     struct Doubler;
     impl Handler for Doubler {
@@ -379,19 +330,27 @@ mod tests {
         let handler = erase(Doubler);
         let ctx = Context::detached("q");
         let body = |b: &'static [u8]| Bytes::from_static(b);
-        assert!(handler.call(&body(b"2"), &ctx).await.is_ok());
+        assert!(
+            handler
+                .call(Delivery::new(body(b"2"), ctx.clone()))
+                .await
+                .is_ok()
+        );
         assert!(matches!(
-            handler.call(&body(b"x"), &ctx).await,
+            handler.call(Delivery::new(body(b"x"), ctx.clone())).await,
             Err(Failure::Decode(_))
         ));
         assert!(
-            matches!(handler.call(&body(b"1"), &ctx).await, Err(Failure::Handler(e)) if e.is_reject())
+            matches!(handler.call(Delivery::new(body(b"1"), ctx.clone())).await, Err(Failure::Handler(e)) if e.is_reject())
         );
-        match handler.call(&body(b"0"), &ctx).await {
+        match handler.call(Delivery::new(body(b"0"), ctx.clone())).await {
             Err(Failure::Panic(message)) => assert_eq!(message, "zero"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
-        assert_eq!(handler.default_concurrency(), DEFAULT_ASYNC_CONCURRENCY);
+        assert_eq!(
+            Registration::new(Doubler).default_concurrency,
+            crate::service::DEFAULT_ASYNC_CONCURRENCY
+        );
     }
 
     #[tokio::test]
@@ -404,9 +363,14 @@ mod tests {
         }
         let ctx = Context::detached("q");
         let handler = erase(handler_fn(double));
-        assert!(handler.call(&Bytes::from_static(b"2"), &ctx).await.is_ok());
+        assert!(
+            handler
+                .call(Delivery::new(Bytes::from_static(b"2"), ctx.clone()))
+                .await
+                .is_ok()
+        );
         assert!(matches!(
-            handler.call(&Bytes::from_static(b"1"), &ctx).await,
+            handler.call(Delivery::new(Bytes::from_static(b"1"), ctx.clone())).await,
             Err(Failure::Handler(e)) if e.is_reject()
         ));
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -419,7 +383,10 @@ mod tests {
             }
         }));
         closure
-            .call(&Bytes::from_static(b"hi"), &ctx.clone().with_attempt(3))
+            .call(Delivery::new(
+                Bytes::from_static(b"hi"),
+                ctx.clone().with_attempt(3),
+            ))
             .await
             .unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![("hi".to_owned(), 3)]);
@@ -429,14 +396,23 @@ mod tests {
     async fn blocking_panics_are_caught() {
         let handler = erase(Blocking::new(Burner));
         let ctx = Context::detached("q");
-        assert!(handler.call(&Bytes::from_static(b"ok"), &ctx).await.is_ok());
-        match handler.call(&Bytes::from_static(b"panic"), &ctx).await {
+        assert!(
+            handler
+                .call(Delivery::new(Bytes::from_static(b"ok"), ctx.clone()))
+                .await
+                .is_ok()
+        );
+        match handler
+            .call(Delivery::new(Bytes::from_static(b"panic"), ctx.clone()))
+            .await
+        {
             Err(Failure::Panic(message)) => assert_eq!(message, "blocking panic"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        assert_eq!(handler.default_concurrency(), cores);
-        assert!(handler.is_blocking());
-        assert!(!erase(Doubler).is_blocking());
+        let registration = Registration::new(Blocking::new(Burner));
+        assert_eq!(registration.default_concurrency, cores);
+        assert!(registration.blocking);
+        assert!(!Registration::new(Doubler).blocking);
     }
 }

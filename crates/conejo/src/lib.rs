@@ -17,8 +17,9 @@
 //!
 //! ## The path of a message
 //! broker → delivery (lapin, connection runtime) → poison check ([`QueueConfig::poison_limit`])
-//! → decode ([`Decode`], e.g. [`Json`]) → [`Handler::handle`] (your runtime, within
-//! [`QueueConfig::timeout`]) → [`Outcome`] → on failure, a copy published with confirms to a
+//! → the queue's pipeline, in a `delivery` tracing span: timeout ([`QueueConfig::timeout`]),
+//! panic isolation, your [layers](service) ([`Builder::layer`], [`QueueConfig::layer`]),
+//! decode ([`Decode`], e.g. [`Json`]), [`Handler::handle`] (your runtime) → [`Outcome`] → on failure, a copy published with confirms to a
 //! wait queue or the dead-letter exchange → settle task (connection runtime) → `basic.ack`,
 //! or `basic.nack` (requeue) to give a message back.
 //!
@@ -73,6 +74,8 @@
 //!   EXTERNAL through `TlsConfig` and `Builder::tls`. Off by default: without it conejo has
 //!   no TLS code, and `build()` rejects an `amqps://` URL.
 //! - `admin`: `conejo::admin`, to inspect and replay dead letters.
+//! - `opentelemetry`: W3C trace-context propagation — a delivery's span continues the
+//!   message's `traceparent`, and retries and dead letters carry the span's context.
 //! - `test-util`: broker-free helpers for handler tests.
 //!
 //! ## Not yet
@@ -132,6 +135,7 @@ mod outcome;
 mod publish;
 mod retry;
 mod runtime;
+pub mod service;
 mod settle;
 mod signal;
 mod stats;
@@ -139,6 +143,8 @@ mod status;
 mod supervisor;
 mod tls;
 mod topology;
+#[cfg(feature = "opentelemetry")]
+mod trace_context;
 mod tracker;
 mod url;
 

@@ -36,25 +36,32 @@
 
 use bytes::Bytes;
 
-use crate::{Context, Failure, Handler, Outcome, QueueConfig, handler::erase};
+use crate::{
+    Context, Failure, Handler, Outcome, QueueConfig,
+    service::{Delivery, Registration, Service},
+};
 
 /// Decodes `body` and runs `handler` as conejo would; failures (panics included) are values.
 pub async fn run<H: Handler>(handler: H, body: &[u8], ctx: &Context) -> Result<(), Failure> {
-    erase(handler)
-        .call(&Bytes::copy_from_slice(body), ctx)
+    Registration::new(handler)
+        .assemble(&[], None)
+        .call(Delivery::new(Bytes::copy_from_slice(body), ctx.clone()))
         .await
 }
 
 /// The outcome conejo would apply: `Ack` on success, else the queue's failure policy — and
 /// `Reject` for a `Retry` on the last attempt ([`Context::with_attempt`] sets the attempt),
-/// since such a message is dead-lettered.
+/// since such a message is dead-lettered. The queue's [layers](QueueConfig::layer) and
+/// [timeout](QueueConfig::timeout) apply, as in the service.
 pub async fn outcome<H: Handler>(
     handler: H,
     config: &QueueConfig,
     body: &[u8],
     ctx: &Context,
 ) -> Outcome {
-    match run(handler, body, ctx).await {
+    let pipeline = Registration::new(handler).assemble(&config.layers.0, config.timeout);
+    let delivery = Delivery::new(Bytes::copy_from_slice(body), ctx.clone());
+    match pipeline.call(delivery).await {
         Ok(()) => Outcome::Ack,
         Err(failure) => match config.policy()(&failure, ctx) {
             Outcome::Retry if ctx.attempt() >= config.retry.attempts() => Outcome::Reject,
