@@ -142,8 +142,13 @@ impl Dispatch {
     }
 
     async fn handle_in_span(&self, ctx: &Context, body: &Bytes) -> Settlement {
+        // The rare paths are boxed: awaited inline, their futures (publishing with confirms)
+        // would make every delivery's task several times larger, and tokio copies a task's
+        // future when it spawns it and as it completes.
         if let Some(limit) = self.poison_limit
-            && let Some(settled) = self.check_poison(ctx, body, limit).await
+            && let Some((count, counted_by_broker)) = redelivery_count(ctx)
+            && let Some(settled) =
+                Box::pin(self.check_poison(ctx, body, limit, count, counted_by_broker)).await
         {
             return settled;
         }
@@ -161,24 +166,21 @@ impl Dispatch {
                 span.record("outcome", "acked");
                 Settlement::Ack
             }
-            Err(failure) => self.fail(failure, ctx, body).await,
+            Err(failure) => Box::pin(self.fail(failure, ctx, body)).await,
         }
     }
 
-    /// Crash-loop detection. Quorum queues count redeliveries themselves
-    /// (`x-delivery-count`); for a redelivered message of a classic queue conejo keeps the
-    /// count in `conejo-redeliveries` on a republished copy. `Some` when the delivery was
-    /// dealt with here.
-    async fn check_poison(&self, ctx: &Context, body: &Bytes, limit: u32) -> Option<Settlement> {
-        let found = ctx.headers();
-        let (count, counted_by_broker) = match headers::int(found, headers::DELIVERY_COUNT) {
-            Some(count) => (count, true),
-            None if ctx.redelivered() => (
-                headers::int(found, headers::REDELIVERIES).unwrap_or(0) + 1,
-                false,
-            ),
-            None => return None,
-        };
+    /// Crash-loop detection of a delivery with a [`redelivery_count`]: past the limit the
+    /// message is dead-lettered; on a classic queue, the count is kept on a republished copy.
+    /// `Some` when the delivery was dealt with here.
+    async fn check_poison(
+        &self,
+        ctx: &Context,
+        body: &Bytes,
+        limit: u32,
+        count: i64,
+        counted_by_broker: bool,
+    ) -> Option<Settlement> {
         if count >= i64::from(limit) {
             QueueCounters::add(&self.counters.poison, 1);
             let count = u32::try_from(count).unwrap_or(u32::MAX);
@@ -397,6 +399,22 @@ impl Dispatch {
         if !h.contains_key(headers::FIRST_FAILURE_AT) {
             headers::set_text(h, headers::FIRST_FAILURE_AT, now);
         }
+    }
+}
+
+/// How often the message was delivered before without a result, and whether the broker
+/// counted it: quorum queues count redeliveries themselves (`x-delivery-count`); for a
+/// redelivered message of a classic queue conejo keeps the count in `conejo-redeliveries`.
+/// `None` for a first delivery.
+fn redelivery_count(ctx: &Context) -> Option<(i64, bool)> {
+    let found = ctx.headers();
+    match headers::int(found, headers::DELIVERY_COUNT) {
+        Some(count) => Some((count, true)),
+        None if ctx.redelivered() => Some((
+            headers::int(found, headers::REDELIVERIES).unwrap_or(0) + 1,
+            false,
+        )),
+        None => None,
     }
 }
 
