@@ -2,12 +2,15 @@
 //! take a delivery, hand it to its task ([`Unsettled::process`]); reopen the channel when
 //! the broker closes it; stop gracefully at shutdown, fast when the connection is lost.
 
-use std::{sync::Arc, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::{sync::Semaphore, time::Instant};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -50,8 +53,13 @@ pub(crate) struct Queue {
     /// Concurrency slots, shared by every channel of the queue: a handler still running
     /// after its channel was lost keeps its slot, so the bound holds across reconnections.
     permits: Arc<Semaphore>,
-    /// Every delivery task of the queue, whatever its channel; waited for at shutdown.
+    /// Every delivery of the queue in a worker's hands, whatever its channel; waited for at
+    /// shutdown.
     tasks: TaskTracker,
+    /// Hands deliveries to the queue's workers.
+    jobs: flume::Sender<Job>,
+    /// The workers' end, until they are started (on the handler runtime, at the first run).
+    idle_workers: std::sync::Mutex<Option<flume::Receiver<Job>>>,
     /// This queue's counters.
     counters: Arc<QueueCounters>,
     /// Position in the builder, for consumer tags.
@@ -105,7 +113,7 @@ pub(crate) struct Channel {
     /// The signal given to this channel's handlers (`Context::shutdown_requested`): fired at
     /// shutdown, and when the channel or connection is lost (their results cannot be sent).
     signal: CancellationToken,
-    /// This channel's delivery tasks.
+    /// This channel's deliveries in a worker's hands.
     tasks: TaskTracker,
     /// When it started consuming, for the reopen back-off.
     opened: Instant,
@@ -145,6 +153,7 @@ impl Queue {
             .cloned()
             .collect();
         let pipeline = spec.handler.assemble(&layers, spec.config.timeout);
+        let (jobs, workers) = flume::unbounded();
         Queue {
             name: spec.name,
             pipeline,
@@ -154,6 +163,8 @@ impl Queue {
             prefetch,
             permits: Arc::new(Semaphore::new(concurrency)),
             tasks: TaskTracker::new(),
+            jobs,
+            idle_workers: std::sync::Mutex::new(Some(workers)),
             counters,
             index,
         }
@@ -282,27 +293,59 @@ impl Queue {
         }
     }
 
+    /// Starts the queue's workers, once, on the current (handler) runtime: one per
+    /// concurrency slot, each taking deliveries one at a time for the queue's lifetime.
+    /// Cheaper than a task per delivery (no allocation, no copy of the future), and a
+    /// worker ends when the queue is dropped.
+    fn start_workers(&self) {
+        let idle = self
+            .idle_workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(jobs) = idle {
+            for _ in 0..self.concurrency {
+                tokio::spawn(work(jobs.clone()));
+            }
+        }
+    }
+
     /// Consumes one channel until shutdown, its loss, or the loss of the connection.
     async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
+        self.start_workers();
         let shutdown = &generation.shutdown;
         let lost = &generation.lost;
         let mut last_tag = 0;
         let ended = loop {
+            // Busy, a free slot and a ready delivery are taken without a future or a wake-up;
+            // the checks of shutdown and loss are then two atomic loads.
+            if shutdown.is_cancelled() {
+                break ChannelEnd::Shutdown;
+            }
+            if lost.is_cancelled() {
+                break ChannelEnd::ConnectionLost;
+            }
             // A permit first: a delivery taken from the stream is always started at once, so
             // at shutdown every unstarted one is still in the stream, to be given back.
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break ChannelEnd::Shutdown,
-                () = lost.cancelled() => break ChannelEnd::ConnectionLost,
-                permit = Arc::clone(&self.permits).acquire_owned() => {
-                    permit.expect("the semaphore is never closed")
-                }
+            let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break ChannelEnd::Shutdown,
+                    () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                    permit = Arc::clone(&self.permits).acquire_owned() => {
+                        permit.expect("the semaphore is never closed")
+                    }
+                },
             };
-            let next = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break ChannelEnd::Shutdown,
-                () = lost.cancelled() => break ChannelEnd::ConnectionLost,
-                next = channel.consumer.consumer.next() => next,
+            let next = match channel.consumer.consumer.next().now_or_never() {
+                Some(next) => next,
+                None => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break ChannelEnd::Shutdown,
+                    () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                    next = channel.consumer.consumer.next() => next,
+                },
             };
             let mut delivery = match next {
                 Some(Ok(delivery)) => delivery,
@@ -322,8 +365,16 @@ impl Queue {
                 permit,
             );
             let body = Bytes::from(std::mem::take(&mut delivery.data));
-            let task = channel.tasks.track_future(unsettled.process(ctx, body));
-            self.tasks.spawn(task);
+            let job = Job {
+                unsettled,
+                ctx,
+                body,
+                _tracked: (channel.tasks.token(), self.tasks.token()),
+            };
+            // The permit bounds the jobs in flight by the number of workers: an idle worker
+            // takes it at once. (A send fails only without workers; the job is then dropped,
+            // which gives the message back.)
+            let _ = self.jobs.send(job);
         };
         match ended {
             ChannelEnd::Shutdown => {
@@ -433,6 +484,35 @@ impl Queue {
                 "handlers from a lost connection still running at the shutdown deadline"
             );
         }
+    }
+}
+
+/// One delivery, on its way to a worker.
+struct Job {
+    /// Settles it (or, dropped, gives it back).
+    unsettled: Unsettled,
+    /// Its metadata, holding its concurrency slot.
+    ctx: Context,
+    /// Its body.
+    body: Bytes,
+    /// Counted as in flight on its channel and its queue until the job is dropped.
+    _tracked: (TaskTrackerToken, TaskTrackerToken),
+}
+
+/// A worker of a queue: runs its deliveries one after the other until the queue is gone. A
+/// panic that escapes a delivery (the handler's own are caught inside) drops that job — its
+/// guard gives the message back — and the worker goes on.
+async fn work(jobs: flume::Receiver<Job>) {
+    while let Ok(job) = jobs.recv_async().await {
+        let Job {
+            unsettled,
+            ctx,
+            body,
+            _tracked,
+        } = job;
+        let _ = AssertUnwindSafe(unsettled.process(ctx, body))
+            .catch_unwind()
+            .await;
     }
 }
 
