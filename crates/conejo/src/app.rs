@@ -29,10 +29,13 @@ pub const DEFAULT_ACK_LINGER: Duration = Duration::from_millis(5);
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Longest accepted shutdown timeout.
-const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Longest accepted ack linger.
 const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
+
+/// Longest accepted connect timeout.
+pub(crate) const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Default time one connection attempt (TCP, TLS, AMQP handshake) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -113,17 +116,20 @@ impl std::fmt::Debug for QueueSpec {
 #[must_use]
 #[derive(Debug)]
 pub struct Builder {
-    urls: Result<Vec<AmqpUrl>, Error>,
-    connection_name: Option<String>,
-    queues: Vec<QueueSpec>,
+    pub(crate) urls: Result<Vec<AmqpUrl>, Error>,
+    pub(crate) connection_name: Option<String>,
+    pub(crate) queues: Vec<QueueSpec>,
     exchanges: Vec<Exchange>,
-    timing: Timing,
+    pub(crate) timing: Timing,
     /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
     consumer_timeout: Duration,
-    connect: ConnectPolicy,
+    pub(crate) connect: ConnectPolicy,
     shared_runtime: bool,
     #[cfg(feature = "tls")]
     tls: Option<crate::TlsConfig>,
+    /// Settings from a file and the environment, applied by `build()` over the code's.
+    #[cfg(feature = "config")]
+    settings: Option<crate::settings::Settings>,
 }
 
 impl Conejo {
@@ -154,7 +160,34 @@ impl Conejo {
             shared_runtime: false,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "config")]
+            settings: None,
         }
+    }
+
+    /// Starts building a service configured by `settings` (from a file and the environment,
+    /// see [`settings`](crate::settings)): it connects to their `url`, or to
+    /// [`DEFAULT_URL`](crate::settings::DEFAULT_URL) when they name none. Same as
+    /// `Conejo::builder(url).settings(settings)`.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn run() -> Result<(), conejo::Error> {
+    /// use conejo::{Conejo, settings::Settings};
+    ///
+    /// // CONEJO_URL, CONEJO_QUEUES__ORDERS__CONCURRENCY=8, …
+    /// let settings = Settings::load(None)?;
+    /// Conejo::builder_from(&settings).queue("orders", Orders).build()?.run().await
+    /// # }
+    /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn builder_from(settings: &crate::settings::Settings) -> Builder {
+        Conejo::builder(crate::settings::DEFAULT_URL).settings(settings)
     }
 
     /// A handle that stops the service from elsewhere (a test, an admin endpoint).
@@ -332,6 +365,17 @@ impl Builder {
         self
     }
 
+    /// Settings from a file and the environment ([`settings`](crate::settings)): applied by
+    /// [`build`](Self::build) over what the code set, whatever the order of the calls, and
+    /// checked there: a queue setting must name a registered queue. Replaces settings given
+    /// before.
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn settings(mut self, settings: &crate::settings::Settings) -> Self {
+        self.settings = Some(settings.clone());
+        self
+    }
+
     /// **Do not use in services.** Runs lapin (its heartbeat and internal RPC) on the
     /// application's runtime instead of conejo's dedicated one — the setup that loses its
     /// connection when handlers hog the runtime. Exists so tests can show that hazard.
@@ -349,6 +393,10 @@ impl Builder {
     /// `tls` feature; a TLS file that is missing, not PEM, or a key that does not match its
     /// certificate).
     pub fn build(mut self) -> Result<Conejo, Error> {
+        #[cfg(feature = "config")]
+        if let Some(settings) = self.settings.take() {
+            settings.apply_to(&mut self)?;
+        }
         let mut urls = std::mem::replace(&mut self.urls, Ok(Vec::new()))?;
         let tls = self.tls_setup(&mut urls)?;
         if self.queues.is_empty() {
@@ -377,7 +425,7 @@ impl Builder {
         if self.consumer_timeout.is_zero() {
             return Err(Error::config(None, "consumer timeout must be positive"));
         }
-        if self.connect.timeout.is_zero() || self.connect.timeout > Duration::from_secs(600) {
+        if self.connect.timeout.is_zero() || self.connect.timeout > MAX_CONNECT_TIMEOUT {
             return Err(Error::config(
                 None,
                 "connect timeout must be between 1 ns and 10 min",

@@ -127,6 +127,8 @@ mod dispatch;
 mod error;
 mod handler;
 mod headers;
+#[cfg(any(feature = "config", feature = "logging"))]
+mod log_format;
 mod message;
 mod outcome;
 mod publish;
@@ -145,6 +147,9 @@ mod url;
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 pub mod admin;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod settings;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
@@ -156,6 +161,9 @@ pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
 pub use error::{Error, HandlerError};
 pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
+#[cfg(any(feature = "config", feature = "logging"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "config", feature = "logging"))))]
+pub use log_format::LogFormat;
 pub use message::{Decode, DecodeError, Json};
 pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
