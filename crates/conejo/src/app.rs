@@ -7,6 +7,7 @@ use tracing::warn;
 
 use crate::{
     AmqpUrl, Error, Exchange, Handler, QueueConfig,
+    check::CheckReport,
     consumer::{Queue, QueueSpec, Timing},
     handler::erase,
     signal,
@@ -237,6 +238,48 @@ impl Conejo {
     /// # Errors
     /// As [`run`](Self::run).
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        self.into_supervisor().run(signal).await
+    }
+
+    /// Checks the service against the broker without consuming: connects (each address
+    /// once, failing at once rather than waiting for the broker), then declares the
+    /// exchanges, each queue's dead-letter topology, the queue and its bindings — the same
+    /// declarations, by the same code, as [`run`](Self::run) at startup — and disconnects.
+    ///
+    /// Declaring is the only way AMQP offers to check that a queue or exchange can exist
+    /// with the arguments the service asks for, so what is missing gets created, as `run`
+    /// would create it; nothing is consumed. A passive queue or exchange is only looked up.
+    /// The wait queues of retries are declared on first use by `run`, not here.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn check() -> Result<(), conejo::Error> {
+    /// use conejo::{Conejo, QueueConfig};
+    ///
+    /// let report = Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue_with("orders", Orders, QueueConfig::new().dead_letter_exchange("errors"))
+    ///     .build()?
+    ///     .check()
+    ///     .await?; // Err(DeadLetterExchangeNotFound) when `errors` does not exist
+    /// print!("{report}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run) at startup: [`Error::Connect`] when no address answers within
+    /// the [connect timeout](Builder::connect_timeout), refused credentials,
+    /// [`Error::QueueNotFound`], [`Error::DeadLetterExchangeNotFound`], [`Error::Topology`]
+    /// and [`Error::QueueSetup`] (e.g. a queue that exists with other arguments).
+    pub async fn check(self) -> Result<CheckReport, Error> {
+        self.into_supervisor().check().await
+    }
+
+    fn into_supervisor(self) -> Supervisor {
         let queues = self
             .queues
             .into_iter()
@@ -258,8 +301,6 @@ impl Conejo {
             shared_runtime: self.shared_runtime,
             tls: self.tls,
         }
-        .run(signal)
-        .await
     }
 }
 

@@ -119,6 +119,7 @@
 
 mod app;
 mod backoff;
+mod check;
 mod config;
 mod connection;
 mod consumer;
@@ -147,6 +148,12 @@ mod url;
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 pub mod admin;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
+#[cfg(feature = "logging")]
+#[cfg_attr(docsrs, doc(cfg(feature = "logging")))]
+pub mod logging;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod settings;
@@ -157,6 +164,7 @@ pub use app::{
     Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT,
     DEFAULT_RECONNECT_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle,
 };
+pub use check::{CheckReport, QueueCheck};
 pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
 pub use error::{Error, HandlerError};
