@@ -82,9 +82,11 @@ pub enum Command {
     /// Consume until SIGINT or SIGTERM, then shut down gracefully (the default).
     #[default]
     Run,
-    /// Check the configuration and the broker: connect once, declare the exchanges, queues,
-    /// bindings and dead-letter topology `run` declares, consume nothing; exit 0 if all is
-    /// well.
+    /// Check the settings and the broker's topology, consume nothing; exit 0 if all is well.
+    ///
+    /// Connects once (no waiting for the broker), declares the exchanges, queues, bindings
+    /// and dead-letter topology `run` declares (creating what is missing, as `run` would),
+    /// and disconnects.
     Check,
 }
 
@@ -110,6 +112,8 @@ impl Command {
 
 /// The command line of a service binary: [`Options`] and an optional [`Command`].
 #[derive(Debug, Clone, Parser)]
+// The help shows no description: this doc comment is about conejo, not the binary.
+#[command(about = None, long_about = None)]
 #[non_exhaustive]
 pub struct Cli {
     /// The options.
