@@ -72,6 +72,13 @@
 //! - `tls`: `amqps://` with rustls — a private CA, client certificates (mutual TLS) and SASL
 //!   EXTERNAL through `TlsConfig` and `Builder::tls`. Off by default: without it conejo has
 //!   no TLS code, and `build()` rejects an `amqps://` URL.
+//! - `config`: [`settings`](crate::settings) — settings from a TOML file and `CONEJO_*`
+//!   environment variables (code < file < environment), applied with
+//!   `Conejo::builder_from` / `Builder::settings`, every error naming its key.
+//! - `logging`: `logging::init(format, level)`, a `tracing` subscriber writing text or
+//!   JSON lines to stderr.
+//! - `cli` (implies `config` and `logging`): `cli::main(|builder| …)` gives a service binary
+//!   `run` and `check` subcommands, `--config` and `--log-format`.
 //! - `admin`: `conejo::admin`, to inspect and replay dead letters.
 //! - `test-util`: broker-free helpers for handler tests.
 //!

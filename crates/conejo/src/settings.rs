@@ -39,8 +39,8 @@
 //! `invalid configuration: conejo.toml: queues.orders.concurrency: must be at least 1`. An
 //! unknown key, or a `CONEJO_` variable that is none of the above, is an error too (a typo
 //! must not be silently ignored), and so is a setting for a queue the code does not register
-//! (reported by [`Builder::build`](crate::Builder::build)). `CONEJO_CONFIG` is left to the
-//! CLI, which reads the file it names.
+//! (reported by [`Builder::build`](crate::Builder::build)). An empty variable counts as
+//! unset. `CONEJO_CONFIG` is left to the CLI, which reads the file it names.
 //!
 //! ```
 //! use conejo::{Conejo, Context, HandlerError, QueueConfig, settings::Settings};
@@ -439,8 +439,8 @@ impl Settings {
         Ok(settings)
     }
 
-    /// These settings with the `CONEJO_*` variables among `env` on top (other variables are
-    /// ignored).
+    /// These settings with the `CONEJO_*` variables among `env` on top (other variables, and
+    /// empty ones, are ignored).
     ///
     /// # Errors
     /// As [`load`](Self::load).
@@ -454,7 +454,11 @@ impl Settings {
             .into_iter()
             .filter_map(|(name, value)| {
                 let name = name.into().into_string().ok()?;
-                (name.starts_with(ENV_PREFIX) && name != CONFIG_FILE_VAR).then_some((name, value))
+                // An empty variable is an unset one (`FOO=` in a compose file or a shell).
+                (name.starts_with(ENV_PREFIX)
+                    && name != CONFIG_FILE_VAR
+                    && !value.as_ref().trim().is_empty())
+                .then_some((name, value))
             })
             .collect();
         // The first error found is the same whatever the order the environment is listed in.
@@ -853,6 +857,7 @@ mod tests {
                 ("CONEJO_LOG_LEVEL", "debug,lapin=off"),
                 ("PATH", "/usr/bin"),
                 ("CONEJO_CONFIG", "ignored.toml"),
+                ("CONEJO_CONNECTION_NAME", " "), // empty: unset
             ]))
             .unwrap();
         assert_eq!(settings.shutdown_timeout(), Some(Duration::from_secs(5)));
