@@ -72,7 +72,7 @@
 //! - `tls`: `amqps://` with rustls — a private CA, client certificates (mutual TLS) and SASL
 //!   EXTERNAL through `TlsConfig` and `Builder::tls`. Off by default: without it conejo has
 //!   no TLS code, and `build()` rejects an `amqps://` URL.
-//! - `config`: [`settings`](crate::settings) — settings from a TOML file and `CONEJO_*`
+//! - `config`: `conejo::settings` — settings from a TOML file and `CONEJO_*`
 //!   environment variables (code < file < environment), applied with
 //!   `Conejo::builder_from` / `Builder::settings`, every error naming its key.
 //! - `logging`: `logging::init(format, level)`, a `tracing` subscriber writing text or

@@ -15,9 +15,9 @@
 //! # Ok::<(), conejo::Error>(())
 //! ```
 //!
-//! With [`settings`](crate::settings) (feature `config`) the format and the filter come
+//! With `conejo::settings` (feature `config`) the format and the filter come
 //! from the configuration: `logging::init(settings.log_format().unwrap_or_default(),
-//! settings.log_level())`; the [`cli`](crate::cli) does it for you.
+//! settings.log_level())`; `conejo::cli` (feature `cli`) does it for you.
 
 use tracing_subscriber::EnvFilter;
 

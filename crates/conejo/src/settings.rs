@@ -17,7 +17,7 @@
 //! | `connect_timeout` | `CONEJO_CONNECT_TIMEOUT` | duration, 1 ns to 10 min |
 //! | `wait_for_broker` | `CONEJO_WAIT_FOR_BROKER` | `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`) |
 //! | `shutdown_timeout` | `CONEJO_SHUTDOWN_TIMEOUT` | duration, 1 ns to 24 h |
-//! | `log_format` | `CONEJO_LOG_FORMAT` | `text` or `json` (read by [`logging`](crate::logging) and the CLI) |
+//! | `log_format` | `CONEJO_LOG_FORMAT` | `text` or `json` (read by `conejo::logging` and the CLI) |
 //! | `log_level` | `CONEJO_LOG_LEVEL` | a `tracing` filter: `info`, `debug,lapin=off`… |
 //! | `health_addr` | `CONEJO_HEALTH_ADDR` | socket address such as `0.0.0.0:8080`, for a health endpoint; conejo does not serve one yet |
 //! | `queues.<q>.concurrency` | `CONEJO_QUEUES__<Q>__CONCURRENCY` | at least 1 |
