@@ -1,10 +1,10 @@
 //! Settings from a TOML file and `CONEJO_*` environment variables, applied onto the
-//! [`Builder`](crate::Builder) (feature `config`).
+//! [`Builder`] (feature `config`).
 //!
 //! Code registers the queues and their handlers; the deployment tunes them. Each setting
 //! is taken from, in increasing precedence:
 //!
-//! 1. the code: what the builder and each [`QueueConfig`](crate::QueueConfig) say (or
+//! 1. the code: what the builder and each [`QueueConfig`] say (or
 //!    conejo's defaults);
 //! 2. the TOML file, if one is given;
 //! 3. the environment: `CONEJO_` followed by the key in capitals, levels separated by a
