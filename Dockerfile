@@ -2,7 +2,8 @@
 # thumbnail-service and shop-publisher. Build from the repository root:
 #
 #   docker build -t conejo-example-shop .
-#   docker run --rm -e AMQP_URL=amqp://guest:guest@host:5672/%2f conejo-example-shop
+#   docker run --rm -e CONEJO_URL=amqp://guest:guest@host:5672/%2f conejo-example-shop
+#   docker run --rm -e CONEJO_URL=… conejo-example-shop orders-service check
 #
 # docker-compose.yml runs it next to a RabbitMQ broker.
 
@@ -23,7 +24,8 @@ COPY --from=build \
     /src/target/release/thumbnail-service \
     /src/target/release/shop-publisher \
     /usr/local/bin/
-ENV RUST_LOG=info
+# The services' log filter (CONEJO_LOG_LEVEL, when set, wins over it).
+ENV RUST_LOG=info,lapin=off
 # Numeric, so that runtimes enforcing "run as non-root" can check it.
 USER 10001:10001
 # The services drain in-flight deliveries and close cleanly on SIGTERM.

@@ -329,6 +329,35 @@ pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The prefetch count of each consumer on `queue`, as the broker applies it
+/// (`rabbitmqctl list_consumers queue_name prefetch_count`).
+pub async fn rabbitmqctl_consumer_prefetch(queue: &str) -> anyhow::Result<Vec<u32>> {
+    let args: Vec<String> = [
+        "-q",
+        "list_consumers",
+        "queue_name",
+        "prefetch_count",
+        "--no-table-headers",
+        "--timeout",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
+    .collect();
+    let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
+    stdout
+        .lines()
+        .filter_map(|line| line.trim().rsplit_once('\t'))
+        .filter(|(name, _)| *name == queue)
+        .map(|(_, prefetch)| {
+            prefetch
+                .trim()
+                .parse()
+                .with_context(|| format!("prefetch_count {prefetch:?} of {queue}"))
+        })
+        .collect()
+}
+
 /// The `pid` of the row named `broker_name` in a tab-separated
 /// `list_connections pid name` table (e.g.
 /// `<rabbit@localhost.1795632044.1898.0>\t127.0.0.1:44528 -> 127.0.0.1:5672`).

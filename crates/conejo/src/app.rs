@@ -7,6 +7,7 @@ use tracing::warn;
 
 use crate::{
     AmqpUrl, Error, Exchange, Handler, QueueConfig,
+    check::CheckReport,
     consumer::{Queue, QueueSpec, Timing},
     service::{BoxService, Layer, Layers, Registration, Service},
     signal,
@@ -29,10 +30,13 @@ pub const DEFAULT_ACK_LINGER: Duration = Duration::from_millis(5);
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// Longest accepted shutdown timeout.
-const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Longest accepted ack linger.
 const MAX_ACK_LINGER: Duration = Duration::from_secs(10);
+
+/// Longest accepted connect timeout.
+pub(crate) const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Default time one connection attempt (TCP, TLS, AMQP handshake) may take.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -115,18 +119,21 @@ impl std::fmt::Debug for QueueSpec {
 #[must_use]
 #[derive(Debug)]
 pub struct Builder {
-    urls: Result<Vec<AmqpUrl>, Error>,
-    connection_name: Option<String>,
-    queues: Vec<QueueSpec>,
+    pub(crate) urls: Result<Vec<AmqpUrl>, Error>,
+    pub(crate) connection_name: Option<String>,
+    pub(crate) queues: Vec<QueueSpec>,
     exchanges: Vec<Exchange>,
     layers: Layers,
-    timing: Timing,
+    pub(crate) timing: Timing,
     /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
     consumer_timeout: Duration,
-    connect: ConnectPolicy,
+    pub(crate) connect: ConnectPolicy,
     shared_runtime: bool,
     #[cfg(feature = "tls")]
     tls: Option<crate::TlsConfig>,
+    /// Settings from a file and the environment, applied by `build()` over the code's.
+    #[cfg(feature = "config")]
+    settings: Option<crate::settings::Settings>,
 }
 
 impl Conejo {
@@ -158,7 +165,34 @@ impl Conejo {
             shared_runtime: false,
             #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "config")]
+            settings: None,
         }
+    }
+
+    /// Starts building a service configured by `settings` (from a file and the environment,
+    /// see [`settings`](crate::settings)): it connects to their `url`, or to
+    /// [`DEFAULT_URL`](crate::settings::DEFAULT_URL) when they name none. Same as
+    /// `Conejo::builder(url).settings(settings)`.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn run() -> Result<(), conejo::Error> {
+    /// use conejo::{Conejo, settings::Settings};
+    ///
+    /// // CONEJO_URL, CONEJO_QUEUES__ORDERS__CONCURRENCY=8, …
+    /// let settings = Settings::load(None)?;
+    /// Conejo::builder_from(&settings).queue("orders", Orders).build()?.run().await
+    /// # }
+    /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn builder_from(settings: &crate::settings::Settings) -> Builder {
+        Conejo::builder(crate::settings::DEFAULT_URL).settings(settings)
     }
 
     /// A handle that stops the service from elsewhere (a test, an admin endpoint).
@@ -208,6 +242,48 @@ impl Conejo {
     /// # Errors
     /// As [`run`](Self::run).
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        self.into_supervisor().run(signal).await
+    }
+
+    /// Checks the service against the broker without consuming: connects (each address
+    /// once, failing at once rather than waiting for the broker), then declares the
+    /// exchanges, each queue's dead-letter topology, the queue and its bindings — the same
+    /// declarations, by the same code, as [`run`](Self::run) at startup — and disconnects.
+    ///
+    /// Declaring is the only way AMQP offers to check that a queue or exchange can exist
+    /// with the arguments the service asks for, so what is missing gets created, as `run`
+    /// would create it; nothing is consumed. A passive queue or exchange is only looked up.
+    /// The wait queues of retries are declared on first use by `run`, not here.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn check() -> Result<(), conejo::Error> {
+    /// use conejo::{Conejo, QueueConfig};
+    ///
+    /// let report = Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue_with("orders", Orders, QueueConfig::new().dead_letter_exchange("errors"))
+    ///     .build()?
+    ///     .check()
+    ///     .await?; // Err(DeadLetterExchangeNotFound) when `errors` does not exist
+    /// print!("{report}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`run`](Self::run) at startup: [`Error::Connect`] when no address answers within
+    /// the [connect timeout](Builder::connect_timeout), refused credentials,
+    /// [`Error::QueueNotFound`], [`Error::DeadLetterExchangeNotFound`], [`Error::Topology`]
+    /// and [`Error::QueueSetup`] (e.g. a queue that exists with other arguments).
+    pub async fn check(self) -> Result<CheckReport, Error> {
+        self.into_supervisor().check().await
+    }
+
+    fn into_supervisor(self) -> Supervisor {
         let queues = self
             .queues
             .into_iter()
@@ -229,8 +305,6 @@ impl Conejo {
             shared_runtime: self.shared_runtime,
             tls: self.tls,
         }
-        .run(signal)
-        .await
     }
 }
 
@@ -371,6 +445,17 @@ impl Builder {
         self
     }
 
+    /// Settings from a file and the environment ([`settings`](crate::settings)): applied by
+    /// [`build`](Self::build) over what the code set, whatever the order of the calls, and
+    /// checked there: a queue setting must name a registered queue. Replaces settings given
+    /// before.
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn settings(mut self, settings: &crate::settings::Settings) -> Self {
+        self.settings = Some(settings.clone());
+        self
+    }
+
     /// **Do not use in services.** Runs lapin (its heartbeat and internal RPC) on the
     /// application's runtime instead of conejo's dedicated one — the setup that loses its
     /// connection when handlers hog the runtime. Exists so tests can show that hazard.
@@ -388,6 +473,10 @@ impl Builder {
     /// `tls` feature; a TLS file that is missing, not PEM, or a key that does not match its
     /// certificate).
     pub fn build(mut self) -> Result<Conejo, Error> {
+        #[cfg(feature = "config")]
+        if let Some(settings) = self.settings.take() {
+            settings.apply_to(&mut self)?;
+        }
         let mut urls = std::mem::replace(&mut self.urls, Ok(Vec::new()))?;
         let tls = self.tls_setup(&mut urls)?;
         if self.queues.is_empty() {
@@ -416,7 +505,7 @@ impl Builder {
         if self.consumer_timeout.is_zero() {
             return Err(Error::config(None, "consumer timeout must be positive"));
         }
-        if self.connect.timeout.is_zero() || self.connect.timeout > Duration::from_secs(600) {
+        if self.connect.timeout.is_zero() || self.connect.timeout > MAX_CONNECT_TIMEOUT {
             return Err(Error::config(
                 None,
                 "connect timeout must be between 1 ns and 10 min",

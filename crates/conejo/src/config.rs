@@ -17,7 +17,7 @@ use crate::{
 pub const DEFAULT_POISON_LIMIT: u32 = 5;
 
 /// The longest handler timeout accepted.
-const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// How a queue is consumed and, unless [passive](QueueConfig::passive), declared.
 ///

@@ -225,6 +225,42 @@ impl Connection {
         prefetch: u16,
         consumer_tag: String,
     ) -> Result<QueueConsumer, Error> {
+        let (channel, _, consumer) = self
+            .set_up_queue(queue, config, Some((prefetch, consumer_tag)))
+            .await?;
+        Ok(QueueConsumer {
+            channel,
+            consumer: consumer.expect("a consumer was asked for"),
+            runtime: Arc::clone(&self.runtime),
+        })
+    }
+
+    /// Declares the queue (or checks it exists) and its bindings exactly as
+    /// [`consume`](Self::consume) does, without consuming; then closes the channel. Returns
+    /// the broker's answer to the declaration (messages ready, consumers).
+    pub(crate) async fn declare_queue(
+        &self,
+        queue: &str,
+        config: &QueueConfig,
+    ) -> Result<(u32, u32), Error> {
+        let (channel, declared, _) = self.set_up_queue(queue, config, None).await?;
+        let _ = self
+            .runtime
+            .run_within(CLOSE_TIMEOUT, "channel.close", async move {
+                channel.close(200, ShortString::from("checked")).await
+            })
+            .await;
+        Ok(declared)
+    }
+
+    /// A queue's setup on a new channel: prefetch and consumer when `consume` is given,
+    /// declaration (passive or not) and bindings always.
+    async fn set_up_queue(
+        &self,
+        queue: &str,
+        config: &QueueConfig,
+        consume: Option<(u16, String)>,
+    ) -> Result<(lapin::Channel, (u32, u32), Option<lapin::Consumer>), Error> {
         let connection = Arc::clone(&self.inner);
         let name = ShortString::from(queue);
         let options = QueueDeclareOptions {
@@ -246,11 +282,13 @@ impl Connection {
                 .create_channel()
                 .await
                 .map_err(|e| ("open channel", e))?;
-            channel
-                .basic_qos(prefetch, BasicQosOptions { global: false })
-                .await
-                .map_err(|e| ("qos", e))?;
-            channel
+            if let Some((prefetch, _)) = &consume {
+                channel
+                    .basic_qos(*prefetch, BasicQosOptions { global: false })
+                    .await
+                    .map_err(|e| ("qos", e))?;
+            }
+            let declared = channel
                 .queue_declare(name.clone(), options, arguments)
                 .await
                 .map_err(|e| ("declare", e))?;
@@ -259,24 +297,26 @@ impl Connection {
                     .await
                     .map_err(|e| ("bind", e))?;
             }
-            let consumer = channel
-                .basic_consume(
-                    name,
-                    ShortString::from(consumer_tag),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| ("consume", e))?;
-            Ok((channel, consumer))
+            let consumer = match consume {
+                Some((_, consumer_tag)) => Some(
+                    channel
+                        .basic_consume(
+                            name,
+                            ShortString::from(consumer_tag),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(|e| ("consume", e))?,
+                ),
+                None => None,
+            };
+            let counts = (declared.message_count(), declared.consumer_count());
+            Ok((channel, counts, consumer))
         });
         let queue = queue.to_owned();
         match setup.await {
-            Ok(Ok((channel, consumer))) => Ok(QueueConsumer {
-                channel,
-                consumer,
-                runtime: Arc::clone(&self.runtime),
-            }),
+            Ok(Ok(set_up)) => Ok(set_up),
             Ok(Err(("declare", source))) if is_not_found(&source) => {
                 Err(Error::QueueNotFound { queue })
             }

@@ -469,6 +469,28 @@ impl Queue {
 }
 
 impl Queue {
+    /// Declares what [`open`](Self::open) declares at startup — the dead-letter topology,
+    /// the queue and its bindings — with the same code, and consumes nothing.
+    pub(crate) async fn check(
+        &self,
+        connection: &Connection,
+    ) -> Result<crate::check::QueueCheck, Error> {
+        connection
+            .declare_dead_letter(&self.name, &self.config)
+            .await?;
+        let (messages, consumers) = connection.declare_queue(&self.name, &self.config).await?;
+        Ok(crate::check::QueueCheck {
+            name: self.name.to_string(),
+            messages,
+            consumers,
+            dead_letter_exchange: self.config.dead_letter_route(&self.name).exchange,
+            concurrency: self.concurrency,
+            prefetch: self.prefetch,
+        })
+    }
+}
+
+impl Queue {
     /// At a shutdown that found no channel open (while reconnecting): waits, up to
     /// `deadline`, for handlers left running from a lost connection; their results were
     /// already dropped, but their work gets to finish.

@@ -30,6 +30,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// A setting read from a configuration file or the environment is invalid, or tunes a
+    /// queue that is not registered (feature `config`). `key` is the setting as it was
+    /// written: the environment variable (`CONEJO_SHUTDOWN_TIMEOUT`), or the file and its
+    /// dotted key (`conejo.toml: queues.orders.concurrency`). Never contains a password.
+    #[error("invalid configuration: {key}: {reason}")]
+    InvalidSetting {
+        /// Where the setting was written: variable name, or file and key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// Connecting to the broker failed (unreachable, refused credentials, TLS…).
     #[error("cannot connect to {url}: {source}")]
     Connect {

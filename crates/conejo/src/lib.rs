@@ -73,6 +73,13 @@
 //! - `tls`: `amqps://` with rustls — a private CA, client certificates (mutual TLS) and SASL
 //!   EXTERNAL through `TlsConfig` and `Builder::tls`. Off by default: without it conejo has
 //!   no TLS code, and `build()` rejects an `amqps://` URL.
+//! - `config`: `conejo::settings` — settings from a TOML file and `CONEJO_*`
+//!   environment variables (code < file < environment), applied with
+//!   `Conejo::builder_from` / `Builder::settings`, every error naming its key.
+//! - `logging`: `logging::init(format, level)`, a `tracing` subscriber writing text or
+//!   JSON lines to stderr.
+//! - `cli` (implies `config` and `logging`): `cli::main(|builder| …)` gives a service binary
+//!   `run` and `check` subcommands, `--config` and `--log-format`.
 //! - `admin`: `conejo::admin`, to inspect and replay dead letters.
 //! - `opentelemetry`: W3C trace-context propagation — a delivery's span continues the
 //!   message's `traceparent`, and retries and dead letters carry the span's context.
@@ -122,6 +129,7 @@
 
 mod app;
 mod backoff;
+mod check;
 mod config;
 mod connection;
 mod consumer;
@@ -130,6 +138,8 @@ mod dispatch;
 mod error;
 mod handler;
 mod headers;
+#[cfg(any(feature = "config", feature = "logging"))]
+mod log_format;
 mod message;
 mod outcome;
 mod publish;
@@ -151,6 +161,15 @@ mod url;
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 pub mod admin;
+#[cfg(feature = "cli")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cli")))]
+pub mod cli;
+#[cfg(feature = "logging")]
+#[cfg_attr(docsrs, doc(cfg(feature = "logging")))]
+pub mod logging;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod settings;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
@@ -158,10 +177,14 @@ pub use app::{
     Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT,
     DEFAULT_RECONNECT_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle,
 };
+pub use check::{CheckReport, QueueCheck};
 pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use context::Context;
 pub use error::{Error, HandlerError};
 pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
+#[cfg(any(feature = "config", feature = "logging"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "config", feature = "logging"))))]
+pub use log_format::LogFormat;
 pub use message::{Decode, DecodeError, Json};
 pub use outcome::{Failure, Outcome};
 pub use retry::{MAX_RETRY_DELAY, RetryPolicy};

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     AmqpUrl, Error, Exchange,
     backoff::Backoff,
+    check::CheckReport,
     connection::Connection,
     consumer::{End, Generation, Queue, Timing},
     publish::Publisher,
@@ -296,6 +297,55 @@ impl Supervisor {
         }
         close(connection).await;
         Ended::Shutdown(failure.map_or(Ok(()), Err))
+    }
+
+    /// The startup's connect and declaration steps, once: each address is tried once (as
+    /// with `wait_for_broker(false)`), then the exchanges and every queue's topology are
+    /// declared by the code `run` uses, without consuming; then the connection is closed.
+    pub(crate) async fn check(&self) -> Result<CheckReport, Error> {
+        let runtime = Arc::new(self.connection_runtime()?);
+        let mut failure = None;
+        let mut opened = None;
+        for url in &self.urls {
+            match Connection::open(
+                url,
+                &self.connection_name,
+                Arc::clone(&runtime),
+                self.connect.timeout,
+                &self.tls,
+            )
+            .await
+            {
+                Ok(connection) => {
+                    opened = Some((url, connection));
+                    break;
+                }
+                Err(error) if error.is_refused() => return Err(error),
+                Err(error) => {
+                    debug!(%error, "check: cannot reach the broker");
+                    failure = Some(error);
+                }
+            }
+        }
+        let Some((url, connection)) = opened else {
+            return Err(failure.unwrap_or_else(|| Error::config(None, "no broker address")));
+        };
+        info!(%url, "check: connected");
+        let checked = async {
+            connection.declare_exchanges(&self.exchanges).await?;
+            let mut queues = Vec::with_capacity(self.queues.len());
+            for queue in &self.queues {
+                queues.push(queue.check(&connection).await?);
+            }
+            Ok::<_, Error>(queues)
+        }
+        .await;
+        close(&connection).await;
+        Ok(CheckReport {
+            address: url.redacted().to_owned(),
+            exchanges: self.exchanges.iter().map(|e| e.name.clone()).collect(),
+            queues: checked?,
+        })
     }
 
     async fn wait_for_orphans(&self) {

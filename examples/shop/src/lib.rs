@@ -48,16 +48,12 @@ pub struct Broker {
     pub amqp_url: String,
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level. lapin's own logs are off by default:
-/// conejo reports every connection event itself, saying what it does next.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=off".into()),
-        )
-        .with_target(false)
-        .init();
+/// Logs to stderr through [`conejo::logging::init`]: text lines, `info` and no lapin
+/// (conejo reports every connection event itself, saying what it does next); `RUST_LOG`
+/// replaces that filter. The services get the same from `conejo::cli`, configurable with
+/// `CONEJO_LOG_FORMAT` and `CONEJO_LOG_LEVEL`.
+pub fn init_tracing() -> Result<(), conejo::Error> {
+    conejo::logging::init(conejo::LogFormat::Text, None)
 }
 
 /// An order, as published by the shop's front end.

@@ -1,32 +1,26 @@
-//! A typed-JSON order service: `AMQP_URL=… orders-service`; stop with Ctrl-C or SIGTERM.
+//! A typed-JSON order service, configured by the environment or a file:
+//!
+//! ```text
+//! CONEJO_URL=amqp://… orders-service              consume until Ctrl-C or SIGTERM (`run`)
+//! orders-service check                            check the settings and the broker, consume nothing
+//! orders-service --config examples/shop/orders-service.toml --log-format json
+//! CONEJO_QUEUES__SHOP_ORDERS__CONCURRENCY=8 orders-service
+//! ```
 
-use clap::Parser;
-use conejo::{Conejo, QueueConfig};
+use std::process::ExitCode;
+
+use conejo::QueueConfig;
 use example_shop::{ORDERS, Orders};
 
-/// Consumes the shop's orders.
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    broker: example_shop::Broker,
-    /// Orders handled at once.
-    #[arg(long, default_value_t = 32)]
-    concurrency: usize,
-}
-
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    example_shop::init_tracing();
-    let args = Args::parse();
-    Conejo::builder(&args.broker.amqp_url)
-        .connection_name("orders-service")
-        .queue_with(
+async fn main() -> ExitCode {
+    // The code registers the handler and its defaults; the settings tune them.
+    conejo::cli::main(|conejo| {
+        conejo.connection_name("orders-service").queue_with(
             ORDERS,
             Orders,
-            QueueConfig::new().concurrency(args.concurrency),
+            QueueConfig::new().concurrency(32),
         )
-        .build()?
-        .run()
-        .await?;
-    Ok(())
+    })
+    .await
 }

@@ -21,9 +21,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    example_shop::init_tracing();
+    example_shop::init_tracing()?;
     let args = Args::parse();
+    // CONEJO_* variables tune the demo too (e.g. CONEJO_QUEUES__SHOP_ORDERS__CONCURRENCY=2).
+    let settings = conejo::settings::Settings::load(None)?;
     let service = Conejo::builder(&args.broker.amqp_url)
+        .settings(&settings)
         .connection_name("shop-demo")
         .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(8))
         .queue_with(

@@ -14,7 +14,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    example_shop::init_tracing();
+    example_shop::init_tracing()?;
     let args = Args::parse();
     let publisher = Publisher::connect(&args.broker.amqp_url).await?;
     let published = publisher.publish_samples(&args.samples).await?;

@@ -1,33 +1,19 @@
-//! A CPU-heavy service: thumbnails rendered on the blocking pool, at most `--concurrency`
-//! at once, while the connection keeps its heartbeats on its own thread.
+//! A CPU-heavy service: thumbnails rendered on the blocking pool, as many at once as there
+//! are cores (`CONEJO_QUEUES__SHOP_THUMBNAILS__CONCURRENCY` to change it), while the
+//! connection keeps its heartbeats on its own thread. `run` (default) or `check`, like
+//! `orders-service`.
 
-use clap::Parser;
-use conejo::{Blocking, Conejo, QueueConfig};
+use std::process::ExitCode;
+
+use conejo::Blocking;
 use example_shop::{THUMBNAILS, Thumbnailer};
 
-/// Renders the shop's thumbnails.
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    broker: example_shop::Broker,
-    /// Thumbnails rendered at once (default: the number of cores).
-    #[arg(long)]
-    concurrency: Option<usize>,
-}
-
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    example_shop::init_tracing();
-    let args = Args::parse();
-    let mut config = QueueConfig::new();
-    if let Some(concurrency) = args.concurrency {
-        config = config.concurrency(concurrency);
-    }
-    Conejo::builder(&args.broker.amqp_url)
-        .connection_name("thumbnail-service")
-        .queue_with(THUMBNAILS, Blocking::new(Thumbnailer), config)
-        .build()?
-        .run()
-        .await?;
-    Ok(())
+async fn main() -> ExitCode {
+    conejo::cli::main(|conejo| {
+        conejo
+            .connection_name("thumbnail-service")
+            .queue(THUMBNAILS, Blocking::new(Thumbnailer))
+    })
+    .await
 }
