@@ -1,11 +1,15 @@
 //! The shop: message types and handlers shared by the example binaries.
 //!
-//! - `orders-service`: typed JSON orders, handled by an async [`Orders`] handler.
+//! - `orders-service`: typed JSON orders, handled by an async [`Orders`] handler behind an
+//!   [`Idempotency`] layer (a duplicate order message is acked without storing it twice).
 //! - `thumbnail-service`: CPU-heavy [`Thumbnailer`] jobs through the blocking bridge.
 //! - `shop-publisher`: publishes sample messages to both queues.
 //! - `shop-demo`: all of the above in one process, then exits.
 
 use std::time::{Duration, Instant};
+
+mod idempotency;
+pub use idempotency::{Idempotency, Idempotent};
 
 use conejo::{BlockingHandler, Context, Handler, HandlerError, Json};
 use lapin::{
@@ -171,6 +175,18 @@ impl Publisher {
 
     /// Publishes raw bytes (persistent) and waits for the broker's confirm.
     pub async fn publish(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+        self.publish_with(queue, body, BasicProperties::default())
+            .await
+    }
+
+    /// Publishes raw bytes (persistent, JSON) with `properties` (a message id…) and waits
+    /// for the broker's confirm.
+    pub async fn publish_with(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
         let confirm = self
             .channel
             .basic_publish(
@@ -178,7 +194,7 @@ impl Publisher {
                 ShortString::from(queue),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default()
+                properties
                     .with_content_type(ShortString::from("application/json"))
                     .with_delivery_mode(2),
             )
@@ -207,7 +223,14 @@ impl Publisher {
                 sku: format!("SKU-{:03}", id * 7 % 100),
                 quantity,
             };
-            self.publish_json(ORDERS, &order).await?;
+            // The front end names each order message, so a re-sent one is recognised.
+            let id = ShortString::from(format!("order-{id}"));
+            self.publish_with(
+                ORDERS,
+                &serde_json::to_vec(&order)?,
+                BasicProperties::default().with_message_id(id),
+            )
+            .await?;
         }
         self.publish(ORDERS, b"{\"id\": 99, \"sku\": oops").await?;
         for n in 1..=thumbnails {

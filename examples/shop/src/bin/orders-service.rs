@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 
 use conejo::QueueConfig;
-use example_shop::{ORDERS, Orders};
+use example_shop::{Idempotency, ORDERS, Orders};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -19,7 +19,10 @@ async fn main() -> ExitCode {
         conejo.connection_name("orders-service").queue_with(
             ORDERS,
             Orders,
-            QueueConfig::new().concurrency(32),
+            // Duplicates (a redelivery after a lost ack, a re-sent order) are skipped.
+            QueueConfig::new()
+                .concurrency(32)
+                .layer(Idempotency::new(100_000)),
         )
     })
     .await

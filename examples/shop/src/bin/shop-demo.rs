@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use conejo::{Blocking, Conejo, QueueConfig};
-use example_shop::{ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
+use example_shop::{Idempotency, ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
 
 /// Runs the shop end to end.
 #[derive(Parser)]
@@ -28,7 +28,13 @@ async fn main() -> anyhow::Result<()> {
     let service = Conejo::builder(&args.broker.amqp_url)
         .settings(&settings)
         .connection_name("shop-demo")
-        .queue_with(ORDERS, Orders, QueueConfig::new().concurrency(8))
+        .queue_with(
+            ORDERS,
+            Orders,
+            QueueConfig::new()
+                .concurrency(8)
+                .layer(Idempotency::new(10_000)),
+        )
         .queue_with(
             THUMBNAILS,
             Blocking::new(Thumbnailer),
