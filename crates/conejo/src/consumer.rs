@@ -19,7 +19,7 @@ use crate::{
     connection::{Connection, QueueConsumer},
     dispatch::{Dispatch, Unsettled},
     publish::Publisher,
-    service::{BoxLayer, BoxService, Layers, Registration},
+    service::{BoxLayer, BoxService, Layers, Registration, Service},
     settle::settle_task,
     stats::QueueCounters,
     status::StatusWriter,
@@ -215,7 +215,6 @@ impl Queue {
             poison_limit: config.poison_limit,
             dead_letter: config.dead_letter_route(&self.name),
             durability: config.durability(),
-            pipeline: self.pipeline.clone(),
             blocking: self.blocking,
             settle,
             publisher: Arc::clone(&generation.publisher),
@@ -305,7 +304,7 @@ impl Queue {
             .take();
         if let Some(jobs) = idle {
             for _ in 0..self.concurrency {
-                tokio::spawn(work(jobs.clone()));
+                tokio::spawn(self.pipeline.worker(jobs.clone()));
             }
         }
     }
@@ -510,7 +509,7 @@ impl Queue {
 }
 
 /// One delivery, on its way to a worker.
-struct Job {
+pub(crate) struct Job {
     /// Settles it (or, dropped, gives it back).
     unsettled: Unsettled,
     /// Its metadata, holding its concurrency slot.
@@ -524,7 +523,7 @@ struct Job {
 /// A worker of a queue: runs its deliveries one after the other until the queue is gone. A
 /// panic that escapes a delivery (the handler's own are caught inside) drops that job — its
 /// guard gives the message back — and the worker goes on.
-async fn work(jobs: flume::Receiver<Job>) {
+pub(crate) async fn work<S: Service>(pipeline: Arc<S>, jobs: flume::Receiver<Job>) {
     while let Ok(job) = jobs.recv_async().await {
         let Job {
             unsettled,
@@ -532,7 +531,7 @@ async fn work(jobs: flume::Receiver<Job>) {
             body,
             _tracked,
         } = job;
-        let _ = AssertUnwindSafe(unsettled.process(ctx, body))
+        let _ = AssertUnwindSafe(unsettled.process(&*pipeline, ctx, body))
             .catch_unwind()
             .await;
     }

@@ -13,7 +13,7 @@ use crate::{
     outcome::FailurePolicy,
     publish::{PublishError, Publisher},
     retry::{MAX_RETRY_DELAY, wait_ttl_ms},
-    service::{BoxService, Delivery, Service},
+    service::{Delivery, Service},
     settle::SettleHandle,
     stats::QueueCounters,
     topology::{self, DeadLetterRoute, Durability},
@@ -28,8 +28,6 @@ const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(5);
 pub(crate) struct Dispatch {
     /// The consumed queue.
     pub(crate) queue: Arc<str>,
-    /// Timeout, panic isolation, the user's layers, decoding and the handler.
-    pub(crate) pipeline: BoxService,
     /// True for a blocking handler, whose thread outlives a timeout.
     pub(crate) blocking: bool,
     /// Maps failures to outcomes.
@@ -94,9 +92,9 @@ impl Unsettled {
         }
     }
 
-    /// Handles the delivery and settles it.
-    pub(crate) async fn process(self, ctx: Context, body: Bytes) {
-        let how = self.dispatch.handle(&ctx, &body).await;
+    /// Runs the delivery through `pipeline` (its queue's) and settles it.
+    pub(crate) async fn process<S: Service>(self, pipeline: &S, ctx: Context, body: Bytes) {
+        let how = self.dispatch.handle(pipeline, &ctx, &body).await;
         self.settle(how);
         // The concurrency slot goes with the settlement, whatever copies of the context a
         // handler kept (a blocking handler's abandoned thread took it already).
@@ -126,7 +124,7 @@ impl Drop for Unsettled {
 
 impl Dispatch {
     /// Runs the pipeline and says how to settle the delivery, inside the delivery's span.
-    async fn handle(&self, ctx: &Context, body: &Bytes) -> Settlement {
+    async fn handle<S: Service>(&self, pipeline: &S, ctx: &Context, body: &Bytes) -> Settlement {
         let span = info_span!(
             "delivery",
             queue = %self.queue,
@@ -138,10 +136,17 @@ impl Dispatch {
         );
         #[cfg(feature = "opentelemetry")]
         crate::trace_context::adopt_parent(&span, ctx.headers());
-        self.handle_in_span(ctx, body).instrument(span).await
+        self.handle_in_span(pipeline, ctx, body)
+            .instrument(span)
+            .await
     }
 
-    async fn handle_in_span(&self, ctx: &Context, body: &Bytes) -> Settlement {
+    async fn handle_in_span<S: Service>(
+        &self,
+        pipeline: &S,
+        ctx: &Context,
+        body: &Bytes,
+    ) -> Settlement {
         // The rare paths are boxed: awaited inline, their futures (publishing with confirms)
         // would make every delivery's task several times larger, and tokio copies a task's
         // future when it spawns it and as it completes.
@@ -153,8 +158,7 @@ impl Dispatch {
             return settled;
         }
         let started = tokio::time::Instant::now();
-        let result = self
-            .pipeline
+        let result = pipeline
             .call(Delivery::new(body.clone(), ctx.clone()))
             .await;
         let span = Span::current();

@@ -18,7 +18,10 @@ use std::{any::Any, fmt, future::Future, panic::AssertUnwindSafe, sync::Arc, tim
 use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
 
-use crate::{Context, Decode, Failure, Handler};
+use crate::{
+    Context, Decode, Failure, Handler,
+    consumer::{Job, work},
+};
 
 pub use tower_layer::{Layer, layer_fn};
 
@@ -129,14 +132,29 @@ impl Service for BoxService {
     }
 }
 
+impl BoxService {
+    /// A worker of a queue whose pipeline this is: it takes deliveries from `jobs` one at a
+    /// time, calling the erased service directly — monomorphic, with no allocation per
+    /// delivery, when the queue has no layers.
+    pub(crate) fn worker(&self, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()> {
+        Arc::clone(&self.inner).worker(jobs)
+    }
+}
+
 /// The object-safe form of [`Service`].
 trait DynService: Send + Sync + 'static {
     fn call_boxed(&self, delivery: Delivery) -> BoxFuture<'_, Result<(), Failure>>;
+
+    fn worker(self: Arc<Self>, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()>;
 }
 
 impl<S: Service> DynService for S {
     fn call_boxed(&self, delivery: Delivery) -> BoxFuture<'_, Result<(), Failure>> {
         Box::pin(self.call(delivery))
+    }
+
+    fn worker(self: Arc<Self>, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()> {
+        Box::pin(work(self, jobs))
     }
 }
 
