@@ -129,7 +129,7 @@ impl Dispatch {
         {
             return settled;
         }
-        let call = self.handler.call(body, ctx);
+        let call = crate::telemetry::timed(&self.counters, self.handler.call(body, ctx));
         let result = match self.timeout {
             None => call.await,
             Some(limit) => tokio::time::timeout(limit, call)

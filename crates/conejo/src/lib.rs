@@ -127,6 +127,9 @@ mod dispatch;
 mod error;
 mod handler;
 mod headers;
+#[cfg(feature = "health")]
+mod health;
+mod lag;
 mod message;
 mod outcome;
 mod publish;
@@ -137,6 +140,7 @@ mod signal;
 mod stats;
 mod status;
 mod supervisor;
+mod telemetry;
 mod tls;
 mod topology;
 mod tracker;
