@@ -175,6 +175,23 @@ impl Conejo {
 
     /// The address the health server is bound to (see [`Builder::health`]): the real port
     /// when port 0 was asked. `None` without a health server.
+    ///
+    /// ```
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # fn main() -> Result<(), conejo::Error> {
+    /// let service = conejo::Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue("orders", Orders)
+    ///     .health_port(0) // any free port, on 127.0.0.1
+    ///     .build()?;
+    /// let address = service.health_addr().expect("a health server was asked for");
+    /// assert!(address.ip().is_loopback() && address.port() != 0);
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "health")]
     #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
     #[must_use]

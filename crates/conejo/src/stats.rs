@@ -166,6 +166,18 @@ impl Stats {
     /// High while handlers hog the runtime's workers (CPU-heavy code, blocking calls): every
     /// other task there waits as long. The connection keeps its heartbeats either way; this
     /// tells you that handlers should be [`Blocking`](crate::Blocking) or the runtime bigger.
+    ///
+    /// ```
+    /// # fn f(service: &conejo::Conejo) {
+    /// use std::time::Duration;
+    ///
+    /// let stats = service.stats(); // before `run`, read from another task while it runs
+    /// if stats.handler_runtime_lag() > Duration::from_millis(500) {
+    ///     eprintln!("handlers hog the runtime: make CPU-heavy ones `Blocking`");
+    /// }
+    /// assert!(stats.connection_runtime_lag() < Duration::from_secs(1));
+    /// # }
+    /// ```
     #[must_use]
     pub fn handler_runtime_lag(&self) -> Duration {
         self.lags.handler.lag()
