@@ -187,7 +187,12 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
     let stats = service
         .wait_for(&queue, WAIT, |s| s.acked == 53 && s.dead_lettered == 5)
         .await?;
-    let response = get(address, "/metrics").await?;
+    // A delivery's task ends just after it hands over its settlement: wait for the last.
+    let in_flight_gauge = format!("conejo_in_flight{{queue=\"{queue}\"}} 0\n");
+    let response = get_until(address, "/metrics", WAIT, |r| {
+        r.body.contains(&in_flight_gauge)
+    })
+    .await?;
     assert_eq!(response.status, 200);
     let metrics = parse_metrics(&response.body)?;
     eprintln!("{stats:?}");
