@@ -14,6 +14,7 @@ use crate::{
     stats::Stats,
     status::{Status, StatusWriter},
     supervisor::{ConnectPolicy, Supervisor},
+    telemetry::Observe,
     tls::TlsSetup,
     url::parse_list,
 };
@@ -103,6 +104,8 @@ pub struct Conejo {
     shared_runtime: bool,
     /// TLS material (CA, client certificate), read once by `build()`.
     tls: TlsSetup,
+    /// Metrics and the health server's socket.
+    observe: Observe,
 }
 
 impl std::fmt::Debug for QueueSpec {
@@ -134,6 +137,12 @@ pub struct Builder {
     /// Settings from a file and the environment, applied by `build()` over the code's.
     #[cfg(feature = "config")]
     settings: Option<crate::settings::Settings>,
+    /// Where to serve the health endpoints, bound by `build()`.
+    #[cfg(feature = "health")]
+    pub(crate) health: Option<std::net::SocketAddr>,
+    /// Built for `check` only: no health server (its port may be the running service's).
+    #[cfg(feature = "cli")]
+    pub(crate) checking: bool,
 }
 
 impl Conejo {
@@ -167,6 +176,10 @@ impl Conejo {
             tls: None,
             #[cfg(feature = "config")]
             settings: None,
+            #[cfg(feature = "health")]
+            health: None,
+            #[cfg(feature = "cli")]
+            checking: false,
         }
     }
 
@@ -203,7 +216,33 @@ impl Conejo {
         }
     }
 
-    /// Live counters of every queue.
+    /// The address the health server is bound to (see [`Builder::health`]): the real port
+    /// when port 0 was asked. `None` without a health server.
+    ///
+    /// ```
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # fn main() -> Result<(), conejo::Error> {
+    /// let service = conejo::Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue("orders", Orders)
+    ///     .health_port(0) // any free port, on 127.0.0.1
+    ///     .build()?;
+    /// let address = service.health_addr().expect("a health server was asked for");
+    /// assert!(address.ip().is_loopback() && address.port() != 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    #[must_use]
+    pub fn health_addr(&self) -> Option<std::net::SocketAddr> {
+        self.observe.health.as_ref().map(|h| h.address())
+    }
+
+    /// Live counters of every queue, and the lag of the service's runtimes.
     #[must_use]
     pub fn stats(&self) -> Stats {
         self.stats.clone()
@@ -304,6 +343,8 @@ impl Conejo {
             status: self.status,
             shared_runtime: self.shared_runtime,
             tls: self.tls,
+            stats: self.stats,
+            observe: self.observe,
         }
     }
 }
@@ -456,6 +497,51 @@ impl Builder {
         self
     }
 
+    /// Serves health and metrics endpoints over HTTP on `address` for the service's whole
+    /// life (feature `health`):
+    /// - `GET /livez` — liveness: 200 while the connection runtime (lapin, heartbeats, acks)
+    ///   answers and keeps time ([`Stats::connection_runtime_lag`] at most 5 s); 503
+    ///   otherwise. The server runs on that runtime, so a wedged one does not answer at all:
+    ///   the probe's own timeout is the other bound. Busy handlers never fail it.
+    /// - `GET /readyz` — readiness: 200 when [`Status::is_ready`] (connected, not blocked,
+    ///   every queue consumed); 503 with one line per missing piece otherwise.
+    /// - `GET /metrics` — conejo's metrics in the Prometheus text format (see the README's
+    ///   "Observability" section for the names), sampled at the scrape.
+    ///
+    /// [`build`](Self::build) binds the address, so a port in use is a startup error
+    /// ([`Error::Health`]); port 0 picks a free one ([`Conejo::health_addr`] tells which).
+    /// Bind `127.0.0.1` to keep the endpoints on the machine; in a container probed by an
+    /// orchestrator, bind `0.0.0.0`.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let service = conejo::Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+    ///     .queue("orders", Orders)
+    ///     .health("0.0.0.0:8080".parse::<std::net::SocketAddr>()?)
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn health(mut self, address: impl Into<std::net::SocketAddr>) -> Self {
+        self.health = Some(address.into());
+        self
+    }
+
+    /// As [`health`](Self::health) on `127.0.0.1:port`: the endpoints reachable from this
+    /// machine only.
+    #[cfg(feature = "health")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+    pub fn health_port(self, port: u16) -> Self {
+        self.health((std::net::Ipv4Addr::LOCALHOST, port))
+    }
+
     /// **Do not use in services.** Runs lapin (its heartbeat and internal RPC) on the
     /// application's runtime instead of conejo's dedicated one — the setup that loses its
     /// connection when handlers hog the runtime. Exists so tests can show that hazard.
@@ -547,6 +633,17 @@ impl Builder {
                 _ => {}
             }
         }
+        #[cfg(all(feature = "health", feature = "cli"))]
+        if self.checking {
+            self.health = None;
+        }
+        let observe = Observe {
+            #[cfg(feature = "health")]
+            health: self
+                .health
+                .map(crate::health::HealthListener::bind)
+                .transpose()?,
+        };
         let stats = Stats::new(self.queues.iter().map(|spec| spec.name.to_string()));
         let status = StatusWriter::new(self.queues.iter().map(|spec| spec.name.to_string()));
         Ok(Conejo {
@@ -562,6 +659,7 @@ impl Builder {
             stats,
             shared_runtime: self.shared_runtime,
             tls,
+            observe,
         })
     }
 

@@ -96,7 +96,9 @@ impl Command {
     /// # Errors
     /// The configuration's ([`Builder::build`]), then the command's: [`Conejo::run`],
     /// [`Conejo::check`].
-    pub async fn execute(self, builder: Builder) -> Result<(), Error> {
+    pub async fn execute(self, mut builder: Builder) -> Result<(), Error> {
+        // `check` serves no health endpoint: its port may be the running service's.
+        builder.checking = self == Command::Check;
         let service = builder.build()?;
         match self {
             Command::Run => service.run().await,

@@ -162,12 +162,25 @@ impl Queue {
             concurrency,
             prefetch,
             permits: Arc::new(Semaphore::new(concurrency)),
-            tasks: TaskTracker::new(),
+            // The counters' tracker: `Stats` reads deliveries in flight from it.
+            tasks: counters.tasks.clone(),
             jobs,
             idle_workers: std::sync::Mutex::new(Some(workers)),
             counters,
             index,
         }
+    }
+
+    /// Unacknowledged messages the broker may push on the queue's channel.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn prefetch(&self) -> u16 {
+        self.prefetch
+    }
+
+    /// This queue's counters.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn counters(&self) -> &Arc<QueueCounters> {
+        &self.counters
     }
 
     /// Opens a channel, sets up the queue's topology and its consumer (prefetch first), and

@@ -158,9 +158,8 @@ impl Dispatch {
             return settled;
         }
         let started = tokio::time::Instant::now();
-        let result = pipeline
-            .call(Delivery::new(body.clone(), ctx.clone()))
-            .await;
+        let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
+        let result = crate::telemetry::timed(&self.counters, call).await;
         let span = Span::current();
         if !span.is_disabled() {
             span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);

@@ -96,6 +96,17 @@ pub enum Error {
         source: lapin::Error,
     },
 
+    /// The health server's address could not be bound (in use, not local, not permitted):
+    /// see `Builder::health` (feature `health`).
+    #[error("cannot serve the health endpoints on {address}: {source}")]
+    Health {
+        /// The address asked for.
+        address: std::net::SocketAddr,
+        /// What the operating system reported.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The dedicated connection runtime could not be started.
     #[error("cannot start the connection runtime: {0}")]
     Runtime(#[source] std::io::Error),

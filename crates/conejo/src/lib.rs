@@ -83,10 +83,19 @@
 //! - `admin`: `conejo::admin`, to inspect and replay dead letters.
 //! - `opentelemetry`: W3C trace-context propagation — a delivery's span continues the
 //!   message's `traceparent`, and retries and dead letters carry the span's context.
+//! - `metrics`: conejo's metrics (deliveries, acks and ack frames, outcomes, failures,
+//!   in-flight, prefetch, connection state, reconnects, runtime lags, handler durations)
+//!   through the `metrics` facade, to the recorder the application installs. Sampled from
+//!   conejo's counters once a second: nothing added per message but the duration histogram.
+//! - `health` (implies `metrics`): `Builder::health` serves `/livez`, `/readyz` and
+//!   `/metrics` (Prometheus text) over HTTP, from the connection runtime.
 //! - `test-util`: broker-free helpers for handler tests.
 //!
-//! ## Not yet
-//! Metrics export ([`Conejo::stats`] and [`Conejo::status`] only), health endpoints.
+//! ## Observability
+//! Without any feature, [`Conejo::stats`] gives per-queue counters and the lag of both
+//! runtimes ([`Stats::connection_runtime_lag`], [`Stats::handler_runtime_lag`]: how late a
+//! 100 ms timer fires there), and [`Conejo::status`] the connection's state and readiness.
+//! The README's "Observability" section lists every metric.
 //!
 //! ## Example
 //! ```no_run
@@ -138,6 +147,9 @@ mod dispatch;
 mod error;
 mod handler;
 mod headers;
+#[cfg(feature = "health")]
+mod health;
+mod lag;
 #[cfg(any(feature = "config", feature = "logging"))]
 mod log_format;
 mod message;
@@ -151,6 +163,7 @@ mod signal;
 mod stats;
 mod status;
 mod supervisor;
+mod telemetry;
 mod tls;
 mod topology;
 #[cfg(feature = "opentelemetry")]

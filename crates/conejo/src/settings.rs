@@ -19,7 +19,7 @@
 //! | `shutdown_timeout` | `CONEJO_SHUTDOWN_TIMEOUT` | duration, 1 ns to 24 h |
 //! | `log_format` | `CONEJO_LOG_FORMAT` | `text` or `json` (read by `conejo::logging` and the CLI) |
 //! | `log_level` | `CONEJO_LOG_LEVEL` | a `tracing` filter: `info`, `debug,lapin=off`… |
-//! | `health_addr` | `CONEJO_HEALTH_ADDR` | socket address such as `0.0.0.0:8080`, for a health endpoint; conejo does not serve one yet |
+//! | `health_addr` | `CONEJO_HEALTH_ADDR` | socket address such as `0.0.0.0:8080` where the health endpoints listen (feature `health`; an error without it) |
 //! | `queues.<q>.concurrency` | `CONEJO_QUEUES__<Q>__CONCURRENCY` | at least 1 |
 //! | `queues.<q>.prefetch` | `CONEJO_QUEUES__<Q>__PREFETCH` | 1 to 65535 |
 //! | `queues.<q>.timeout` | `CONEJO_QUEUES__<Q>__TIMEOUT` | duration, 1 ns to 7 days |
@@ -116,7 +116,7 @@ pub struct Settings {
     log_format: Option<LogFormat>,
     /// A `tracing` filter.
     log_level: Option<String>,
-    /// Where a health endpoint would listen (not served by conejo yet).
+    /// Where the health endpoints listen (feature `health`).
     health_addr: Option<SocketAddr>,
     /// One entry per queue setting, in precedence order (later wins).
     queues: Vec<QueueEntry>,
@@ -617,8 +617,9 @@ impl Settings {
         self.log_level.as_deref()
     }
 
-    /// `health_addr`: where a health endpoint should listen. conejo does not serve one yet:
-    /// this is read for the application (or a future `health` feature) to use.
+    /// `health_addr`: where the health endpoints listen (`/livez`, `/readyz`, `/metrics`;
+    /// see [`Builder::health`](crate::Builder::health), feature `health`). Without that
+    /// feature, setting it is an error.
     #[must_use]
     pub fn health_addr(&self) -> Option<SocketAddr> {
         self.health_addr
@@ -656,6 +657,19 @@ impl Settings {
         }
         if let Some(timeout) = self.shutdown_timeout {
             builder.timing.shutdown_timeout = timeout;
+        }
+        #[cfg(feature = "health")]
+        if let Some(address) = self.health_addr {
+            builder.health = Some(address);
+        }
+        #[cfg(not(feature = "health"))]
+        if self.health_addr.is_some() {
+            return Err(Error::InvalidSetting {
+                key: "health_addr (CONEJO_HEALTH_ADDR)".to_owned(),
+                reason: "this build of conejo serves no health endpoint: enable its `health` \
+                         feature"
+                    .to_owned(),
+            });
         }
         for entry in &self.queues {
             let matching: Vec<&str> = builder

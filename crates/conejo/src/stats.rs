@@ -1,4 +1,5 @@
-//! Per-queue counters: what was delivered and how each message was settled with the broker.
+//! Per-queue counters: what was delivered and how each message was settled with the broker;
+//! and the lag of the service's two runtimes.
 
 use std::{
     collections::BTreeMap,
@@ -6,7 +7,12 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
+    time::Duration,
 };
+
+use tokio_util::task::TaskTracker;
+
+use crate::lag::LagGauge;
 
 /// Live counters of one queue, updated by the consumer and the settle task.
 #[derive(Debug, Default)]
@@ -27,6 +33,12 @@ pub(crate) struct QueueCounters {
     pub(crate) publish_failures: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) late_settlements: AtomicU64,
+    /// Every delivery task of the queue (the consumer spawns them here): its length is the
+    /// number of deliveries in flight, read without a counter on the hot path.
+    pub(crate) tasks: TaskTracker,
+    /// The handler-duration histogram, once the service registered its metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) handler_duration: std::sync::OnceLock<metrics::Histogram>,
 }
 
 impl QueueCounters {
@@ -34,7 +46,7 @@ impl QueueCounters {
         counter.fetch_add(n, Relaxed);
     }
 
-    fn snapshot(&self) -> QueueStats {
+    pub(crate) fn snapshot(&self) -> QueueStats {
         QueueStats {
             delivered: self.delivered.load(Relaxed),
             acked: self.acked.load(Relaxed),
@@ -52,6 +64,7 @@ impl QueueCounters {
             publish_failures: self.publish_failures.load(Relaxed),
             ack_failures: self.ack_failures.load(Relaxed),
             late_settlements: self.late_settlements.load(Relaxed),
+            in_flight: self.tasks.len() as u64,
         }
     }
 }
@@ -95,6 +108,9 @@ pub struct QueueStats {
     pub ack_failures: u64,
     /// Handlers that finished after their message had been given back (shutdown deadline): their result was dropped, never sent.
     pub late_settlements: u64,
+    /// Deliveries in flight right now (a gauge, not a counter): started and not yet settled —
+    /// their handler running, or their retry copy or dead letter being published.
+    pub in_flight: u64,
 }
 
 /// Counters of every queue of a service; cheap to clone, readable while it runs.
@@ -102,6 +118,17 @@ pub struct QueueStats {
 pub struct Stats {
     /// Queue name → its counters; fixed once the service is built.
     queues: Arc<BTreeMap<String, Arc<QueueCounters>>>,
+    /// How late timers fire on the connection runtime and on the handler runtime.
+    lags: Arc<RuntimeLags>,
+}
+
+/// The lag gauges of the service's two runtimes, written by their probes while it runs.
+#[derive(Debug, Default)]
+pub(crate) struct RuntimeLags {
+    /// The dedicated runtime of lapin and the settle tasks.
+    pub(crate) connection: Arc<LagGauge>,
+    /// The runtime `run` is awaited on, where handlers run.
+    pub(crate) handler: Arc<LagGauge>,
 }
 
 impl Stats {
@@ -113,7 +140,47 @@ impl Stats {
                     .map(|name| (name, Arc::default()))
                     .collect(),
             ),
+            lags: Arc::default(),
         }
+    }
+
+    pub(crate) fn lags(&self) -> &RuntimeLags {
+        &self.lags
+    }
+
+    /// How late timers fire on the **connection runtime** (the dedicated runtime that runs
+    /// lapin, answers heartbeats and sends acks): the largest lag of a 100 ms probe timer over
+    /// the last 2 s, or how overdue its pending tick is if larger. Zero while the service is
+    /// not running.
+    ///
+    /// A few milliseconds is normal. Hundreds mean something runs on that runtime that
+    /// should not; seconds put heartbeats at risk.
+    #[must_use]
+    pub fn connection_runtime_lag(&self) -> Duration {
+        self.lags.connection.lag()
+    }
+
+    /// How late timers fire on the **handler runtime** (the one [`run`](crate::Conejo::run) is
+    /// awaited on), measured like [`connection_runtime_lag`](Self::connection_runtime_lag).
+    ///
+    /// High while handlers hog the runtime's workers (CPU-heavy code, blocking calls): every
+    /// other task there waits as long. The connection keeps its heartbeats either way; this
+    /// tells you that handlers should be [`Blocking`](crate::Blocking) or the runtime bigger.
+    ///
+    /// ```
+    /// # fn f(service: &conejo::Conejo) {
+    /// use std::time::Duration;
+    ///
+    /// let stats = service.stats(); // before `run`, read from another task while it runs
+    /// if stats.handler_runtime_lag() > Duration::from_millis(500) {
+    ///     eprintln!("handlers hog the runtime: make CPU-heavy ones `Blocking`");
+    /// }
+    /// assert!(stats.connection_runtime_lag() < Duration::from_secs(1));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn handler_runtime_lag(&self) -> Duration {
+        self.lags.handler.lag()
     }
 
     pub(crate) fn counters(&self, queue: &str) -> Arc<QueueCounters> {

@@ -22,7 +22,9 @@ use crate::{
     consumer::{End, Generation, Queue, Timing},
     publish::Publisher,
     runtime::ConnectionRuntime,
+    stats::Stats,
     status::{ConnectionState, StatusWriter},
+    telemetry::{self, Observe},
     tls::TlsSetup,
 };
 
@@ -59,6 +61,10 @@ pub(crate) struct Supervisor {
     pub(crate) shared_runtime: bool,
     /// TLS material checked by `build()`, used by every connection attempt.
     pub(crate) tls: TlsSetup,
+    /// The queues' counters and the runtimes' lag gauges.
+    pub(crate) stats: Stats,
+    /// Metrics and the health server, as the builder asked.
+    pub(crate) observe: Observe,
 }
 
 /// A connection that lived this long was healthy: when it is lost, reconnect at once. One
@@ -78,10 +84,14 @@ enum Ended {
 
 impl Supervisor {
     /// Runs until `signal` completes or the shutdown token fires, then shuts down.
-    pub(crate) async fn run(self, signal: impl Future<Output = ()> + Send) -> Result<(), Error> {
+    pub(crate) async fn run(
+        mut self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> Result<(), Error> {
         let shutdown = self.shutdown.clone();
         let status = Arc::clone(&self.status);
-        let supervise = self.supervise();
+        let observe = std::mem::take(&mut self.observe);
+        let supervise = self.supervise(observe);
         tokio::pin!(supervise, signal);
         let mut signalled = false;
         let result = loop {
@@ -102,8 +112,12 @@ impl Supervisor {
         result
     }
 
-    async fn supervise(&self) -> Result<(), Error> {
+    async fn supervise(&self, observe: Observe) -> Result<(), Error> {
         let runtime = Arc::new(self.connection_runtime()?);
+        // Lag probes, metrics and the health server, for the service's whole life: dropped
+        // (stopped) when this returns, before the connection runtime goes.
+        let _observing =
+            telemetry::start(observe, &runtime, &self.stats, &self.status, &self.queues);
         let mut backoff = Backoff::new(self.connect.backoff.0, self.connect.backoff.1);
         let mut address = 0;
         let mut ever_connected = false;
