@@ -465,3 +465,47 @@ async fn a_health_address_in_use_is_a_startup_error_naming_it() -> anyhow::Resul
     assert!(error.to_string().contains(&address.to_string()), "{error}");
     Ok(())
 }
+
+#[tokio::test]
+async fn livez_fails_while_the_connection_runtime_is_wedged_and_recovers() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("wedged");
+    broker.declare_queue(&queue).await?;
+    let conejo = Conejo::builder(amqp_url())
+        .queue_with(&queue, Picky::default(), config())
+        .health_port(0)
+        .build()?;
+    let address = conejo.health_addr().context("no health address")?;
+    let wedge = conejo.connection_runtime_wedge();
+    let service = RunningService::spawn(conejo);
+    get_until(address, "/readyz", WAIT, |r| r.status == 200).await?;
+    assert_eq!(get(address, "/livez").await?.status, 200);
+
+    // Blocked for longer than the liveness bound (5 s) and than `get`'s own 5 s timeout:
+    // the server runs on that runtime, so the probe gets no answer at all…
+    let wedged_for = Duration::from_secs(8);
+    ensure!(wedge.wedge(wedged_for), "the connection runtime is not up");
+    let wedged_at = Instant::now();
+    // (A probe the runtime took before the wedge started is answered at once.)
+    loop {
+        match get(address, "/livez").await {
+            Err(_) => break,
+            Ok(answer) => ensure!(
+                wedged_at.elapsed() < Duration::from_secs(1),
+                "a wedged runtime answered: {answer:?}"
+            ),
+        }
+    }
+    // …and once it runs again, the lag it suffered fails liveness for a while.
+    let after = get(address, "/livez").await?;
+    assert!(wedged_at.elapsed() >= wedged_for);
+    assert_eq!(after.status, 503, "{after:?}");
+    assert!(after.body.contains("late"), "{after:?}");
+    // The lag ages out (it is the worst over the last 2 s): alive again, same connection.
+    get_until(address, "/livez", WAIT, |r| r.status == 200).await?;
+    assert_eq!(service.status().reconnects(), 0);
+    service.stop().await??;
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}

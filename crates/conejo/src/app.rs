@@ -102,6 +102,9 @@ pub struct Conejo {
     status: Arc<StatusWriter>,
     /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
     shared_runtime: bool,
+    /// Test-only: the connection runtime's handle, once it exists.
+    #[cfg(feature = "test-util")]
+    wedge: crate::testing::RuntimeWedge,
     /// TLS material (CA, client certificate), read once by `build()`.
     tls: TlsSetup,
     /// Metrics and the health server's socket.
@@ -206,6 +209,14 @@ impl Conejo {
     #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
     pub fn builder_from(settings: &crate::settings::Settings) -> Builder {
         Conejo::builder(crate::settings::DEFAULT_URL).settings(settings)
+    }
+
+    /// Test-only (feature `test-util`): a hook that blocks the connection runtime.
+    #[cfg(feature = "test-util")]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn connection_runtime_wedge(&self) -> crate::testing::RuntimeWedge {
+        self.wedge.clone()
     }
 
     /// A handle that stops the service from elsewhere (a test, an admin endpoint).
@@ -343,6 +354,8 @@ impl Conejo {
             status: self.status,
             shared_runtime: self.shared_runtime,
             tls: self.tls,
+            #[cfg(feature = "test-util")]
+            wedge: self.wedge,
             stats: self.stats,
             observe: self.observe,
         }
@@ -658,6 +671,8 @@ impl Builder {
             shutdown: CancellationToken::new(),
             stats,
             shared_runtime: self.shared_runtime,
+            #[cfg(feature = "test-util")]
+            wedge: crate::testing::RuntimeWedge::default(),
             tls,
             observe,
         })

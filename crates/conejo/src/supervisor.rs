@@ -65,6 +65,9 @@ pub(crate) struct Supervisor {
     pub(crate) stats: Stats,
     /// Metrics and the health server, as the builder asked.
     pub(crate) observe: Observe,
+    /// Test-only: where the connection runtime's handle goes, for a wedge.
+    #[cfg(feature = "test-util")]
+    pub(crate) wedge: crate::testing::RuntimeWedge,
 }
 
 /// A connection that lived this long was healthy: when it is lost, reconnect at once. One
@@ -374,7 +377,10 @@ impl Supervisor {
             return Ok(ConnectionRuntime::shared());
         }
         debug_assert!(!self.shared_runtime);
-        ConnectionRuntime::dedicated()
+        let runtime = ConnectionRuntime::dedicated()?;
+        #[cfg(feature = "test-util")]
+        self.wedge.set(runtime.handle());
+        Ok(runtime)
     }
 }
 

@@ -69,3 +69,31 @@ pub async fn outcome<H: Handler>(
         },
     }
 }
+
+/// A test-only hook that blocks conejo's connection runtime (the thread that runs lapin and
+/// answers heartbeats), to prove what a wedged one looks like from outside — liveness
+/// failing, heartbeats missed. From [`Conejo::connection_runtime_wedge`](crate::Conejo::connection_runtime_wedge).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeWedge {
+    /// Set by the supervisor once the runtime exists.
+    handle: std::sync::Arc<std::sync::OnceLock<tokio::runtime::Handle>>,
+}
+
+impl RuntimeWedge {
+    pub(crate) fn set(&self, handle: &tokio::runtime::Handle) {
+        let _ = self.handle.set(handle.clone());
+    }
+
+    /// Blocks the connection runtime's thread for `duration` (a `std::thread::sleep` in a
+    /// task there). False if the service has not started its runtime yet.
+    pub fn wedge(&self, duration: std::time::Duration) -> bool {
+        match self.handle.get() {
+            Some(handle) => {
+                handle.spawn(async move { std::thread::sleep(duration) });
+                true
+            }
+            None => false,
+        }
+    }
+}
