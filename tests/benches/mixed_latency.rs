@@ -28,6 +28,12 @@
 //! ones, 800 / 1 ms far above that rate. The benchmark prints that estimate from the uniform
 //! run's rate.
 //!
+//! `--services N` (an experiment) runs N conejo services on the queue, each on its own
+//! connection and channel with 1/N of the concurrency and prefetch: RabbitMQ's channel
+//! answers each single ack by walking its list of unacked deliveries from the oldest, so
+//! behind many long deliveries a single ack costs the broker in proportion to them;
+//! spread over N channels, each walk is about N times shorter.
+//!
 //! ```text
 //! cargo bench -p conejo-tests --bench mixed_latency
 //! cargo bench -p conejo-tests --bench mixed_latency -- --slow-secs 5 --messages 100000
@@ -75,6 +81,10 @@ struct Args {
     concurrency: usize,
     /// The consumer's prefetch.
     prefetch: u16,
+    /// conejo services consuming the queue, each on its own connection and channel, with
+    /// a share of the concurrency and prefetch: what spreading one queue over several
+    /// channels would do.
+    services: usize,
     /// Bound on the fast phase of a run (and, beyond the slow duration, on the slow tail).
     timeout: Duration,
 }
@@ -88,6 +98,7 @@ impl Args {
             fast: Duration::from_millis(1),
             concurrency: 2000,
             prefetch: 2000,
+            services: 1,
             timeout: Duration::from_secs(180),
         };
         let mut raw = std::env::args().skip(1);
@@ -118,6 +129,7 @@ impl Args {
                 }
                 "--concurrency" => args.concurrency = value()?.parse().context("--concurrency")?,
                 "--prefetch" => args.prefetch = value()?.parse().context("--prefetch")?,
+                "--services" => args.services = value()?.parse().context("--services")?,
                 "--timeout" => {
                     args.timeout =
                         Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
@@ -125,15 +137,15 @@ impl Args {
                 _ => bail!(
                     "unknown argument {arg:?}; usage: mixed_latency [--messages N] \
                      [--slow-every K] [--slow-secs S] [--fast-ms MS] [--concurrency C] \
-                     [--prefetch P] [--timeout SECS]"
+                     [--prefetch P] [--services N] [--timeout SECS]"
                 ),
             }
         }
         ensure!(args.messages > 0, "--messages must be positive");
         ensure!(args.slow_every > 1, "--slow-every must be at least 2");
         ensure!(
-            args.concurrency > 0 && args.prefetch > 0,
-            "--concurrency and --prefetch must be positive"
+            args.concurrency > 0 && args.prefetch > 0 && args.services > 0,
+            "--concurrency, --prefetch and --services must be positive"
         );
         Ok(args)
     }
@@ -243,36 +255,58 @@ async fn run(
     let slow = args.slow_count(mixed);
     let fast = total - slow;
     let progress = Arc::new(Progress::default());
-    let handler = Sleeper {
-        args,
-        mixed,
-        progress: Arc::clone(&progress),
-    };
-    let config = QueueConfig::new()
-        .prefetch(args.prefetch)
-        .concurrency(args.concurrency);
-    let conejo = Conejo::builder(amqp_url())
-        .connection_name(unique_name("mixed_latency"))
-        .queue_with(queue, handler, config)
-        .build()?;
-    let stats = conejo.stats();
-    let shutdown = conejo.shutdown_handle();
+    let services = u16::try_from(args.services).unwrap_or(u16::MAX);
+    let mut built = Vec::new();
+    for _ in 0..args.services {
+        let handler = Sleeper {
+            args,
+            mixed,
+            progress: Arc::clone(&progress),
+        };
+        let config = QueueConfig::new()
+            .prefetch((args.prefetch / services).max(1))
+            .concurrency((args.concurrency / args.services).max(1));
+        built.push(
+            Conejo::builder(amqp_url())
+                .connection_name(unique_name("mixed_latency"))
+                .queue_with(queue, handler, config)
+                .build()?,
+        );
+    }
+    let stats: Vec<_> = built.iter().map(Conejo::stats).collect();
+    let shutdowns: Vec<_> = built.iter().map(Conejo::shutdown_handle).collect();
     let rss_start = bench::rss_kib().unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = rss_sampler(Arc::clone(&stop));
     let cpu_start = cpu_now(broker_pid);
-    let mut service = tokio::spawn(conejo.run_until(std::future::pending()));
+    let mut running: Vec<_> = built
+        .into_iter()
+        .map(|conejo| tokio::spawn(conejo.run_until(std::future::pending())))
+        .collect();
+    // Summed over the services.
+    let queue_stats = || {
+        stats.iter().filter_map(|s| s.queue(queue)).fold(
+            (0, 0, 0, 0),
+            |(acked, frames, delivered, requeued), q| {
+                (
+                    acked + q.acked,
+                    frames + q.ack_frames,
+                    delivered + q.delivered,
+                    requeued + q.requeued,
+                )
+            },
+        )
+    };
     let counts = || {
-        stats
-            .queue(queue)
-            .map_or((0, 0), |q| (q.acked, q.ack_frames))
+        let (acked, frames, ..) = queue_stats();
+        (acked, frames)
     };
 
     // Phase 1: every fast message handled and acked.
     let fast_phase = async {
         loop {
-            if service.is_finished() {
-                bail!("conejo stopped early: {:?}", (&mut service).await);
+            if let Some(service) = running.iter_mut().find(|s| s.is_finished()) {
+                bail!("conejo stopped early: {:?}", service.await);
             }
             // slow ones read first: an ack counted below may only be for a slow one read here
             let slow_done = progress.slow_done.load(Relaxed);
@@ -300,28 +334,30 @@ async fn run(
     };
     stop.store(true, Relaxed);
     let rss_peak = sampler.await?;
-    shutdown.shutdown();
-    let ended = tokio::time::timeout(SHUTDOWN_TIMEOUT, service).await;
+    for shutdown in &shutdowns {
+        shutdown.shutdown();
+    }
+    let ended = tokio::time::timeout(SHUTDOWN_TIMEOUT, futures::future::join_all(running)).await;
     let fast_end =
         fast_end.map_err(|_| anyhow!("the fast messages took more than {:?}", args.timeout))??;
     let tail_end = tail_end.with_context(|| {
         format!(
             "the slow messages were not all acked within {:?}: {:?}",
             args.slow + args.timeout,
-            stats.queue(queue)
+            queue_stats()
         )
     })?;
-    ended
-        .map_err(|_| anyhow!("conejo did not shut down within {SHUTDOWN_TIMEOUT:?}"))?
-        .context("the conejo task failed")?
-        .context("conejo returned an error")?;
-    let q = stats.queue(queue).context("no stats for the queue")?;
+    let ended =
+        ended.map_err(|_| anyhow!("conejo did not shut down within {SHUTDOWN_TIMEOUT:?}"))?;
+    for service in ended {
+        service
+            .context("the conejo task failed")?
+            .context("conejo returned an error")?;
+    }
+    let (final_acked, final_frames, delivered, requeued) = queue_stats();
     ensure!(
-        q.acked == total && q.delivered == total && q.requeued == 0,
-        "delivered {}, acked {}, requeued {} of {total}: {q:?}",
-        q.delivered,
-        q.acked,
-        q.requeued
+        final_acked == total && delivered == total && requeued == 0,
+        "delivered {delivered}, acked {final_acked}, requeued {requeued} of {total}"
     );
     let left = broker.message_count(queue).await?;
     ensure!(left == 0, "{left} messages left in {queue:?} after the run");
@@ -332,8 +368,8 @@ async fn run(
         elapsed,
         ack_frames,
         acked,
-        final_frames: q.ack_frames,
-        final_acked: q.acked,
+        final_frames,
+        final_acked,
         rss_start,
         rss_peak,
         total: tail_end.duration_since(first),
@@ -377,7 +413,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse()?;
     println!(
         "mixed_latency: {} messages of {} B, 1 in {} sleeping {:?}, the rest {:?}; \
-         concurrency {}, prefetch {}, {} cores",
+         concurrency {}, prefetch {}, {} service(s), {} cores",
         args.messages,
         bench::BODY_LEN,
         args.slow_every,
@@ -385,6 +421,7 @@ async fn main() -> anyhow::Result<()> {
         args.fast,
         args.concurrency,
         args.prefetch,
+        args.services,
         std::thread::available_parallelism().map_or(0, usize::from),
     );
     let broker = Broker::connect().await?;
