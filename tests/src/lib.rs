@@ -11,7 +11,7 @@
 //! * [`ConnectionWatch`] — a background thread that records, over time, which
 //!   broker-side connection carries a given `connection_name`.
 //!
-//! * [`bench`] — the message, prefilling and hand-written lapin consumers the
+//! * [`bench`](mod@bench) — the message, prefilling and hand-written lapin consumers the
 //!   benchmarks and `conejo-cost` share.
 //!
 //! Tests use [`unique_name`] for every queue and connection name so they can
