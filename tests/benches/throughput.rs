@@ -15,6 +15,7 @@
 //!    - **lapin ack-each**: the ordinary loop, ack each delivery and await the ack;
 //!    - **conejo**: a [`Handler`] with `type Message = Json<Order>` that only counts,
 //!      with `prefetch(p)` and `concurrency(p)`, until `stats().acked` reaches the total;
+//!    - **conejo pf only**: the same handler with `prefetch(p)` and the default concurrency;
 //!    - **conejo dflt**: the same handler with conejo's defaults (no prefetch, no
 //!      concurrency set: what a new user gets; the `--prefetch` of the row does not apply).
 //!
@@ -98,18 +99,21 @@ enum Kind {
     Conejo,
     /// conejo with a counting handler and its defaults (no prefetch, no concurrency set).
     ConejoDefault,
+    /// conejo with a counting handler, `prefetch(p)` and the default concurrency.
+    ConejoPrefetch,
     /// conejo with a counting handler that fails a share of the messages twice.
     Failing,
 }
 
 impl Kind {
     /// Every kind `--only` accepts, with its name there.
-    const NAMES: [(&'static str, Kind); 5] = [
+    const NAMES: [(&'static str, Kind); 6] = [
         ("lapin-noack", Kind::NoAck),
         ("lapin-coalesced", Kind::Coalesced),
         ("lapin", Kind::Lapin),
         ("conejo", Kind::Conejo),
         ("conejo-default", Kind::ConejoDefault),
+        ("conejo-prefetch", Kind::ConejoPrefetch),
     ];
 
     /// Its name in the table.
@@ -120,6 +124,7 @@ impl Kind {
             Kind::Lapin => "lapin ack-each",
             Kind::Conejo => "conejo",
             Kind::ConejoDefault => "conejo dflt",
+            Kind::ConejoPrefetch => "conejo pf only",
             Kind::Failing => "conejo+fails",
         }
     }
@@ -472,16 +477,11 @@ fn conejo_config(prefetch: u16) -> QueueConfig {
         .concurrency(usize::from(prefetch))
 }
 
-/// conejo with [`Noop`], `prefetch(p)` and `concurrency(p)` — or, with `defaults`, conejo's
-/// defaults (the prefetch of the run is then ignored) — until every message is acked.
-async fn run_conejo(broker: &Broker, run: Run<'_>, defaults: bool) -> anyhow::Result<Sample> {
+/// conejo with [`Noop`] and `config` (for [`Kind::Conejo`] `prefetch(p)` and
+/// `concurrency(p)`), until every message is acked.
+async fn run_conejo(broker: &Broker, run: Run<'_>, config: QueueConfig) -> anyhow::Result<Sample> {
     let progress = progress(run.messages, run.cpu);
     let handler = Noop(Arc::clone(&progress));
-    let config = if defaults {
-        QueueConfig::new()
-    } else {
-        conejo_config(run.prefetch)
-    };
     run_service(broker, run, handler, config, &progress, 0).await
 }
 
@@ -627,8 +627,11 @@ async fn measure(
                     Kind::NoAck => run_lapin(broker, spec, LapinAcks::None).await,
                     Kind::Coalesced => run_lapin(broker, spec, LapinAcks::Coalesced).await,
                     Kind::Lapin => run_lapin(broker, spec, LapinAcks::Each).await,
-                    Kind::Conejo => run_conejo(broker, spec, false).await,
-                    Kind::ConejoDefault => run_conejo(broker, spec, true).await,
+                    Kind::Conejo => run_conejo(broker, spec, conejo_config(prefetch)).await,
+                    Kind::ConejoDefault => run_conejo(broker, spec, QueueConfig::new()).await,
+                    Kind::ConejoPrefetch => {
+                        run_conejo(broker, spec, QueueConfig::new().prefetch(prefetch)).await
+                    }
                     Kind::Failing => run_failing(broker, spec, args.failing_share).await,
                 }
                 .with_context(|| {
@@ -697,7 +700,13 @@ fn table(args: &Args, series: &[Series]) -> String {
         }
         let of = |kind| medians.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r);
         if let Some(coalesced) = of(Kind::Coalesced) {
-            for kind in [Kind::NoAck, Kind::Lapin, Kind::Conejo, Kind::ConejoDefault] {
+            for kind in [
+                Kind::NoAck,
+                Kind::Lapin,
+                Kind::Conejo,
+                Kind::ConejoPrefetch,
+                Kind::ConejoDefault,
+            ] {
                 if let Some(rate) = of(kind) {
                     let _ = writeln!(
                         out,
