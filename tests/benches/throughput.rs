@@ -1,14 +1,23 @@
-//! Throughput of conejo against a plain lapin consumer, on a real broker.
+//! Throughput of conejo against hand-written lapin consumers, on a real broker.
 //!
-//! For each prefetch (100 and 1000) and each consumer, repeated `--runs` times:
+//! For each prefetch (100 and 1000) and each consumer, repeated `--runs` times (consumers
+//! alternate within a run, so drifts of a shared machine touch them alike):
 //!
 //! 1. a fresh, uniquely named queue — declared exactly as conejo's default [`QueueConfig`]
 //!    declares it (durable, no arguments) — is prefilled with `--messages` JSON messages of
 //!    100 bytes, and the benchmark waits until the broker reports all of them ready;
-//! 2. **raw lapin**: the ordinary loop — `basic.qos(prefetch)`, `basic.consume`, then for each
-//!    delivery: decode the typed [`Order`] with `serde_json`, `ack` it, await the ack;
-//! 3. **conejo**: a [`Handler`] with `type Message = Json<Order>` that only counts, consumed
-//!    with `prefetch(p)` and `concurrency(p)`, until `stats().acked` reaches the total.
+//! 2. the consumer drains it, decoding every body into the typed [`Order`]:
+//!    - **lapin no_ack**: `no_ack`, the broker forgets each message once sent — its delivery
+//!      ceiling, which an acking consumer cannot reach;
+//!    - **lapin coalesced**: `basic.qos(prefetch)`, one `basic.ack(multiple = true)` every
+//!      prefetch / 4 deliveries and after 20 ms idle — the practical ceiling of an acking
+//!      consumer of one queue, and the baseline of every ratio printed;
+//!    - **lapin ack-each**: the ordinary loop, ack each delivery and await the ack;
+//!    - **conejo**: a [`Handler`] with `type Message = Json<Order>` that only counts,
+//!      with `prefetch(p)` and `concurrency(p)`, until `stats().acked` reaches the total;
+//!    - **conejo pf only**: the same handler with `prefetch(p)` and the default concurrency;
+//!    - **conejo dflt**: the same handler with conejo's defaults (no prefetch, no
+//!      concurrency set: what a new user gets; the `--prefetch` of the row does not apply).
 //!
 //! With `--failing-share F` (e.g. 0.1), each run also measures **conejo with failures**: the
 //! same handler and settings, but a share `F` of the messages (one in ten for 0.1, spread
@@ -26,7 +35,7 @@
 //! ```text
 //! cargo bench -p conejo-tests --bench throughput
 //! cargo bench -p conejo-tests --bench throughput -- --messages 50000 --runs 5
-//! cargo bench -p conejo-tests --bench throughput -- --prefetch 1000 --only conejo
+//! cargo bench -p conejo-tests --bench throughput -- --prefetch 1000 --only lapin-coalesced,conejo
 //! cargo bench -p conejo-tests --bench throughput -- --failing-share 0.1
 //! ```
 //!
@@ -49,15 +58,9 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig, RetryPolicy};
 use conejo_tests::{
     Broker, amqp_url,
-    lapin::{
-        Connection, ConnectionProperties,
-        options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
-        types::FieldTable,
-    },
+    bench::{self, BODY_LEN, LapinAcks, Order},
     unique_name,
 };
-use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 /// Messages per run unless `--messages` says otherwise.
@@ -66,10 +69,6 @@ const DEFAULT_MESSAGES: u32 = 200_000;
 const DEFAULT_RUNS: usize = 3;
 /// Prefetches measured unless `--prefetch` says otherwise.
 const DEFAULT_PREFETCHES: [u16; 2] = [100, 1000];
-/// Size of every message body, in bytes.
-const BODY_LEN: usize = 100;
-/// Messages per `publish_many_bytes` call while prefilling.
-const PUBLISH_CHUNK: usize = 10_000;
 /// Default bound on one consumer run, from connecting to the last ack.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Minimum bound on prefilling one queue (raised to the run timeout if that is longer).
@@ -86,51 +85,46 @@ const FAILING_JITTER: f64 = 0.1;
 /// Attempts a failing message fails before it succeeds.
 const FAILED_ATTEMPTS: u32 = 2;
 
-/// The message: a small order, as JSON.
-#[derive(Debug, Serialize, Deserialize)]
-struct Order {
-    /// Order number.
-    id: u64,
-    /// Product reference, `SKU-000` to `SKU-999`.
-    sku: String,
-    /// 1 to 10.
-    quantity: u32,
-    /// Padding, so that the JSON body is [`BODY_LEN`] bytes.
-    note: String,
-}
-
-impl Order {
-    /// The `index`-th message of a queue, serialized and padded to [`BODY_LEN`] bytes.
-    fn body(index: u32) -> Vec<u8> {
-        let mut order = Order {
-            id: u64::from(index),
-            sku: format!("SKU-{:03}", index % 1000),
-            quantity: index % 10 + 1,
-            note: String::new(),
-        };
-        let bare = serde_json::to_vec(&order).expect("an Order always serializes");
-        order.note = "x".repeat(BODY_LEN.saturating_sub(bare.len()));
-        serde_json::to_vec(&order).expect("an Order always serializes")
-    }
-}
-
 /// Which consumer a run measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// The ordinary lapin consumer loop.
+    /// lapin with `no_ack`: the broker's delivery ceiling.
+    NoAck,
+    /// The hand-written lapin loop with coalesced `basic.ack(multiple)`: the practical
+    /// ceiling of an acking consumer of one queue, and the baseline of the ratios.
+    Coalesced,
+    /// The ordinary lapin consumer loop (ack each, await each ack).
     Lapin,
-    /// conejo with a counting handler.
+    /// conejo with a counting handler, `prefetch(p)` and `concurrency(p)`.
     Conejo,
+    /// conejo with a counting handler and its defaults (no prefetch, no concurrency set).
+    ConejoDefault,
+    /// conejo with a counting handler, `prefetch(p)` and the default concurrency.
+    ConejoPrefetch,
     /// conejo with a counting handler that fails a share of the messages twice.
     Failing,
 }
 
 impl Kind {
+    /// Every kind `--only` accepts, with its name there.
+    const NAMES: [(&'static str, Kind); 6] = [
+        ("lapin-noack", Kind::NoAck),
+        ("lapin-coalesced", Kind::Coalesced),
+        ("lapin", Kind::Lapin),
+        ("conejo", Kind::Conejo),
+        ("conejo-default", Kind::ConejoDefault),
+        ("conejo-prefetch", Kind::ConejoPrefetch),
+    ];
+
     /// Its name in the table.
     fn label(self) -> &'static str {
         match self {
-            Kind::Lapin => "raw lapin",
+            Kind::NoAck => "lapin no_ack",
+            Kind::Coalesced => "lapin coalesc",
+            Kind::Lapin => "lapin ack-each",
             Kind::Conejo => "conejo",
+            Kind::ConejoDefault => "conejo dflt",
+            Kind::ConejoPrefetch => "conejo pf only",
             Kind::Failing => "conejo+fails",
         }
     }
@@ -154,7 +148,7 @@ struct Args {
 }
 
 impl Args {
-    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only lapin|conejo`,
+    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only KIND[,KIND…]`,
     /// `--failing-share F` and `--timeout SECS` (also as `--flag=value`) from the process
     /// arguments. `--bench`, which cargo passes to every bench binary, is ignored.
     fn parse() -> anyhow::Result<Args> {
@@ -162,7 +156,7 @@ impl Args {
             messages: DEFAULT_MESSAGES,
             runs: DEFAULT_RUNS,
             prefetches: DEFAULT_PREFETCHES.to_vec(),
-            kinds: vec![Kind::Lapin, Kind::Conejo],
+            kinds: Kind::NAMES.iter().map(|&(_, kind)| kind).collect(),
             timeout: RUN_TIMEOUT,
             failing_share: 0.0,
         };
@@ -199,15 +193,25 @@ impl Args {
                     args.failing_share = value()?.parse().context("--failing-share")?;
                 }
                 "--only" => {
-                    args.kinds = match value()?.as_str() {
-                        "lapin" => vec![Kind::Lapin],
-                        "conejo" => vec![Kind::Conejo],
-                        other => bail!("--only takes lapin or conejo, not {other:?}"),
-                    };
+                    args.kinds = value()?
+                        .split(',')
+                        .map(|name| {
+                            Kind::NAMES
+                                .iter()
+                                .find(|(n, _)| *n == name.trim())
+                                .map(|&(_, kind)| kind)
+                                .ok_or_else(|| {
+                                    anyhow!(
+                                        "--only takes a comma-separated list of {:?}, not {name:?}",
+                                        Kind::NAMES.map(|(n, _)| n)
+                                    )
+                                })
+                        })
+                        .collect::<anyhow::Result<_>>()?;
                 }
                 _ => bail!(
                     "unknown argument {arg:?}; usage: throughput [--messages N] [--runs R] \
-                     [--prefetch P[,P…]] [--only lapin|conejo] [--failing-share F] \
+                     [--prefetch P[,P…]] [--only KIND[,KIND…]] [--failing-share F] \
                      [--timeout SECS]"
                 ),
             }
@@ -336,39 +340,14 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Declares `queue` as conejo's default [`QueueConfig`] does (durable, not exclusive, not
-/// auto-delete, no arguments), fills it with `messages` bodies and waits until the broker
-/// reports them all ready.
+/// Prefills `queue` with `messages` [`Order`]s (bounded by at least [`FILL_TIMEOUT`]).
 async fn prefill(
     broker: &Broker,
     queue: &str,
     messages: u32,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let timeout = timeout.max(FILL_TIMEOUT);
-    let channel = broker.open_channel().await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declaring {queue:?}"))?;
-    channel.close(200, "declared".into()).await?;
-    let fill = async {
-        let mut next = 0;
-        while next < messages {
-            let end = next.saturating_add(PUBLISH_CHUNK as u32).min(messages);
-            let bodies = (next..end).map(Order::body).collect();
-            broker.publish_many_bytes(queue, bodies).await?;
-            next = end;
-        }
-        broker.wait_for_count(queue, messages, timeout).await
-    };
-    tokio::time::timeout(timeout, fill)
-        .await
-        .map_err(|_| anyhow!("prefilling {queue:?} took more than {timeout:?}"))?
+    bench::prefill(broker, queue, messages, timeout.max(FILL_TIMEOUT)).await
 }
 
 /// Checks, broker side, that nothing is left in `queue`.
@@ -393,8 +372,8 @@ struct Run<'a> {
     timeout: Duration,
 }
 
-/// The ordinary lapin consumer: decode, ack, await the ack, one delivery after the other.
-async fn run_lapin(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
+/// A hand-written lapin consumer ([`bench::lapin_consume`]), settling as `acks` says.
+async fn run_lapin(broker: &Broker, run: Run<'_>, acks: LapinAcks) -> anyhow::Result<Sample> {
     let Run {
         queue,
         messages,
@@ -402,52 +381,16 @@ async fn run_lapin(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
         cpu,
         timeout,
     } = run;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(unique_name("throughput.lapin").into());
-    let connection =
-        tokio::time::timeout(SETUP_TIMEOUT, Connection::connect(&amqp_url(), properties))
-            .await
-            .map_err(|_| anyhow!("connecting took more than {SETUP_TIMEOUT:?}"))??;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "throughput-lapin".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    let consume = async {
-        let mut start = None;
-        let mut count = 0u32;
-        while let Some(delivery) = consumer.next().await {
-            let delivery = delivery?;
-            start.get_or_insert_with(|| Mark::now(cpu));
-            let _order: Order = serde_json::from_slice(&delivery.data)?;
-            delivery.ack(BasicAckOptions::default()).await?;
-            count += 1;
-            if count == messages {
-                return Ok::<_, anyhow::Error>(Sample::between(
-                    start.expect("set at the first delivery"),
-                    Mark::now(cpu),
-                ));
-            }
-        }
-        bail!("the consumer stream ended after {count} of {messages} messages")
-    };
-    let sample = tokio::time::timeout(timeout, consume)
+    let (url, name) = (amqp_url(), unique_name("throughput.lapin"));
+    let consume = bench::lapin_consume(&url, &name, queue, messages, prefetch, acks, || {
+        Mark::now(cpu)
+    });
+    let lapin = tokio::time::timeout(timeout, consume)
         .await
         .map_err(|_| anyhow!("raw lapin run took more than {timeout:?}"))??;
-
-    // Closing the channel returns anything unacked to the queue, so the count below is final.
-    channel.close(200, "done".into()).await?;
+    // The channel is closed: anything unacked is back in the queue, so the count is final.
     ensure_empty(broker, queue).await?;
-    connection.close(200, "done".into()).await?;
-    Ok(sample)
+    Ok(Sample::between(lapin.first, lapin.last))
 }
 
 /// State shared by the counting handler and the benchmark.
@@ -534,19 +477,12 @@ fn conejo_config(prefetch: u16) -> QueueConfig {
         .concurrency(usize::from(prefetch))
 }
 
-/// conejo with [`Noop`], `prefetch(p)` and `concurrency(p)`, until every message is acked.
-async fn run_conejo(broker: &Broker, run: Run<'_>) -> anyhow::Result<Sample> {
+/// conejo with [`Noop`] and `config` (for [`Kind::Conejo`] `prefetch(p)` and
+/// `concurrency(p)`), until every message is acked.
+async fn run_conejo(broker: &Broker, run: Run<'_>, config: QueueConfig) -> anyhow::Result<Sample> {
     let progress = progress(run.messages, run.cpu);
     let handler = Noop(Arc::clone(&progress));
-    run_service(
-        broker,
-        run,
-        handler,
-        conejo_config(run.prefetch),
-        &progress,
-        0,
-    )
-    .await
+    run_service(broker, run, handler, config, &progress, 0).await
 }
 
 /// As [`run_conejo`], with [`Flaky`] failing `share` of the messages twice, retried after
@@ -688,8 +624,14 @@ async fn measure(
                     timeout: args.timeout,
                 };
                 let sample = match entry.kind {
-                    Kind::Lapin => run_lapin(broker, spec).await,
-                    Kind::Conejo => run_conejo(broker, spec).await,
+                    Kind::NoAck => run_lapin(broker, spec, LapinAcks::None).await,
+                    Kind::Coalesced => run_lapin(broker, spec, LapinAcks::Coalesced).await,
+                    Kind::Lapin => run_lapin(broker, spec, LapinAcks::Each).await,
+                    Kind::Conejo => run_conejo(broker, spec, conejo_config(prefetch)).await,
+                    Kind::ConejoDefault => run_conejo(broker, spec, QueueConfig::new()).await,
+                    Kind::ConejoPrefetch => {
+                        run_conejo(broker, spec, QueueConfig::new().prefetch(prefetch)).await
+                    }
                     Kind::Failing => run_failing(broker, spec, args.failing_share).await,
                 }
                 .with_context(|| {
@@ -697,7 +639,7 @@ async fn measure(
                 })?;
                 broker.delete_consumed_queue(&queue).await?;
                 eprintln!(
-                    "prefetch {prefetch:>5}  run {run}/{}  {:<9}  {:>9.0} msg/s  {:?}{}",
+                    "prefetch {prefetch:>5}  run {run}/{}  {:<14}  {:>9.0} msg/s  {:?}{}",
                     args.runs,
                     entry.kind.label(),
                     sample.rate(args.messages),
@@ -721,10 +663,10 @@ fn table(args: &Args, series: &[Series]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>8} | {:<13} | {:>12} | {:<32} | {:>14}",
+        "{:>8} | {:<14} | {:>12} | {:<32} | {:>14}",
         "prefetch", "consumer", "median msg/s", "all runs (msg/s)", "CPU µs/msg"
     );
-    let _ = writeln!(out, "{}", "-".repeat(8 + 13 + 12 + 32 + 14 + 4 * 3));
+    let _ = writeln!(out, "{}", "-".repeat(8 + 14 + 12 + 32 + 14 + 4 * 3));
     for &prefetch in &args.prefetches {
         let mut medians = Vec::new();
         for entry in series.iter().filter(|s| s.prefetch == prefetch) {
@@ -752,23 +694,34 @@ fn table(args: &Args, series: &[Series]) -> String {
             };
             let _ = writeln!(
                 out,
-                "{prefetch:>8} | {:<13} | {rate:>12.0} | {runs:<32} | {cpu:>14}",
+                "{prefetch:>8} | {:<14} | {rate:>12.0} | {runs:<32} | {cpu:>14}",
                 entry.kind.label()
             );
         }
         let of = |kind| medians.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r);
-        if let (Some(lapin), Some(conejo)) = (of(Kind::Lapin), of(Kind::Conejo)) {
-            let _ = writeln!(
-                out,
-                "{prefetch:>8} | {:<13} | {:>11.2}x |",
-                "conejo/lapin",
-                conejo / lapin
-            );
+        if let Some(coalesced) = of(Kind::Coalesced) {
+            for kind in [
+                Kind::NoAck,
+                Kind::Lapin,
+                Kind::Conejo,
+                Kind::ConejoPrefetch,
+                Kind::ConejoDefault,
+            ] {
+                if let Some(rate) = of(kind) {
+                    let _ = writeln!(
+                        out,
+                        "{prefetch:>8} | {:<14} | {:>11.2}x | {} / lapin coalesced",
+                        "ratio",
+                        rate / coalesced,
+                        kind.label()
+                    );
+                }
+            }
         }
         if let (Some(conejo), Some(failing)) = (of(Kind::Conejo), of(Kind::Failing)) {
             let _ = writeln!(
                 out,
-                "{prefetch:>8} | {:<13} | {:>11.2}x |",
+                "{prefetch:>8} | {:<14} | {:>11.2}x |",
                 "fails/conejo",
                 failing / conejo
             );
@@ -782,7 +735,7 @@ fn table(args: &Args, series: &[Series]) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:>8} | {:<13} | retries scheduled per run: {}",
+            "{:>8} | {:<14} | retries scheduled per run: {}",
             entry.prefetch,
             entry.kind.label(),
             retries.join(" ")

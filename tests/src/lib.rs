@@ -11,9 +11,13 @@
 //! * [`ConnectionWatch`] — a background thread that records, over time, which
 //!   broker-side connection carries a given `connection_name`.
 //!
+//! * [`bench`](mod@bench) — the message, prefilling and hand-written lapin consumers the
+//!   benchmarks and `conejo-cost` share.
+//!
 //! Tests use [`unique_name`] for every queue and connection name so they can
 //! run in parallel against the same broker.
 
+pub mod bench;
 mod broker;
 mod node;
 mod proxy;

@@ -6,10 +6,12 @@
 use std::{
     future::Future,
     mem,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    task::Poll,
     time::Duration,
 };
 
@@ -112,7 +114,10 @@ impl SettleHandle {
 /// Where a settle task sends its frames: the channel that delivered the messages (or, in
 /// unit tests, a recorder).
 pub(crate) trait AckSink: Send + Sync + 'static {
-    /// Sends one `basic.ack` or `basic.nack` frame.
+    /// Sends one `basic.ack` or `basic.nack` frame. The frame must be queued, in order, when
+    /// the future is first polled; the future resolves once it was written. (lapin's
+    /// `basic_ack` and `basic_nack` queue their frame before their first `.await`.) The
+    /// settle task relies on this to queue many frames before waiting for any.
     fn send(&self, action: Action) -> impl Future<Output = Result<(), lapin::Error>> + Send;
 }
 
@@ -150,8 +155,13 @@ pub(crate) struct SettleTask<S = lapin::Channel> {
     hold_limit: usize,
     /// — or once they have waited this long.
     max_hold: Duration,
-    /// Since when acks have been held behind a running delivery.
-    held_since: Option<Instant>,
+    /// The running delivery acks are held behind, and since when: the hold is that
+    /// delivery's, not each batch's, so once it has outlasted `max_hold` the acks behind it
+    /// go at every linger tick instead of waiting `max_hold` again.
+    held: Option<(u64, Instant)>,
+    /// A running delivery that has seen this many later deliveries (a whole prefetch
+    /// window's turnover) is not about to finish: acks behind it go at once.
+    stuck_after: u64,
     /// For logs.
     queue: Arc<str>,
     counters: Arc<QueueCounters>,
@@ -190,7 +200,8 @@ pub(crate) fn settle_task<S: AckSink>(
             linger,
             hold_limit: usize::from(prefetch / 2).max(1),
             max_hold: (linger * 10).max(Duration::from_millis(50)),
-            held_since: None,
+            held: None,
+            stuck_after: u64::from(prefetch.max(1)),
             queue,
             counters,
             dead: false,
@@ -243,21 +254,9 @@ impl<S: AckSink> SettleTask<S> {
                 let actions = self.tracker.flush(false);
                 self.send(actions).await;
             }
-            if forced && self.tracker.pending_acks() > 0 {
-                // What is left waits behind a running delivery: usually one about to finish,
-                // after which a single `multiple` ack covers it all. Single acks only when
-                // the held ones crowd the prefetch window or have waited long enough.
-                let now = Instant::now();
-                let since = *self.held_since.get_or_insert(now - self.linger);
-                if self.tracker.pending_acks() >= self.hold_limit
-                    || now.duration_since(since) >= self.max_hold
-                {
-                    let actions = self.tracker.flush(true);
-                    self.send(actions).await;
-                }
-            }
-            if self.tracker.pending_acks() == 0 {
-                self.held_since = None;
+            if self.tracker.pending_acks() > 0 && self.release_held(forced) {
+                let actions = self.tracker.flush(true);
+                self.send(actions).await;
             }
             deadline = if self.tracker.pending_acks() > 0 {
                 Some(match deadline {
@@ -268,6 +267,35 @@ impl<S: AckSink> SettleTask<S> {
                 None
             };
         }
+    }
+
+    /// Whether the acks held behind a running delivery (what a `multiple` ack cannot cover)
+    /// go now, one frame each. Usually that delivery is about to finish, after which a
+    /// single `multiple` ack covers them all: so they wait, unless they crowd the prefetch
+    /// window, or the delivery holding them has already held acks for `max_hold` (checked at
+    /// the linger ticks), or it has seen a whole window of later deliveries — the next of
+    /// several long deliveries, found at once, though it never held acks before.
+    fn release_held(&mut self, forced: bool) -> bool {
+        let Some((blocker, later)) = self.tracker.blocker() else {
+            return false;
+        };
+        if self.tracker.pending_acks() >= self.hold_limit || later >= self.stuck_after {
+            return true;
+        }
+        if !forced {
+            return false;
+        }
+        let now = Instant::now();
+        let since = match self.held {
+            Some((tag, since)) if tag == blocker => since,
+            _ => {
+                // The acks have lingered once already.
+                let since = now - self.linger;
+                self.held = Some((blocker, since));
+                since
+            }
+        };
+        now.duration_since(since) >= self.max_hold
     }
 
     /// True when the waiting items must be processed now.
@@ -283,10 +311,11 @@ impl<S: AckSink> SettleTask<S> {
             inbox.urgent = false;
             mem::take(&mut inbox.items)
         };
+        let mut requeues = Vec::new();
         for (tag, how) in items {
             match self.tracker.settle(tag, how) {
                 Ok(None) => {}
-                Ok(Some(action)) => self.send(vec![action]).await,
+                Ok(Some(action)) => requeues.push(action),
                 Err(Refused::Duplicate) => {
                     error!(queue = %self.queue, tag, "delivery settled twice; ignored");
                 }
@@ -300,16 +329,28 @@ impl<S: AckSink> SettleTask<S> {
                 }
             }
         }
+        self.send(requeues).await;
     }
 
     /// Sends actions in order; after a failure the channel is gone, and nothing more is sent.
+    ///
+    /// Every frame is queued before any is waited for: one wait for the connection's I/O
+    /// loop to write them all, rather than a round trip through it per frame (behind a long
+    /// delivery, acks go one frame per message, and those round trips were what limited
+    /// the settle task).
     async fn send(&mut self, actions: Vec<Action>) {
-        for action in actions {
-            if self.dead {
-                QueueCounters::add(&self.counters.ack_failures, count(&action));
-                continue;
+        if actions.is_empty() {
+            return;
+        }
+        if self.dead {
+            for action in &actions {
+                QueueCounters::add(&self.counters.ack_failures, count(action));
             }
-            match self.channel.send(action).await {
+            return;
+        }
+        let results = send_in_order(&self.channel, &actions).await;
+        for (action, result) in actions.into_iter().zip(results) {
+            match result {
                 Ok(()) => {
                     let counter = match action {
                         Action::Ack { .. } => {
@@ -322,18 +363,51 @@ impl<S: AckSink> SettleTask<S> {
                 }
                 Err(error) => {
                     QueueCounters::add(&self.counters.ack_failures, count(&action));
-                    warn!(
-                        queue = %self.queue,
-                        ?action,
-                        %error,
-                        "cannot settle on a closed channel; the broker will redeliver"
-                    );
+                    if !self.dead {
+                        warn!(
+                            queue = %self.queue,
+                            ?action,
+                            %error,
+                            "cannot settle on a closed channel; the broker will redeliver"
+                        );
+                    }
                     self.dead = true;
                     self.tracker.close();
                 }
             }
         }
     }
+}
+
+/// Sends every action through `sink`, queuing all the frames (each future polled once, in
+/// order) before waiting for them to be written; the result of each, in order.
+async fn send_in_order<S: AckSink>(sink: &S, actions: &[Action]) -> Vec<Result<(), lapin::Error>> {
+    if let [action] = actions {
+        return vec![sink.send(*action).await];
+    }
+    let mut frames: Vec<Pin<Box<_>>> = actions.iter().map(|&a| Box::pin(sink.send(a))).collect();
+    let mut results: Vec<Option<Result<(), lapin::Error>>> = actions.iter().map(|_| None).collect();
+    // Frames below `first` are all written: a wake-up polls only what may still be waiting.
+    let mut first = 0;
+    std::future::poll_fn(|cx| {
+        for (frame, result) in frames[first..].iter_mut().zip(&mut results[first..]) {
+            if result.is_none()
+                && let Poll::Ready(sent) = frame.as_mut().poll(cx)
+            {
+                *result = Some(sent);
+            }
+        }
+        while results.get(first).is_some_and(Option::is_some) {
+            first += 1;
+        }
+        if first == results.len() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
 }
 
 fn count(action: &Action) -> u64 {
@@ -477,6 +551,103 @@ mod tests {
         tokio::time::sleep(LINGER + Duration::from_millis(1)).await;
         let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
         assert_eq!(sent, vec![ack(2, 1), ack(3, 1), ack(4, 1), ack(5, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_behind_a_delivery_that_outlasted_the_hold_go_at_every_tick() {
+        let (handle, recorder, _) = start(40); // linger 5 ms, max hold 50 ms
+        // 1 runs on; 2 and 3 wait behind it, then go one by one
+        handle.settle(2, Ack);
+        handle.settle(3, Ack);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(frames(&recorder).len(), 2);
+        // 1 still runs: a later ack behind it does not wait the whole hold again
+        handle.settle(4, Ack);
+        tokio::time::sleep(LINGER * 2).await;
+        let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(sent, vec![ack(2, 1), ack(3, 1), ack(4, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_a_whole_window_behind_releases_acks_at_once() {
+        let (handle, recorder, _) = start(8); // batch 2, hold limit 4, stuck after 8
+        // 1 and 2 run on; 3..=8 finish behind them and go one by one (held by 1)
+        for tag in 3..=5 {
+            handle.settle(tag, Ack);
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        for tag in 6..=8 {
+            handle.settle(tag, Ack);
+        }
+        tokio::time::sleep(LINGER * 2).await;
+        assert_eq!(frames(&recorder).len(), 6);
+        // 1 finishes, alone; now 2 holds, with 8 deliveries after it: a whole window, so it
+        // is not about to finish either, and the acks behind it go without lingering
+        handle.settle(1, Ack);
+        tokio::time::sleep(LINGER * 2).await;
+        assert_eq!(frames(&recorder).last().unwrap().1, ack(1, 1));
+        let before = frames(&recorder).len();
+        handle.settle(9, Ack);
+        handle.settle(10, Ack);
+        settle_down().await;
+        let sent: Vec<Action> = frames(&recorder)[before..]
+            .iter()
+            .map(|&(_, a)| a)
+            .collect();
+        assert_eq!(sent, vec![ack(9, 1), ack(10, 1)]);
+    }
+
+    /// A channel whose frames are queued at once but written only when the gate opens.
+    #[derive(Clone)]
+    struct Gated {
+        queued: Arc<Mutex<Vec<Action>>>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl AckSink for Gated {
+        async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+            self.queued.lock().unwrap().push(action);
+            let _written = self.gate.acquire().await;
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_frame_is_queued_before_any_is_waited_for() {
+        let sink = Gated {
+            queued: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        let counters = Arc::new(QueueCounters::default());
+        let (handle, task) = settle_task(
+            sink.clone(),
+            8,
+            LINGER,
+            Arc::from("q"),
+            Arc::clone(&counters),
+        );
+        tokio::spawn(task.run());
+        // 1 runs on; four acks behind it crowd the window (hold limit 4): four frames
+        for tag in 2..=5 {
+            handle.settle(tag, Ack);
+        }
+        settle_down().await;
+        assert_eq!(
+            *sink.queued.lock().unwrap(),
+            vec![ack(2, 1), ack(3, 1), ack(4, 1), ack(5, 1)],
+            "all queued, in order, though none is written yet"
+        );
+        let acked = || counters.acked.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(acked(), 0, "counted only once written");
+        sink.gate.add_permits(1);
+        settle_down().await;
+        assert_eq!(acked(), 4);
+        assert_eq!(
+            counters
+                .ack_frames
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -86,6 +86,16 @@ impl AckTracker {
         self.pending.len()
     }
 
+    /// When acks are held behind a running delivery (what [`flush(false)`](Self::flush)
+    /// leaves): the oldest running tag, and how many tags were delivered after it.
+    pub(crate) fn blocker(&self) -> Option<(u64, u64)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let first = self.running.first().copied()?;
+        Some((first, self.seen - first))
+    }
+
     /// Records a finished delivery. Acks are held for [`flush`](Self::flush); a requeue is
     /// returned to be sent now.
     pub(crate) fn settle(&mut self, tag: u64, how: Settlement) -> Result<Option<Action>, Refused> {
@@ -245,6 +255,20 @@ mod tests {
         assert_eq!(t.flush(false), vec![ack(2, false, 1)]);
         assert_eq!(t.footprint(), 0);
         assert_eq!(t.low, 5);
+    }
+
+    #[test]
+    fn the_blocker_is_the_oldest_running_tag_behind_held_acks() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.blocker(), None);
+        t.settle(1, Ack).unwrap();
+        assert_eq!(t.blocker(), None, "nothing runs");
+        t.settle(4, Ack).unwrap(); // 2 and 3 still run
+        assert_eq!(t.flush(false), vec![ack(1, false, 1)]);
+        // 4 is held behind 2, which has seen 2 later deliveries (3 and 4)
+        assert_eq!(t.blocker(), Some((2, 2)));
+        t.flush(true);
+        assert_eq!(t.blocker(), None, "nothing held");
     }
 
     #[test]

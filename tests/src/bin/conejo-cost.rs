@@ -15,7 +15,7 @@
 //! - `lapin-loop`: the hand-written lapin consumer to beat — `basic.qos(prefetch)`, read the
 //!   stream, decode, and acknowledge with one `basic.ack(multiple = true)` every
 //!   `prefetch / 4` deliveries, and at once whenever the stream has nothing ready after the
-//!   [`IDLE_FLUSH`] wait (the coalesced-ack loop of the shared FACTS notes);
+//!   [`IDLE_FLUSH`](bench::IDLE_FLUSH) wait (the coalesced-ack loop of the shared FACTS notes);
 //! - `conejo`: a conejo service with conejo's defaults and a typed `Json<Order>` no-op
 //!   handler, stopped through its [`ShutdownHandle`](conejo::ShutdownHandle) once it has
 //!   acked every delivery;
@@ -43,52 +43,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
 use conejo_tests::{
     Broker, DEFAULT_AMQP_URL,
-    lapin::{
-        Connection, ConnectionProperties,
-        options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
-        types::FieldTable,
-    },
+    bench::{self, LapinAcks, Order},
 };
-use futures::{FutureExt as _, StreamExt as _};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-/// Size of every message body, in bytes (as in the throughput benchmark).
-const BODY_LEN: usize = 100;
-/// Messages per `publish_many_bytes` call while prefilling.
-const PUBLISH_CHUNK: u32 = 10_000;
-/// How long the lapin loop waits for a next delivery before flushing its pending ack.
-const IDLE_FLUSH: Duration = Duration::from_millis(20);
 /// Interval of the `stats().acked` poll once conejo's handler has seen every message.
 const STATS_POLL: Duration = Duration::from_millis(1);
-
-/// The message: a small order, as JSON (the throughput benchmark's `Order`).
-#[derive(Debug, Serialize, Deserialize)]
-struct Order {
-    /// Order number.
-    id: u64,
-    /// Product reference, `SKU-000` to `SKU-999`.
-    sku: String,
-    /// 1 to 10.
-    quantity: u32,
-    /// Padding, so that the JSON body is [`BODY_LEN`] bytes.
-    note: String,
-}
-
-impl Order {
-    /// The `index`-th message of a queue, serialized and padded to [`BODY_LEN`] bytes.
-    fn body(index: u32) -> Vec<u8> {
-        let mut order = Order {
-            id: u64::from(index),
-            sku: format!("SKU-{:03}", index % 1000),
-            quantity: index % 10 + 1,
-            note: String::new(),
-        };
-        let bare = serde_json::to_vec(&order).expect("an Order always serializes");
-        order.note = "x".repeat(BODY_LEN.saturating_sub(bare.len()));
-        serde_json::to_vec(&order).expect("an Order always serializes")
-    }
-}
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -201,31 +161,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Declares `queue` durable with no arguments (conejo's default declaration, so conejo's own
-/// declare is a no-op), publishes `messages` bodies and waits until all are ready.
+/// Declares `queue` as conejo does, publishes `messages` bodies and waits until all are ready.
 async fn prefill(url: &str, queue: &str, messages: u32) -> anyhow::Result<()> {
     let broker = Broker::connect_to(url).await?;
-    let channel = broker.open_channel().await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declaring {queue:?}"))?;
-    channel.close(200, "declared".into()).await?;
-    let mut next = 0;
-    while next < messages {
-        let end = next.saturating_add(PUBLISH_CHUNK).min(messages);
-        broker
-            .publish_many_bytes(queue, (next..end).map(Order::body).collect())
-            .await?;
-        next = end;
-    }
-    broker
-        .wait_for_count(queue, messages, Duration::from_secs(120))
-        .await?;
+    bench::prefill(&broker, queue, messages, Duration::from_secs(120)).await?;
     broker.close().await
 }
 
@@ -240,8 +179,8 @@ async fn delete(url: &str, queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The hand-written lapin consumer: decode each delivery; with acks, one
-/// `basic.ack(multiple)` per `prefetch / 4` deliveries and on idle.
+/// The hand-written lapin consumer ([`bench::lapin_consume`]): decode each delivery; with
+/// acks, one `basic.ack(multiple)` per `prefetch / 4` deliveries and on idle.
 async fn lapin_loop(
     url: &str,
     queue: &str,
@@ -249,72 +188,22 @@ async fn lapin_loop(
     prefetch: u16,
     no_ack: bool,
 ) -> anyhow::Result<String> {
-    let properties =
-        ConnectionProperties::default().with_connection_name("conejo-cost.lapin".into());
-    let connection = Connection::connect(url, properties).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "conejo-cost".into(),
-            BasicConsumeOptions {
-                no_ack,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-
-    let batch = u32::from(prefetch / 4).max(1);
-    let mut count = 0u32;
-    // Deliveries received but not acked yet, and the last one's tag.
-    let mut pending = 0u32;
-    let mut last_tag = 0;
-    let mut ack_frames = 0u64;
-    while count < messages {
-        // Take what is ready without a timer; only an empty stream with acks pending arms the
-        // idle flush (a busy loop pays nothing for it).
-        let next = match consumer.next().now_or_never() {
-            Some(next) => next,
-            None if pending == 0 => consumer.next().await,
-            None => match tokio::time::timeout(IDLE_FLUSH, consumer.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    channel
-                        .basic_ack(last_tag, BasicAckOptions { multiple: true })
-                        .await?;
-                    ack_frames += 1;
-                    pending = 0;
-                    continue;
-                }
-            },
-        };
-        let delivery = next.ok_or_else(|| {
-            anyhow!("the consumer stream ended after {count} of {messages} messages")
-        })??;
-        let order: Order = serde_json::from_slice(&delivery.data)?;
-        drop(std::hint::black_box(order));
-        count += 1;
-        if no_ack {
-            continue;
-        }
-        last_tag = delivery.delivery_tag;
-        pending += 1;
-        if pending >= batch || count == messages {
-            channel
-                .basic_ack(last_tag, BasicAckOptions { multiple: true })
-                .await?;
-            ack_frames += 1;
-            pending = 0;
-        }
-    }
-    // Closing the channel would give back anything unacked: `delete` checks none was.
-    channel.close(200, "done".into()).await?;
-    connection.close(200, "done".into()).await?;
-    Ok(format!("prefetch {prefetch} ack_frames {ack_frames}"))
+    let acks = if no_ack {
+        LapinAcks::None
+    } else {
+        LapinAcks::Coalesced
+    };
+    let run = bench::lapin_consume(
+        url,
+        "conejo-cost.lapin",
+        queue,
+        messages,
+        prefetch,
+        acks,
+        || (),
+    )
+    .await?;
+    Ok(format!("prefetch {prefetch} ack_frames {}", run.ack_frames))
 }
 
 /// Counts handled messages for [`conejo()`], and says when the last one was.

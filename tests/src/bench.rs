@@ -1,0 +1,267 @@
+//! Shared by the benchmarks and `conejo-cost`: the JSON message they all consume, prefilling
+//! a queue with it, and the hand-written lapin consumers conejo is measured against.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use futures::{FutureExt as _, StreamExt as _};
+use lapin::{
+    Connection, ConnectionProperties,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::Broker;
+
+/// Size of every message body, in bytes.
+pub const BODY_LEN: usize = 100;
+/// Messages per `publish_many_bytes` call while prefilling.
+const PUBLISH_CHUNK: u32 = 10_000;
+/// How long the coalescing lapin loop waits for a next delivery before it flushes its
+/// pending ack.
+pub const IDLE_FLUSH: Duration = Duration::from_millis(20);
+
+/// The message: a small order, as JSON.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Order {
+    /// Order number (the index of the message in its queue).
+    pub id: u64,
+    /// Product reference, `SKU-000` to `SKU-999`.
+    pub sku: String,
+    /// 1 to 10.
+    pub quantity: u32,
+    /// Padding, so that the JSON body is [`BODY_LEN`] bytes.
+    pub note: String,
+}
+
+impl Order {
+    /// The `index`-th message of a queue, serialized and padded to [`BODY_LEN`] bytes.
+    pub fn body(index: u32) -> Vec<u8> {
+        let mut order = Order {
+            id: u64::from(index),
+            sku: format!("SKU-{:03}", index % 1000),
+            quantity: index % 10 + 1,
+            note: String::new(),
+        };
+        let bare = serde_json::to_vec(&order).expect("an Order always serializes");
+        order.note = "x".repeat(BODY_LEN.saturating_sub(bare.len()));
+        serde_json::to_vec(&order).expect("an Order always serializes")
+    }
+}
+
+/// Declares `queue` as conejo's default `QueueConfig` does (durable, not exclusive, not
+/// auto-delete, no arguments, so conejo's own declare is a no-op), publishes `messages`
+/// [`Order`] bodies with confirms and waits until the broker holds them all (bounded by
+/// `timeout`).
+pub async fn prefill(
+    broker: &Broker,
+    queue: &str,
+    messages: u32,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let channel = broker.open_channel().await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring {queue:?}"))?;
+    channel.close(200, "declared".into()).await?;
+    let fill = async {
+        let mut next = 0;
+        while next < messages {
+            let end = next.saturating_add(PUBLISH_CHUNK).min(messages);
+            broker
+                .publish_many_bytes(queue, (next..end).map(Order::body).collect())
+                .await?;
+            next = end;
+        }
+        broker.wait_for_count(queue, messages, timeout).await
+    };
+    tokio::time::timeout(timeout, fill)
+        .await
+        .map_err(|_| anyhow!("prefilling {queue:?} took more than {timeout:?}"))?
+}
+
+/// How a hand-written lapin consumer settles its deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LapinAcks {
+    /// The ordinary loop: `ack` each delivery and await it before taking the next.
+    Each,
+    /// One `basic.ack(multiple = true)` every `prefetch / 4` deliveries, and at once when
+    /// the stream has had nothing ready for [`IDLE_FLUSH`] (the loop to beat).
+    Coalesced,
+    /// `no_ack`: the broker forgets each message once sent (its delivery ceiling).
+    None,
+}
+
+/// What [`lapin_consume`] measured; `M` is whatever the caller's `mark` returns.
+#[derive(Debug)]
+pub struct LapinRun<M> {
+    /// Taken at the first delivery.
+    pub first: M,
+    /// Taken once the last delivery was decoded and (unless `no_ack`) its ack sent.
+    pub last: M,
+    /// `basic.ack` frames sent.
+    pub ack_frames: u64,
+}
+
+/// A hand-written lapin consumer of `messages` prefilled [`Order`]s of `queue`, with
+/// `basic.qos(prefetch)`: decodes each body, settles as `acks` says, then closes its channel
+/// and connection (closing gives back anything unacked, so a broker-side count after it is
+/// final). `mark` is called at the first delivery and after the last.
+pub async fn lapin_consume<M>(
+    url: &str,
+    connection_name: &str,
+    queue: &str,
+    messages: u32,
+    prefetch: u16,
+    acks: LapinAcks,
+    mut mark: impl FnMut() -> M,
+) -> anyhow::Result<LapinRun<M>> {
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    let connection = Connection::connect(url, properties).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            connection_name.into(),
+            BasicConsumeOptions {
+                no_ack: acks == LapinAcks::None,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+
+    let batch = u32::from(prefetch / 4).max(1);
+    let mut first = None;
+    let mut count = 0u32;
+    // Deliveries received but not acked yet, and the last one's tag.
+    let mut pending = 0u32;
+    let mut last_tag = 0;
+    let mut ack_frames = 0u64;
+    while count < messages {
+        // Take what is ready without a timer; only an empty stream with acks pending arms the
+        // idle flush (a busy loop pays nothing for it).
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None if pending == 0 => consumer.next().await,
+            None => match tokio::time::timeout(IDLE_FLUSH, consumer.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    channel
+                        .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                        .await?;
+                    ack_frames += 1;
+                    pending = 0;
+                    continue;
+                }
+            },
+        };
+        let delivery = next.ok_or_else(|| {
+            anyhow!("the consumer stream ended after {count} of {messages} messages")
+        })??;
+        if first.is_none() {
+            first = Some(mark());
+        }
+        let order: Order = serde_json::from_slice(&delivery.data)?;
+        drop(std::hint::black_box(order));
+        count += 1;
+        match acks {
+            LapinAcks::None => {}
+            LapinAcks::Each => {
+                delivery.ack(BasicAckOptions::default()).await?;
+                ack_frames += 1;
+            }
+            LapinAcks::Coalesced => {
+                last_tag = delivery.delivery_tag;
+                pending += 1;
+                if pending >= batch || count == messages {
+                    channel
+                        .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                        .await?;
+                    ack_frames += 1;
+                    pending = 0;
+                }
+            }
+        }
+    }
+    let last = mark();
+    channel.close(200, "done".into()).await?;
+    connection.close(200, "done".into()).await?;
+    Ok(LapinRun {
+        first: first.context("no delivery")?,
+        last,
+        ack_frames,
+    })
+}
+
+/// The process's peak resident set size (`VmHWM` of `/proc/self/status`), in KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+/// The process's resident set size now (`VmRSS` of `/proc/self/status`), in KiB.
+pub fn rss_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU time (user + system, every thread) of process `pid` (`"self"` for this one), from
+/// `/proc/<pid>/stat`; `None` where unreadable.
+pub fn cpu_time(pid: &str) -> Option<Duration> {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ticks_per_second = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // utime and stime: fields 14 and 15, counted after the `)` that ends the command name.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_nanos(
+        (utime + stime).saturating_mul(1_000_000_000) / ticks_per_second,
+    ))
+}
+
+/// The broker's process id, to sample its CPU time: `BROKER_PID` if set, else the only
+/// `beam.smp` process of this machine (`None` if there are none or several).
+pub fn broker_pid() -> Option<String> {
+    if let Ok(pid) = std::env::var("BROKER_PID") {
+        return Some(pid);
+    }
+    let mut found = std::fs::read_dir("/proc").ok()?.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then(|| entry.file_name().to_string_lossy().into_owned())
+    });
+    let pid = found.next()?;
+    found.next().is_none().then_some(pid)
+}
