@@ -27,8 +27,11 @@ use std::{
 use anyhow::{bail, ensure};
 use clap::Parser;
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
-use conejo_tests::{Broker, amqp_url, unique_name};
-use serde::{Deserialize, Serialize};
+use conejo_tests::{
+    Broker, amqp_url,
+    bench::{self, Order},
+    unique_name,
+};
 
 /// Messages per confirmed publish batch.
 const CHUNK: u64 = 5_000;
@@ -53,15 +56,6 @@ struct Args {
     bench: bool,
 }
 
-/// The message: a small order, ~100 bytes of JSON.
-#[derive(Debug, Serialize, Deserialize)]
-struct Order {
-    id: u64,
-    sku: String,
-    quantity: u32,
-    note: String,
-}
-
 /// Counts handled messages.
 struct Count(Arc<AtomicU64>);
 
@@ -77,12 +71,7 @@ impl Handler for Count {
 
 /// The resident set, in KiB.
 fn rss_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
-    Ok(line.split_whitespace().nth(1).unwrap_or_default().parse()?)
+    bench::rss_kib().ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -118,17 +107,7 @@ async fn main() -> anyhow::Result<()> {
         .wait_for_consumer_count(&queue, 1, Duration::from_secs(30))
         .await?;
 
-    let body = |id: u64| -> Vec<u8> {
-        let mut order = Order {
-            id,
-            sku: format!("SKU-{:03}", id % 1000),
-            quantity: (id % 10) as u32 + 1,
-            note: String::new(),
-        };
-        let bare = serde_json::to_vec(&order).unwrap_or_default().len();
-        order.note = "x".repeat(100usize.saturating_sub(bare));
-        serde_json::to_vec(&order).unwrap_or_default()
-    };
+    let body = |id: u64| Order::body(u32::try_from(id).unwrap_or(u32::MAX));
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let started = Instant::now();
     let step = args.messages / 100;
