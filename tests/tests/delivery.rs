@@ -627,3 +627,41 @@ async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> 
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
+
+/// Workers start as the load needs them: a queue reaches its concurrency, never more.
+#[tokio::test]
+async fn the_concurrency_is_reached_and_never_exceeded() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("concurrency");
+    broker.declare_queue(&queue).await?;
+    for n in 0..40 {
+        broker.publish_json(&queue, &n).await?;
+    }
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (now, most) = (Arc::clone(&running), Arc::clone(&peak));
+    let handler = conejo::handler_fn(move |_n: Json<u32>, _ctx: Context| {
+        let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            let at_once = now.fetch_add(1, SeqCst) + 1;
+            most.fetch_max(at_once, SeqCst);
+            // The work: long enough for the next deliveries to arrive meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            now.fetch_sub(1, SeqCst);
+            Ok::<(), HandlerError>(())
+        }
+    });
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler, config().concurrency(8).prefetch(40))
+            .build()?,
+    );
+    service.wait_for(&queue, WAIT, |s| s.acked == 40).await?;
+    service.stop().await??;
+    assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 8);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}

@@ -2,7 +2,17 @@
 //! take a delivery, hand it to its task ([`Unsettled::process`]); reopen the channel when
 //! the broker closes it; stop gracefully at shutdown, fast when the connection is lost.
 
-use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{
+        Arc,
+        atomic::{
+            AtomicUsize,
+            Ordering::{AcqRel, Acquire},
+        },
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
@@ -56,10 +66,8 @@ pub(crate) struct Queue {
     /// Every delivery of the queue in a worker's hands, whatever its channel; waited for at
     /// shutdown.
     tasks: TaskTracker,
-    /// Hands deliveries to the queue's workers.
-    jobs: flume::Sender<Job>,
-    /// The workers' end, until they are started (on the handler runtime, at the first run).
-    idle_workers: std::sync::Mutex<Option<flume::Receiver<Job>>>,
+    /// The queue's workers, started as deliveries need them.
+    workers: Workers,
     /// This queue's counters.
     counters: Arc<QueueCounters>,
     /// Position in the builder, for consumer tags.
@@ -153,7 +161,7 @@ impl Queue {
             .cloned()
             .collect();
         let pipeline = spec.handler.assemble(&layers, spec.config.timeout);
-        let (jobs, workers) = flume::unbounded();
+        let (jobs, receiver) = flume::unbounded();
         Queue {
             name: spec.name,
             pipeline,
@@ -164,8 +172,12 @@ impl Queue {
             permits: Arc::new(Semaphore::new(concurrency)),
             // The counters' tracker: `Stats` reads deliveries in flight from it.
             tasks: counters.tasks.clone(),
-            jobs,
-            idle_workers: std::sync::Mutex::new(Some(workers)),
+            workers: Workers {
+                jobs,
+                receiver,
+                idle: Arc::new(AtomicUsize::new(0)),
+                started: AtomicUsize::new(0),
+            },
             counters,
             index,
         }
@@ -305,26 +317,31 @@ impl Queue {
         }
     }
 
-    /// Starts the queue's workers, once, on the current (handler) runtime: one per
-    /// concurrency slot, each taking deliveries one at a time for the queue's lifetime.
-    /// Cheaper than a task per delivery (no allocation, no copy of the future), and a
-    /// worker ends when the queue is dropped.
-    fn start_workers(&self) {
-        let idle = self
-            .idle_workers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(jobs) = idle {
-            for _ in 0..self.concurrency {
-                tokio::spawn(self.pipeline.worker(jobs.clone()));
-            }
+    /// Hands a delivery to an idle worker, starting one (on the current, handler runtime)
+    /// when none is idle: a queue has at most `concurrency` workers, and only as many as
+    /// its load has needed at once — a worker per slot would cost every delivery a wake-up
+    /// of a different task. Workers end when the queue is dropped.
+    fn hand_over(&self, job: Job) {
+        let workers = &self.workers;
+        let claimed = workers
+            .idle
+            .fetch_update(AcqRel, Acquire, |idle| idle.checked_sub(1))
+            .is_ok();
+        if !claimed && workers.started.load(Acquire) < self.concurrency {
+            workers.started.fetch_add(1, AcqRel);
+            tokio::spawn(
+                self.pipeline
+                    .worker(workers.receiver.clone(), Arc::clone(&workers.idle)),
+            );
         }
+        // The permit bounds the deliveries in flight by the concurrency, so a worker is
+        // free for this one. (A send fails only without workers; the job is then dropped,
+        // which gives the message back.)
+        let _ = workers.jobs.send(job);
     }
 
     /// Consumes one channel until shutdown, its loss, or the loss of the connection.
     async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
-        self.start_workers();
         let shutdown = &generation.shutdown;
         let lost = &generation.lost;
         let mut last_tag = 0;
@@ -383,10 +400,7 @@ impl Queue {
                 body,
                 _tracked: (channel.tasks.token(), self.tasks.token()),
             };
-            // The permit bounds the jobs in flight by the number of workers: an idle worker
-            // takes it at once. (A send fails only without workers; the job is then dropped,
-            // which gives the message back.)
-            let _ = self.jobs.send(job);
+            self.hand_over(job);
         };
         match ended {
             ChannelEnd::Shutdown => {
@@ -536,7 +550,11 @@ pub(crate) struct Job {
 /// A worker of a queue: runs its deliveries one after the other until the queue is gone. A
 /// panic that escapes a delivery (the handler's own are caught inside) drops that job — its
 /// guard gives the message back — and the worker goes on.
-pub(crate) async fn work<S: Service>(pipeline: Arc<S>, jobs: flume::Receiver<Job>) {
+pub(crate) async fn work<S: Service>(
+    pipeline: Arc<S>,
+    jobs: flume::Receiver<Job>,
+    idle: Arc<AtomicUsize>,
+) {
     while let Ok(job) = jobs.recv_async().await {
         let Job {
             unsettled,
@@ -547,7 +565,21 @@ pub(crate) async fn work<S: Service>(pipeline: Arc<S>, jobs: flume::Receiver<Job
         let _ = AssertUnwindSafe(unsettled.process(&*pipeline, ctx, body))
             .catch_unwind()
             .await;
+        // Free for the next delivery, which claims it before it is sent.
+        idle.fetch_add(1, AcqRel);
     }
+}
+
+/// A queue's workers: the channel they take deliveries from, and how many wait unclaimed.
+struct Workers {
+    /// Hands deliveries over.
+    jobs: flume::Sender<Job>,
+    /// Given to each new worker.
+    receiver: flume::Receiver<Job>,
+    /// Workers done with their delivery and not yet claimed by a next one.
+    idle: Arc<AtomicUsize>,
+    /// Workers started so far (at most the concurrency).
+    started: AtomicUsize,
 }
 
 /// Waits `delay` unless shutdown or the loss of the connection comes first.

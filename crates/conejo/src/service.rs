@@ -13,7 +13,14 @@
 //!                     └──────────── Result<(), Failure> ──→ outcome → ack / retry / dead-letter
 //! ```
 
-use std::{any::Any, fmt, future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+use std::{
+    any::Any,
+    fmt,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
@@ -136,8 +143,12 @@ impl BoxService {
     /// A worker of a queue whose pipeline this is: it takes deliveries from `jobs` one at a
     /// time, calling the erased service directly — monomorphic, with no allocation per
     /// delivery, when the queue has no layers.
-    pub(crate) fn worker(&self, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()> {
-        Arc::clone(&self.inner).worker(jobs)
+    pub(crate) fn worker(
+        &self,
+        jobs: flume::Receiver<Job>,
+        idle: Arc<AtomicUsize>,
+    ) -> BoxFuture<'static, ()> {
+        Arc::clone(&self.inner).worker(jobs, idle)
     }
 }
 
@@ -145,7 +156,11 @@ impl BoxService {
 trait DynService: Send + Sync + 'static {
     fn call_boxed(&self, delivery: Delivery) -> BoxFuture<'_, Result<(), Failure>>;
 
-    fn worker(self: Arc<Self>, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()>;
+    fn worker(
+        self: Arc<Self>,
+        jobs: flume::Receiver<Job>,
+        idle: Arc<AtomicUsize>,
+    ) -> BoxFuture<'static, ()>;
 }
 
 impl<S: Service> DynService for S {
@@ -153,8 +168,12 @@ impl<S: Service> DynService for S {
         Box::pin(self.call(delivery))
     }
 
-    fn worker(self: Arc<Self>, jobs: flume::Receiver<Job>) -> BoxFuture<'static, ()> {
-        Box::pin(work(self, jobs))
+    fn worker(
+        self: Arc<Self>,
+        jobs: flume::Receiver<Job>,
+        idle: Arc<AtomicUsize>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(work(self, jobs, idle))
     }
 }
 
