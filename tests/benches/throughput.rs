@@ -101,19 +101,24 @@ enum Kind {
     ConejoDefault,
     /// conejo with a counting handler, `prefetch(p)` and the default concurrency.
     ConejoPrefetch,
+    /// As [`Kind::ConejoDefault`], observed: a `tracing` subscriber that takes every
+    /// `delivery` span and INFO event (formatted, written to a sink), and the `health`
+    /// server's metrics recorder with its per-delivery duration histogram.
+    ConejoObserved,
     /// conejo with a counting handler that fails a share of the messages twice.
     Failing,
 }
 
 impl Kind {
     /// Every kind `--only` accepts, with its name there.
-    const NAMES: [(&'static str, Kind); 6] = [
+    const NAMES: [(&'static str, Kind); 7] = [
         ("lapin-noack", Kind::NoAck),
         ("lapin-coalesced", Kind::Coalesced),
         ("lapin", Kind::Lapin),
         ("conejo", Kind::Conejo),
         ("conejo-default", Kind::ConejoDefault),
         ("conejo-prefetch", Kind::ConejoPrefetch),
+        ("conejo-observed", Kind::ConejoObserved),
     ];
 
     /// Its name in the table.
@@ -125,6 +130,7 @@ impl Kind {
             Kind::Conejo => "conejo",
             Kind::ConejoDefault => "conejo dflt",
             Kind::ConejoPrefetch => "conejo pf only",
+            Kind::ConejoObserved => "conejo dflt+obs",
             Kind::Failing => "conejo+fails",
         }
     }
@@ -524,10 +530,13 @@ async fn run_service<H: Handler>(
         ..
     } = run;
     let deliveries = u64::from(messages) + retries;
-    let conejo = Conejo::builder(amqp_url())
+    let mut conejo = Conejo::builder(amqp_url())
         .connection_name(unique_name("throughput.conejo"))
-        .queue_with(queue, handler, config)
-        .build()?;
+        .queue_with(queue, handler, config);
+    if OBSERVE.load(Relaxed) {
+        conejo = conejo.health_port(0);
+    }
+    let conejo = conejo.build()?;
     let stats = conejo.stats();
     let shutdown = conejo.shutdown_handle();
     let mut service = tokio::spawn(conejo.run_until(std::future::pending()));
@@ -632,6 +641,12 @@ async fn measure(
                     Kind::ConejoPrefetch => {
                         run_conejo(broker, spec, QueueConfig::new().prefetch(prefetch)).await
                     }
+                    Kind::ConejoObserved => {
+                        OBSERVE.store(true, Relaxed);
+                        let sample = run_conejo(broker, spec, QueueConfig::new()).await;
+                        OBSERVE.store(false, Relaxed);
+                        sample
+                    }
                     Kind::Failing => run_failing(broker, spec, args.failing_share).await,
                 }
                 .with_context(|| {
@@ -706,6 +721,7 @@ fn table(args: &Args, series: &[Series]) -> String {
                 Kind::Conejo,
                 Kind::ConejoPrefetch,
                 Kind::ConejoDefault,
+                Kind::ConejoObserved,
             ] {
                 if let Some(rate) = of(kind) {
                     let _ = writeln!(
@@ -754,6 +770,21 @@ fn table(args: &Args, series: &[Series]) -> String {
     out
 }
 
+/// On during [`Kind::ConejoObserved`] runs only.
+static OBSERVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Installs a subscriber that, while [`OBSERVE`] is on, takes INFO spans and events (conejo's
+/// `delivery` span for every message) and formats them into a sink; off, it declines them.
+fn observe_when_asked() {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _};
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::sink)
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+            OBSERVE.load(Relaxed) && *meta.level() <= tracing::Level::INFO
+        }));
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Test runners (`cargo nextest run --all-targets`) list every target's tests: this
@@ -762,6 +793,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let args = Args::parse()?;
+    observe_when_asked();
     let cpu = CpuClock::new();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
