@@ -240,42 +240,19 @@ impl Args {
     }
 }
 
-/// Client process CPU time (user + system, every thread), from `/proc/self/stat`, or `None`
-/// where that file is unavailable.
+/// Client process CPU time (user + system, every thread), from `/proc/self/stat` through
+/// [`bench::cpu_time`], or `None` where that file is unavailable.
 #[derive(Debug, Clone, Copy)]
-struct CpuClock {
-    /// Clock ticks per second of `/proc` (`getconf CLK_TCK`, 100 on every usual kernel).
-    ticks_per_second: u64,
-}
+struct CpuClock;
 
 impl CpuClock {
-    /// Asks `getconf` for the tick rate once.
     fn new() -> CpuClock {
-        let ticks_per_second = std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|text| text.trim().parse().ok())
-            .filter(|&ticks| ticks > 0)
-            .unwrap_or(100);
-        CpuClock { ticks_per_second }
+        CpuClock
     }
 
-    /// utime + stime so far (fields 14 and 15 of `/proc/self/stat`; counted after the `)`
-    /// that ends the command name, which may itself contain spaces).
+    /// utime + stime so far.
     fn now(self) -> Option<Duration> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        let mut fields = stat
-            .get(stat.rfind(')')? + 1..)?
-            .split_whitespace()
-            .skip(11);
-        let utime: u64 = fields.next()?.parse().ok()?;
-        let stime: u64 = fields.next()?.parse().ok()?;
-        let ticks = utime + stime;
-        Some(Duration::from_nanos(
-            ticks.saturating_mul(1_000_000_000) / self.ticks_per_second,
-        ))
+        conejo_tests::bench::cpu_time("self")
     }
 }
 
