@@ -7,8 +7,8 @@ use std::{
     sync::{
         Arc,
         atomic::{
-            AtomicUsize,
-            Ordering::{AcqRel, Acquire},
+            AtomicBool, AtomicUsize,
+            Ordering::{AcqRel, Acquire, Release},
         },
     },
     time::Duration,
@@ -16,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::time::Instant;
 use tokio_util::{
     sync::CancellationToken,
     task::{TaskTracker, task_tracker::TaskTrackerToken},
@@ -27,10 +27,12 @@ use crate::{
     Context, Error, QueueConfig,
     backoff::Backoff,
     connection::{Connection, QueueConsumer},
+    context::Signals,
     dispatch::{Dispatch, Unsettled},
     publish::Publisher,
     service::{BoxLayer, BoxService, Layers, Registration, Service},
     settle::settle_task,
+    slots::Slots,
     stats::QueueCounters,
     status::StatusWriter,
     tracker::Settlement,
@@ -62,7 +64,7 @@ pub(crate) struct Queue {
     prefetch: u16,
     /// Concurrency slots, shared by every channel of the queue: a handler still running
     /// after its channel was lost keeps its slot, so the bound holds across reconnections.
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
     /// Every delivery of the queue in a worker's hands, whatever its channel; waited for at
     /// shutdown.
     tasks: TaskTracker,
@@ -118,9 +120,10 @@ pub(crate) struct Channel {
     consumer: QueueConsumer,
     /// What each delivery's task needs; its settle handle belongs to this channel only.
     dispatch: Arc<Dispatch>,
-    /// The signal given to this channel's handlers (`Context::shutdown_requested`): fired at
-    /// shutdown, and when the channel or connection is lost (their results cannot be sent).
-    signal: CancellationToken,
+    /// The signals given to this channel's handlers: `shutdown` (`Context::shutdown_requested`)
+    /// fires at shutdown, and when the channel or connection is lost (their results cannot
+    /// be sent).
+    signals: Arc<Signals>,
     /// This channel's deliveries in a worker's hands.
     tasks: TaskTracker,
     /// When it started consuming, for the reopen back-off.
@@ -169,7 +172,7 @@ impl Queue {
             config: spec.config,
             concurrency,
             prefetch,
-            permits: Arc::new(Semaphore::new(concurrency)),
+            slots: Slots::new(concurrency),
             // The counters' tracker: `Stats` reads deliveries in flight from it.
             tasks: counters.tasks.clone(),
             workers: Workers {
@@ -219,7 +222,9 @@ impl Queue {
                  dead-letter is given back until it can be)"
             );
         }
-        let consumer_tag = format!("conejo-{}-{}-{}", std::process::id(), self.index, self.name);
+        // Short: lapin hashes the consumer tag for each of a delivery's three frames. The
+        // connection's name already says which process this is.
+        let consumer_tag = format!("conejo-{}", self.index);
         let consumer = generation
             .connection
             .consume(&self.name, &self.config, self.prefetch, consumer_tag)
@@ -254,7 +259,10 @@ impl Queue {
         Ok(Channel {
             consumer,
             dispatch,
-            signal: generation.shutdown.child_token(),
+            signals: Arc::new(Signals {
+                shutdown: generation.shutdown.child_token(),
+                service: generation.shutdown.clone(),
+            }),
             tasks: TaskTracker::new(),
             opened: Instant::now(),
         })
@@ -344,27 +352,26 @@ impl Queue {
     async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
         let shutdown = &generation.shutdown;
         let lost = &generation.lost;
+        let stopping = Stopping::watch(shutdown, lost);
         let mut last_tag = 0;
         let ended = loop {
-            // Busy, a free slot and a ready delivery are taken without a future or a wake-up;
-            // the checks of shutdown and loss are then two atomic loads.
-            if shutdown.is_cancelled() {
-                break ChannelEnd::Shutdown;
-            }
-            if lost.is_cancelled() {
+            // Busy, a free slot and a ready delivery are taken without a future or a wake-up,
+            // and shutdown and loss are checked with one atomic load.
+            if stopping.is_set() {
+                if shutdown.is_cancelled() {
+                    break ChannelEnd::Shutdown;
+                }
                 break ChannelEnd::ConnectionLost;
             }
-            // A permit first: a delivery taken from the stream is always started at once, so
+            // A slot first: a delivery taken from the stream is always started at once, so
             // at shutdown every unstarted one is still in the stream, to be given back.
-            let permit = match Arc::clone(&self.permits).try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => tokio::select! {
+            let slot = match self.slots.try_acquire() {
+                Some(slot) => slot,
+                None => tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break ChannelEnd::Shutdown,
                     () = lost.cancelled() => break ChannelEnd::ConnectionLost,
-                    permit = Arc::clone(&self.permits).acquire_owned() => {
-                        permit.expect("the semaphore is never closed")
-                    }
+                    slot = self.slots.acquire() => slot,
                 },
             };
             let next = match channel.consumer.consumer.next().now_or_never() {
@@ -389,9 +396,8 @@ impl Queue {
             let ctx = Context::from_delivery(
                 Arc::clone(&self.name),
                 &mut delivery,
-                channel.signal.clone(),
-                generation.shutdown.clone(),
-                permit,
+                Arc::clone(&channel.signals),
+                slot,
             );
             let body = Bytes::from(std::mem::take(&mut delivery.data));
             let job = Job {
@@ -402,6 +408,7 @@ impl Queue {
             };
             self.hand_over(job);
         };
+        drop(stopping);
         match ended {
             ChannelEnd::Shutdown => {
                 self.stop(channel, last_tag, generation.timing).await;
@@ -427,7 +434,7 @@ impl Queue {
                          (the broker redelivers those messages)"
                     );
                 }
-                channel.signal.cancel();
+                channel.signals.shutdown.cancel();
                 channel.tasks.close();
                 let _ = tokio::time::timeout(LOST_CLEANUP, channel.dispatch.settle.close()).await;
                 lost
@@ -582,6 +589,41 @@ struct Workers {
     started: AtomicUsize,
 }
 
+/// Set once shutdown starts or the connection is lost, by a task watching both tokens: the
+/// consume loop's per-delivery check is then one atomic load (a token's `is_cancelled`
+/// takes a lock). The watcher ends with this value.
+struct Stopping {
+    flag: Arc<AtomicBool>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+impl Stopping {
+    fn watch(shutdown: &CancellationToken, lost: &CancellationToken) -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn({
+            let (shutdown, lost, flag) = (shutdown.clone(), lost.clone(), Arc::clone(&flag));
+            async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = lost.cancelled() => {}
+                }
+                flag.store(true, Release);
+            }
+        });
+        Stopping { flag, watcher }
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Acquire)
+    }
+}
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
 /// Waits `delay` unless shutdown or the loss of the connection comes first.
 async fn pause(generation: &Generation, delay: Duration) -> Option<End> {
     tokio::select! {
@@ -601,7 +643,7 @@ async fn retire(queue: Arc<str>, channel: Channel, deadline: Duration) {
         .is_err()
     {
         warn!(%queue, "handlers of a cancelled consumer still running; closing its channel");
-        channel.signal.cancel();
+        channel.signals.shutdown.cancel();
     }
     channel.dispatch.settle.close().await;
     if let Err(error) = channel.consumer.close().await {

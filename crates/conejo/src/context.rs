@@ -6,10 +6,9 @@ use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, ShortString},
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::headers;
+use crate::{headers, slots::Slot};
 
 /// A delivery's metadata, given to the handler beside the decoded message.
 ///
@@ -42,29 +41,46 @@ struct Inner {
     redelivered: bool,
     /// The AMQP properties: headers, ids, content type, timestamp…
     properties: BasicProperties,
-    /// Cancelled when the service starts shutting down, or this delivery's channel or
-    /// connection is lost.
-    shutdown: CancellationToken,
-    /// The service's own shutdown, for [`Context::request_shutdown`].
-    service: CancellationToken,
+    /// The signals of the delivery's channel, shared by all its deliveries.
+    signals: Arc<Signals>,
     /// The queue's concurrency slot held by this delivery, released when the delivery is
     /// settled — whatever copies of the context live on. A blocking handler takes it into
     /// its thread, so that a thread abandoned at a timeout keeps the slot until it returns
     /// and the concurrency bound holds.
-    slot: Mutex<Option<OwnedSemaphorePermit>>,
+    slot: Mutex<Option<Slot>>,
+}
+
+/// What every delivery of one channel can signal or be signalled: one per channel, so that
+/// a delivery's context holds one reference to them rather than two tokens of its own.
+#[derive(Debug)]
+pub(crate) struct Signals {
+    /// Cancelled when the service starts shutting down, or the channel or its connection
+    /// is lost.
+    pub(crate) shutdown: CancellationToken,
+    /// The service's own shutdown, for [`Context::request_shutdown`].
+    pub(crate) service: CancellationToken,
+}
+
+impl Signals {
+    /// Signals that never fire, for messages that did not come from a broker.
+    fn detached() -> Arc<Self> {
+        Arc::new(Signals {
+            shutdown: CancellationToken::new(),
+            service: CancellationToken::new(),
+        })
+    }
 }
 
 impl Context {
     pub(crate) fn from_delivery(
         queue: Arc<str>,
         delivery: &mut lapin::message::Delivery,
-        shutdown: CancellationToken,
-        service: CancellationToken,
-        slot: OwnedSemaphorePermit,
+        signals: Arc<Signals>,
+        slot: Slot,
     ) -> Self {
         let properties = std::mem::take(&mut delivery.properties);
-        let mut exchange = std::mem::replace(&mut delivery.exchange, ShortString::from(""));
-        let mut routing_key = std::mem::replace(&mut delivery.routing_key, ShortString::from(""));
+        let mut exchange = std::mem::take(&mut delivery.exchange);
+        let mut routing_key = std::mem::take(&mut delivery.routing_key);
         let mut attempt = 1;
         if let Some(found) = properties.headers() {
             attempt = headers::attempt(Some(found));
@@ -85,8 +101,7 @@ impl Context {
                 attempt,
                 redelivered: delivery.redelivered,
                 properties,
-                shutdown,
-                service,
+                signals,
                 slot: Mutex::new(Some(slot)),
             }),
         }
@@ -105,8 +120,7 @@ impl Context {
                 attempt: shared.attempt,
                 redelivered: shared.redelivered,
                 properties: shared.properties.clone(),
-                shutdown: shared.shutdown.clone(),
-                service: shared.service.clone(),
+                signals: Arc::clone(&shared.signals),
                 slot: Mutex::new(None),
             });
         }
@@ -114,7 +128,7 @@ impl Context {
     }
 
     /// Takes the delivery's concurrency slot (for a blocking handler's thread).
-    pub(crate) fn take_slot(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn take_slot(&self) -> Option<Slot> {
         self.inner
             .slot
             .lock()
@@ -135,8 +149,7 @@ impl Context {
                 attempt: 1,
                 redelivered: false,
                 properties: BasicProperties::default(),
-                shutdown: CancellationToken::new(),
-                service: CancellationToken::new(),
+                signals: Signals::detached(),
                 slot: Mutex::new(None),
             }),
         }
@@ -265,13 +278,13 @@ impl Context {
     /// True once the service has started shutting down.
     #[must_use]
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutdown.is_cancelled()
+        self.inner.signals.shutdown.is_cancelled()
     }
 
     /// Completes when the service starts shutting down: `select!` on it in long handlers to
     /// stop early (and return an error, so the message is retried later).
     pub async fn shutdown_requested(&self) {
-        self.inner.shutdown.cancelled().await;
+        self.inner.signals.shutdown.cancelled().await;
     }
 
     /// Starts the service's graceful shutdown, as SIGTERM would: for a handler that finds the
@@ -294,6 +307,6 @@ impl Context {
     /// }
     /// ```
     pub fn request_shutdown(&self) {
-        self.inner.service.cancel();
+        self.inner.signals.service.cancel();
     }
 }

@@ -136,16 +136,19 @@ impl Dispatch {
         );
         #[cfg(feature = "opentelemetry")]
         crate::trace_context::adopt_parent(&span, ctx.headers());
-        self.handle_in_span(pipeline, ctx, body)
+        self.handle_in_span(pipeline, ctx, body, span.clone())
             .instrument(span)
             .await
     }
 
+    /// `span` is the span this runs in (a handle to it, so the fast path does not look it
+    /// up; the rare paths record their outcome through `Span::current`).
     async fn handle_in_span<S: Service>(
         &self,
         pipeline: &S,
         ctx: &Context,
         body: &Bytes,
+        span: Span,
     ) -> Settlement {
         // The rare paths are boxed: awaited inline, their futures (publishing with confirms)
         // would make every delivery's task several times larger, and tokio copies a task's
@@ -157,11 +160,11 @@ impl Dispatch {
         {
             return settled;
         }
-        let started = tokio::time::Instant::now();
+        // No clock read unless the span is recorded by some subscriber.
+        let started = (!span.is_disabled()).then(std::time::Instant::now);
         let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
         let result = crate::telemetry::timed(&self.counters, call).await;
-        let span = Span::current();
-        if !span.is_disabled() {
+        if let Some(started) = started {
             span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
         }
         match result {

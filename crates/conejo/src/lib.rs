@@ -160,6 +160,7 @@ mod runtime;
 pub mod service;
 mod settle;
 mod signal;
+mod slots;
 mod stats;
 mod status;
 mod supervisor;
