@@ -119,7 +119,7 @@ mod tests {
             let mut received = 0_u32;
             while let Some(slot) = rx.recv().await {
                 received += 1;
-                if received % 3 == 0 {
+                if received.is_multiple_of(3) {
                     tokio::task::yield_now().await;
                 }
                 drop(slot);
