@@ -129,7 +129,7 @@ async fn check_declares_what_run_declares_and_consumes_nothing() -> anyhow::Resu
     assert_eq!(checked.messages, 3);
     assert_eq!(checked.consumers, 0);
     assert_eq!(checked.dead_letter_exchange, format!("{queue}.dlx"));
-    assert_eq!((checked.concurrency, checked.prefetch), (3, 10));
+    assert_eq!((checked.concurrency, checked.prefetch), (3, 48));
     let shown = report.to_string();
     assert!(shown.contains("guest:***@"), "{shown}");
     assert!(

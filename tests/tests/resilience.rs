@@ -142,6 +142,8 @@ async fn survive(fault: Fault) -> anyhow::Result<()> {
             QueueConfig::new().passive().quorum()
         }
     };
+    // The unacked window: what a fault may deliver twice.
+    let window = config.effective_prefetch();
     broker
         .declare_durable_queue_with_args(&queue, arguments)
         .await?;
@@ -193,10 +195,10 @@ async fn survive(fault: Fault) -> anyhow::Result<()> {
         resumed - back
     );
     assert_eq!(status.reconnects(), 1);
-    // At most the unacked window (the prefetch, 32 by default) comes back twice.
+    // At most the unacked window (the prefetch, 250 by default) comes back twice.
     assert!(
-        tally.duplicates() <= 32,
-        "{} duplicates",
+        tally.duplicates() <= u32::from(window),
+        "{} duplicates, window {window}",
         tally.duplicates()
     );
     let broker = Broker::connect_to(&node.amqp_url()).await?;
@@ -497,7 +499,12 @@ async fn a_cluster_node_killed_under_a_quorum_queue_fails_over_within_two_second
             .queue_with(
                 &queue,
                 tally.clone(),
-                QueueConfig::new().passive().quorum().concurrency(8),
+                // A window of 16, so that a kill redelivers few.
+                QueueConfig::new()
+                    .passive()
+                    .quorum()
+                    .concurrency(8)
+                    .prefetch(16),
             )
             .build()?,
     );

@@ -152,7 +152,9 @@ impl Queue {
         index: usize,
         counters: Arc<QueueCounters>,
     ) -> Self {
-        let (concurrency, prefetch) = spec.config.resolve(spec.handler.default_concurrency);
+        let (concurrency, prefetch) = spec
+            .config
+            .resolve(spec.handler.default_concurrency, spec.handler.blocking);
         let blocking = spec.handler.blocking;
         // The queue's own layers inside the service's.
         let layers: Vec<BoxLayer> = spec
@@ -569,11 +571,15 @@ pub(crate) async fn work<S: Service>(
             body,
             _tracked,
         } = job;
-        let _ = AssertUnwindSafe(unsettled.process(&*pipeline, ctx, body))
+        let slot = AssertUnwindSafe(unsettled.process(&*pipeline, ctx, body))
             .catch_unwind()
             .await;
-        // Free for the next delivery, which claims it before it is sent.
+        // Idle before the slot is free: the consume loop takes that slot for the next
+        // delivery and then claims an idle worker, which must be counted by then — or it
+        // would count a busy one as idle later, and a delivery could wait behind a long one
+        // while the concurrency allows it to run.
         idle.fetch_add(1, AcqRel);
+        drop(slot);
     }
 }
 

@@ -15,6 +15,7 @@ use crate::{
     retry::{MAX_RETRY_DELAY, wait_ttl_ms},
     service::{Delivery, Service},
     settle::SettleHandle,
+    slots::Slot,
     stats::QueueCounters,
     topology::{self, DeadLetterRoute, Durability},
     tracker::Settlement,
@@ -92,13 +93,19 @@ impl Unsettled {
         }
     }
 
-    /// Runs the delivery through `pipeline` (its queue's) and settles it.
-    pub(crate) async fn process<S: Service>(self, pipeline: &S, ctx: Context, body: Bytes) {
+    /// Runs the delivery through `pipeline` (its queue's) and settles it. Returns the
+    /// delivery's concurrency slot, for the caller to free once it is ready for the next
+    /// delivery: the slot goes with the settlement, whatever copies of the context a handler
+    /// kept (`None` if a blocking handler's abandoned thread took it).
+    pub(crate) async fn process<S: Service>(
+        self,
+        pipeline: &S,
+        ctx: Context,
+        body: Bytes,
+    ) -> Option<Slot> {
         let how = self.dispatch.handle(pipeline, &ctx, &body).await;
         self.settle(how);
-        // The concurrency slot goes with the settlement, whatever copies of the context a
-        // handler kept (a blocking handler's abandoned thread took it already).
-        drop(ctx.take_slot());
+        ctx.take_slot()
     }
 
     fn settle(mut self, how: Settlement) {

@@ -1,7 +1,7 @@
 //! A `tracing` subscriber for services: text or JSON lines on stderr (feature `logging`).
 //!
 //! conejo logs through `tracing` (target `conejo`) what happens and what it does next:
-//! `connected`, `consuming queue=orders concurrency=16 prefetch=32`, `connection lost;
+//! `connected`, `consuming queue=orders concurrency=16 prefetch=250`, `connection lost;
 //! reconnecting`, `stopped cleanly`. Nothing is printed until the application installs a
 //! subscriber; [`init`] is one line for that.
 //!

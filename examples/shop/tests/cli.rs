@@ -46,7 +46,7 @@ fn check_passes_against_the_broker() {
         "{stdout}"
     );
     // The file's concurrency (16) over the code's (32); JSON logs on stderr.
-    assert!(stdout.contains("concurrency 16, prefetch 32"), "{stdout}");
+    assert!(stdout.contains("concurrency 16, prefetch 250"), "{stdout}");
     assert!(
         stderr.contains("\"message\":\"check: connected\""),
         "{stderr}"
