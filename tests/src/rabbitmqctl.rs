@@ -329,6 +329,36 @@ pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Messages of `queue` delivered and not yet acknowledged, as the broker counts them
+/// (`rabbitmqctl list_queues name messages_unacknowledged`); 0 for a queue not found.
+pub async fn rabbitmqctl_queue_unacked(queue: &str) -> anyhow::Result<u32> {
+    let args: Vec<String> = [
+        "-q",
+        "list_queues",
+        "name",
+        "messages_unacknowledged",
+        "--no-table-headers",
+        "--timeout",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
+    .collect();
+    let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
+    for (name, unacked) in stdout
+        .lines()
+        .filter_map(|line| line.trim().rsplit_once('\t'))
+    {
+        if name == queue {
+            return unacked
+                .trim()
+                .parse()
+                .with_context(|| format!("messages_unacknowledged {unacked:?} of {queue}"));
+        }
+    }
+    Ok(0)
+}
+
 /// The prefetch count of each consumer on `queue`, as the broker applies it
 /// (`rabbitmqctl list_consumers queue_name prefetch_count`).
 pub async fn rabbitmqctl_consumer_prefetch(queue: &str) -> anyhow::Result<Vec<u32>> {

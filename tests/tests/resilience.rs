@@ -256,10 +256,23 @@ async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow
     proxy.pass();
     let healed = Instant::now();
     tally.wait_handled(N, Duration::from_secs(60)).await?;
-    // Copies of redelivered messages (poison counting) may still wait in the queue.
-    broker
-        .wait_for_count(&queue, 0, Duration::from_secs(30))
-        .await?;
+    // Copies of redelivered messages (poison counting) may still wait in the queue, or in
+    // conejo's window: wait until the broker has none left, ready or delivered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        broker
+            .wait_for_count(&queue, 0, Duration::from_secs(30))
+            .await?;
+        let unacked = conejo_tests::rabbitmqctl_queue_unacked(&queue).await?;
+        if unacked == 0 && broker.message_count(&queue).await? == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{unacked} messages still unacknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let resumed = tally
         .first_after(healed)
         .context("nothing after the stall")?;
