@@ -48,8 +48,8 @@
 use std::{
     fmt::Write as _,
     sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -58,10 +58,9 @@ use anyhow::{Context as _, anyhow, bail, ensure};
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig, RetryPolicy};
 use conejo_tests::{
     Broker, amqp_url,
-    bench::{self, BODY_LEN, LapinAcks, Order},
+    bench::{self, BODY_LEN, LapinAcks, Mark, Noop, Order, Progress},
     unique_name,
 };
-use tokio::sync::Notify;
 
 /// Messages per run unless `--messages` says otherwise.
 const DEFAULT_MESSAGES: u32 = 200_000;
@@ -75,8 +74,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on connecting, and on conejo's shutdown once every message is acked.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Interval of the `stats().acked` poll once conejo's handler has seen every message.
-const STATS_POLL: Duration = Duration::from_millis(1);
 /// Delay before the first retry of a failing message in the failing runs (the second waits
 /// three times as long).
 const FAILING_INITIAL_DELAY: Duration = Duration::from_millis(50);
@@ -240,41 +237,6 @@ impl Args {
     }
 }
 
-/// Client process CPU time (user + system, every thread), from `/proc/self/stat` through
-/// [`bench::cpu_time`], or `None` where that file is unavailable.
-#[derive(Debug, Clone, Copy)]
-struct CpuClock;
-
-impl CpuClock {
-    fn new() -> CpuClock {
-        CpuClock
-    }
-
-    /// utime + stime so far.
-    fn now(self) -> Option<Duration> {
-        conejo_tests::bench::cpu_time("self")
-    }
-}
-
-/// A point in time of a run: wall clock and process CPU time.
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    /// Wall clock.
-    at: Instant,
-    /// Process CPU time, if readable.
-    cpu: Option<Duration>,
-}
-
-impl Mark {
-    /// Now.
-    fn now(cpu: CpuClock) -> Mark {
-        Mark {
-            at: Instant::now(),
-            cpu: cpu.now(),
-        }
-    }
-}
-
 /// The result of one run.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -349,8 +311,6 @@ struct Run<'a> {
     messages: u32,
     /// The consumer's prefetch.
     prefetch: u16,
-    /// Samples the process CPU time.
-    cpu: CpuClock,
     /// Bound on the run.
     timeout: Duration,
 }
@@ -361,52 +321,16 @@ async fn run_lapin(broker: &Broker, run: Run<'_>, acks: LapinAcks) -> anyhow::Re
         queue,
         messages,
         prefetch,
-        cpu,
         timeout,
     } = run;
     let (url, name) = (amqp_url(), unique_name("throughput.lapin"));
-    let consume = bench::lapin_consume(&url, &name, queue, messages, prefetch, acks, || {
-        Mark::now(cpu)
-    });
+    let consume = bench::lapin_consume(&url, &name, queue, messages, prefetch, acks, Mark::now);
     let lapin = tokio::time::timeout(timeout, consume)
         .await
         .map_err(|_| anyhow!("raw lapin run took more than {timeout:?}"))??;
     // The channel is closed: anything unacked is back in the queue, so the count is final.
     ensure_empty(broker, queue).await?;
     Ok(Sample::between(lapin.first, lapin.last))
-}
-
-/// State shared by the counting handler and the benchmark.
-#[derive(Debug)]
-struct Progress {
-    /// Messages handled so far.
-    handled: AtomicU64,
-    /// When the first message was handled.
-    first: OnceLock<Mark>,
-    /// Fired when `handled` reaches `target`.
-    done: Notify,
-    /// The number of messages in the queue.
-    target: u64,
-    /// For [`Mark::now`].
-    cpu: CpuClock,
-}
-
-/// A handler that decodes the typed order and only counts it.
-#[derive(Debug)]
-struct Noop(Arc<Progress>);
-
-impl Handler for Noop {
-    type Message = Json<Order>;
-
-    async fn handle(&self, order: Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
-        let progress = &*self.0;
-        progress.first.get_or_init(|| Mark::now(progress.cpu));
-        drop(std::hint::black_box(order));
-        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
-            progress.done.notify_one();
-        }
-        Ok(())
-    }
 }
 
 /// True when the message `index` is one of the failing share: spread evenly, exactly
@@ -429,28 +353,14 @@ impl Handler for Flaky {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
-        let progress = &*self.progress;
-        progress.first.get_or_init(|| Mark::now(progress.cpu));
+        self.progress.started();
         if fails(order.id, self.share) && ctx.attempt() <= FAILED_ATTEMPTS {
             return Err(HandlerError::retry("transient failure (benchmark)"));
         }
         drop(std::hint::black_box(order));
-        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
-            progress.done.notify_one();
-        }
+        self.progress.handled_one();
         Ok(())
     }
-}
-
-/// Progress of a run of `messages` originals.
-fn progress(messages: u32, cpu: CpuClock) -> Arc<Progress> {
-    Arc::new(Progress {
-        handled: AtomicU64::new(0),
-        first: OnceLock::new(),
-        done: Notify::new(),
-        target: u64::from(messages),
-        cpu,
-    })
 }
 
 /// The settings of every conejo run: `prefetch(p)` and `concurrency(p)`.
@@ -463,7 +373,7 @@ fn conejo_config(prefetch: u16) -> QueueConfig {
 /// conejo with [`Noop`] and `config` (for [`Kind::Conejo`] `prefetch(p)` and
 /// `concurrency(p)`), until every message is acked.
 async fn run_conejo(broker: &Broker, run: Run<'_>, config: QueueConfig) -> anyhow::Result<Sample> {
-    let progress = progress(run.messages, run.cpu);
+    let progress = Progress::new(u64::from(run.messages));
     let handler = Noop(Arc::clone(&progress));
     run_service(broker, run, handler, config, &progress, 0).await
 }
@@ -474,7 +384,7 @@ async fn run_failing(broker: &Broker, run: Run<'_>, share: f64) -> anyhow::Resul
     let failing = (0..u64::from(run.messages))
         .filter(|&index| fails(index, share))
         .count() as u64;
-    let progress = progress(run.messages, run.cpu);
+    let progress = Progress::new(u64::from(run.messages));
     let handler = Flaky {
         progress: Arc::clone(&progress),
         share,
@@ -502,7 +412,6 @@ async fn run_service<H: Handler>(
     let Run {
         queue,
         messages,
-        cpu,
         timeout,
         ..
     } = run;
@@ -520,15 +429,8 @@ async fn run_service<H: Handler>(
 
     let all_acked = async {
         tokio::select! {
-            () = progress.done.notified() => {}
-            ended = &mut service => bail!("conejo stopped before handling every message: {ended:?}"),
-        }
-        loop {
-            let acked = stats.queue(queue).map_or(0, |q| q.acked);
-            if acked >= deliveries {
-                return Ok(Mark::now(cpu));
-            }
-            tokio::time::sleep(STATS_POLL).await;
+            end = progress.acked(&stats, queue, deliveries) => Ok(end),
+            ended = &mut service => bail!("conejo stopped before acking every message: {ended:?}"),
         }
     };
     let end = tokio::time::timeout(timeout, all_acked).await;
@@ -536,7 +438,7 @@ async fn run_service<H: Handler>(
     let end = end.map_err(|_| {
         anyhow!(
             "conejo run took more than {timeout:?} (handled {}, stats {:?})",
-            progress.handled.load(Relaxed),
+            progress.handled(),
             stats.queue(queue)
         )
     })??;
@@ -551,15 +453,15 @@ async fn run_service<H: Handler>(
         final_stats.acked == deliveries
             && final_stats.retried == retries
             && final_stats.dead_lettered == 0
-            && progress.handled.load(Relaxed) == u64::from(messages),
+            && progress.handled() == u64::from(messages),
         "conejo acked {} deliveries (of {deliveries}), scheduled {} retries (of {retries}) and \
          handled {} of {messages} messages: {final_stats:?}",
         final_stats.acked,
         final_stats.retried,
-        progress.handled.load(Relaxed)
+        progress.handled()
     );
     ensure_empty(broker, queue).await?;
-    let start = *progress.first.get().context("no message was handled")?;
+    let start = progress.first().context("no message was handled")?;
     Ok(Sample {
         retries: final_stats.retried,
         ..Sample::between(start, end)
@@ -583,7 +485,6 @@ struct Series {
 async fn measure(
     broker: &Broker,
     args: &Args,
-    cpu: CpuClock,
     queues: &mut Vec<String>,
 ) -> anyhow::Result<Vec<Series>> {
     let mut all = Vec::new();
@@ -606,7 +507,6 @@ async fn measure(
                     queue: &queue,
                     messages: args.messages,
                     prefetch,
-                    cpu,
                     timeout: args.timeout,
                 };
                 let sample = match entry.kind {
@@ -748,7 +648,7 @@ fn table(args: &Args, series: &[Series]) -> String {
 }
 
 /// On during [`Kind::ConejoObserved`] runs only.
-static OBSERVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static OBSERVE: AtomicBool = AtomicBool::new(false);
 
 /// Installs a subscriber that, while [`OBSERVE`] is on, takes INFO spans and events (conejo's
 /// `delivery` span for every message) and formats them into a sink; off, it declines them.
@@ -771,7 +671,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = Args::parse()?;
     observe_when_asked();
-    let cpu = CpuClock::new();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "throughput: {} messages of {BODY_LEN} B per run, {} run(s), prefetch {:?}, \
@@ -790,7 +689,7 @@ async fn main() -> anyhow::Result<()> {
     let broker = Broker::connect().await?;
     let mut queues = Vec::new();
     let started = Instant::now();
-    let result = measure(&broker, &args, cpu, &mut queues).await;
+    let result = measure(&broker, &args, &mut queues).await;
     let mut cleanup = Ok(());
     for queue in &queues {
         if let Err(error) = broker.delete_consumed_queue(queue).await {

@@ -1,9 +1,17 @@
 //! Shared by the benchmarks and `conejo-cost`: the JSON message they all consume, prefilling
-//! a queue with it, and the hand-written lapin consumers conejo is measured against.
+//! a queue with it, the hand-written lapin consumers conejo is measured against, the
+//! counting no-op handler conejo runs, and the clocks they are measured with.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, anyhow};
+use conejo::{Context, Handler, HandlerError, Json, Stats};
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::{
     Connection, ConnectionProperties,
@@ -11,6 +19,7 @@ use lapin::{
     types::FieldTable,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::Broker;
 
@@ -21,6 +30,8 @@ const PUBLISH_CHUNK: u32 = 10_000;
 /// How long the coalescing lapin loop waits for a next delivery before it flushes its
 /// pending ack.
 pub const IDLE_FLUSH: Duration = Duration::from_millis(20);
+/// Interval of the `stats()` poll once a conejo handler has seen every message.
+pub const STATS_POLL: Duration = Duration::from_millis(1);
 
 /// The message: a small order, as JSON.
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +95,107 @@ pub async fn prefill(
     tokio::time::timeout(timeout, fill)
         .await
         .map_err(|_| anyhow!("prefilling {queue:?} took more than {timeout:?}"))?
+}
+
+/// A point in time of a run: wall clock and this process's CPU time.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    /// Wall clock.
+    pub at: Instant,
+    /// Process CPU time ([`cpu_time`] of `self`), if readable.
+    pub cpu: Option<Duration>,
+}
+
+impl Mark {
+    /// Now.
+    pub fn now() -> Mark {
+        Mark {
+            at: Instant::now(),
+            cpu: cpu_time("self"),
+        }
+    }
+}
+
+/// Shared by a counting handler ([`Noop`]) and the benchmark that waits for it: how many
+/// messages were handled, when the first was, and a wake-up when the last one is.
+#[derive(Debug)]
+pub struct Progress {
+    /// Messages handled so far.
+    handled: AtomicU64,
+    /// Taken when the first message was handled.
+    first: OnceLock<Mark>,
+    /// Fired when `handled` reaches `target`.
+    done: Notify,
+    /// How many messages to handle.
+    target: u64,
+}
+
+impl Progress {
+    /// Progress towards `target` handled messages.
+    pub fn new(target: u64) -> Arc<Progress> {
+        Arc::new(Progress {
+            handled: AtomicU64::new(0),
+            first: OnceLock::new(),
+            done: Notify::new(),
+            target,
+        })
+    }
+
+    /// Takes the [`Mark`] of the first message (only the first call does).
+    pub fn started(&self) {
+        self.first.get_or_init(Mark::now);
+    }
+
+    /// Counts one handled message, and wakes [`Progress::done`] at the last.
+    pub fn handled_one(&self) {
+        if self.handled.fetch_add(1, Relaxed) + 1 == self.target {
+            self.done.notify_one();
+        }
+    }
+
+    /// Messages handled so far.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Relaxed)
+    }
+
+    /// The mark of the first message, once one was handled.
+    pub fn first(&self) -> Option<Mark> {
+        self.first.get().copied()
+    }
+
+    /// Returns once `target` messages were handled (for one waiter).
+    pub async fn done(&self) {
+        if self.handled() < self.target {
+            self.done.notified().await;
+        }
+    }
+
+    /// Returns once `target` messages were handled, then polls `stats` every [`STATS_POLL`]
+    /// until `queue` has acked `deliveries` (the poll starts after the last message, so it
+    /// costs nothing per message); the [`Mark`] is taken then.
+    pub async fn acked(&self, stats: &Stats, queue: &str, deliveries: u64) -> Mark {
+        self.done().await;
+        while stats.queue(queue).map_or(0, |q| q.acked) < deliveries {
+            tokio::time::sleep(STATS_POLL).await;
+        }
+        Mark::now()
+    }
+}
+
+/// The handler conejo is measured with: `Json<Order>` (conejo decodes the typed order), marks
+/// the first message, counts each one, and acks.
+#[derive(Debug)]
+pub struct Noop(pub Arc<Progress>);
+
+impl Handler for Noop {
+    type Message = Json<Order>;
+
+    async fn handle(&self, order: Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
+        self.0.started();
+        drop(std::hint::black_box(order));
+        self.0.handled_one();
+        Ok(())
+    }
 }
 
 /// How a hand-written lapin consumer settles its deliveries.
