@@ -41,9 +41,8 @@
 //!
 //! The broker is [`amqp_url`] (`AMQP_URL`, default the local guest broker). Every queue made is
 //! deleted at the end (with the wait and dead-letter queues conejo declared for it), also
-//! when a run fails; a run that does not finish within
-//! [`RUN_TIMEOUT`] (`--timeout SECS`, e.g. under valgrind) fails the benchmark instead of
-//! hanging.
+//! when a run fails; a run that does not finish within `--timeout SECS` (default 120) fails
+//! the benchmark instead of hanging. `--help` lists every flag.
 
 use std::{
     fmt::Write as _,
@@ -55,6 +54,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use clap::{Parser, ValueEnum};
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig, RetryPolicy};
 use conejo_tests::{
     Broker, amqp_url,
@@ -68,8 +68,6 @@ const DEFAULT_MESSAGES: u32 = 200_000;
 const DEFAULT_RUNS: usize = 3;
 /// Prefetches measured unless `--prefetch` says otherwise.
 const DEFAULT_PREFETCHES: [u16; 2] = [100, 1000];
-/// Default bound on one consumer run, from connecting to the last ack.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Minimum bound on prefilling one queue (raised to the run timeout if that is longer).
 const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on connecting, and on conejo's shutdown once every message is acked.
@@ -82,13 +80,15 @@ const FAILING_JITTER: f64 = 0.1;
 /// Attempts a failing message fails before it succeeds.
 const FAILED_ATTEMPTS: u32 = 2;
 
-/// Which consumer a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which consumer a run measures; the names are `--only`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Kind {
     /// lapin with `no_ack`: the broker's delivery ceiling.
+    #[value(name = "lapin-noack")]
     NoAck,
     /// The hand-written lapin loop with coalesced `basic.ack(multiple)`: the practical
     /// ceiling of an acking consumer of one queue, and the baseline of the ratios.
+    #[value(name = "lapin-coalesced")]
     Coalesced,
     /// The ordinary lapin consumer loop (ack each, await each ack).
     Lapin,
@@ -98,24 +98,26 @@ enum Kind {
     ConejoDefault,
     /// conejo with a counting handler, `prefetch(p)` and the default concurrency.
     ConejoPrefetch,
-    /// As [`Kind::ConejoDefault`], observed: a `tracing` subscriber that takes every
-    /// `delivery` span and INFO event (formatted, written to a sink), and the `health`
-    /// server's metrics recorder with its per-delivery duration histogram.
+    /// As conejo-default, observed: a `tracing` subscriber that takes every `delivery` span
+    /// and INFO event (formatted, written to a sink), and the `health` server's metrics
+    /// recorder with its per-delivery duration histogram.
     ConejoObserved,
-    /// conejo with a counting handler that fails a share of the messages twice.
+    /// conejo with a counting handler that fails a share of the messages twice (added by
+    /// `--failing-share`, not named in `--only`).
+    #[value(skip)]
     Failing,
 }
 
 impl Kind {
-    /// Every kind `--only` accepts, with its name there.
-    const NAMES: [(&'static str, Kind); 7] = [
-        ("lapin-noack", Kind::NoAck),
-        ("lapin-coalesced", Kind::Coalesced),
-        ("lapin", Kind::Lapin),
-        ("conejo", Kind::Conejo),
-        ("conejo-default", Kind::ConejoDefault),
-        ("conejo-prefetch", Kind::ConejoPrefetch),
-        ("conejo-observed", Kind::ConejoObserved),
+    /// What runs unless `--only` says otherwise: every kind but [`Kind::Failing`].
+    const ALL: [Kind; 7] = [
+        Kind::NoAck,
+        Kind::Coalesced,
+        Kind::Lapin,
+        Kind::Conejo,
+        Kind::ConejoDefault,
+        Kind::ConejoPrefetch,
+        Kind::ConejoObserved,
     ];
 
     /// Its name in the table.
@@ -134,106 +136,42 @@ impl Kind {
 }
 
 /// Command-line settings.
-#[derive(Debug)]
+#[derive(Debug, Parser)]
+#[command(about = "throughput of conejo against hand-written lapin consumers")]
 struct Args {
     /// Messages per run.
+    #[arg(long, default_value_t = DEFAULT_MESSAGES,
+          value_parser = clap::value_parser!(u32).range(1..))]
     messages: u32,
     /// Runs per (prefetch, consumer).
+    #[arg(long, default_value_t = DEFAULT_RUNS, value_parser = bench::positive)]
     runs: usize,
-    /// Prefetches to measure.
+    /// Prefetches to measure, comma-separated.
+    #[arg(long = "prefetch", value_name = "P[,P…]", value_delimiter = ',',
+          default_values_t = DEFAULT_PREFETCHES,
+          value_parser = clap::value_parser!(u16).range(1..))]
     prefetches: Vec<u16>,
-    /// Consumers to measure.
+    /// Consumers to measure, comma-separated.
+    #[arg(long = "only", value_name = "KIND[,KIND…]", value_enum, value_delimiter = ',',
+          default_values_t = Kind::ALL)]
     kinds: Vec<Kind>,
-    /// Bound on one consumer run.
-    timeout: Duration,
-    /// Share of the messages that fail twice in the [`Kind::Failing`] runs (0: no such run).
+    /// Share of the messages (0 to 1) that fail twice in an extra conejo run, conejo+fails
+    /// (0: no such run).
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
     failing_share: f64,
+    /// Bound on one consumer run, from connecting to the last ack, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "120", value_parser = bench::secs)]
+    timeout: Duration,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-impl Args {
-    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only KIND[,KIND…]`,
-    /// `--failing-share F` and `--timeout SECS` (also as `--flag=value`) from the process
-    /// arguments. `--bench`, which cargo passes to every bench binary, is ignored.
-    fn parse() -> anyhow::Result<Args> {
-        let mut args = Args {
-            messages: DEFAULT_MESSAGES,
-            runs: DEFAULT_RUNS,
-            prefetches: DEFAULT_PREFETCHES.to_vec(),
-            kinds: Kind::NAMES.iter().map(|&(_, kind)| kind).collect(),
-            timeout: RUN_TIMEOUT,
-            failing_share: 0.0,
-        };
-        let mut raw = std::env::args().skip(1);
-        while let Some(arg) = raw.next() {
-            if arg == "--bench" {
-                continue;
-            }
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| raw.next())
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-            };
-            match flag.as_str() {
-                "--messages" => args.messages = value()?.parse().context("--messages")?,
-                "--runs" => args.runs = value()?.parse().context("--runs")?,
-                "--prefetch" => {
-                    args.prefetches = value()?
-                        .split(',')
-                        .map(|p| p.trim().parse::<u16>())
-                        .collect::<Result<_, _>>()
-                        .context("--prefetch")?;
-                }
-                "--timeout" => {
-                    args.timeout =
-                        Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
-                }
-                "--failing-share" => {
-                    args.failing_share = value()?.parse().context("--failing-share")?;
-                }
-                "--only" => {
-                    args.kinds = value()?
-                        .split(',')
-                        .map(|name| {
-                            Kind::NAMES
-                                .iter()
-                                .find(|(n, _)| *n == name.trim())
-                                .map(|&(_, kind)| kind)
-                                .ok_or_else(|| {
-                                    anyhow!(
-                                        "--only takes a comma-separated list of {:?}, not {name:?}",
-                                        Kind::NAMES.map(|(n, _)| n)
-                                    )
-                                })
-                        })
-                        .collect::<anyhow::Result<_>>()?;
-                }
-                _ => bail!(
-                    "unknown argument {arg:?}; usage: throughput [--messages N] [--runs R] \
-                     [--prefetch P[,P…]] [--only KIND[,KIND…]] [--failing-share F] \
-                     [--timeout SECS]"
-                ),
-            }
-        }
-        ensure!(args.messages > 0, "--messages must be positive");
-        ensure!(args.runs > 0, "--runs must be positive");
-        ensure!(!args.timeout.is_zero(), "--timeout must be positive");
-        ensure!(
-            !args.prefetches.is_empty() && !args.prefetches.contains(&0),
-            "prefetches must be positive"
-        );
-        ensure!(
-            (0.0..=1.0).contains(&args.failing_share),
-            "--failing-share must be between 0 and 1"
-        );
-        if args.failing_share > 0.0 {
-            args.kinds.push(Kind::Failing);
-        }
-        Ok(args)
+/// A share, 0 to 1.
+fn share(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{arg:?} is not a number from 0 to 1")),
     }
 }
 
@@ -669,7 +607,10 @@ async fn main() -> anyhow::Result<()> {
     if std::env::args().any(|arg| arg == "--list") {
         return Ok(());
     }
-    let args = Args::parse()?;
+    let mut args = Args::parse();
+    if args.failing_share > 0.0 {
+        args.kinds.push(Kind::Failing);
+    }
     observe_when_asked();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(

@@ -315,6 +315,26 @@ pub async fn lapin_consume<M>(
     })
 }
 
+/// A duration given in seconds on a command line (`120`, `0.5`): clap's `value_parser` for
+/// the benchmarks' `--timeout` and similar flags. Zero, negative and non-finite are refused.
+pub fn secs(arg: &str) -> Result<Duration, String> {
+    match arg.parse::<f64>() {
+        Ok(secs) if secs > 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|error| format!("{arg:?}: {error}"))
+        }
+        _ => Err(format!("{arg:?} is not a positive number of seconds")),
+    }
+}
+
+/// A positive whole number on a command line (`--runs`, `--queues`): clap's `value_parser`
+/// where `value_parser!(u32).range(1..)` does not fit the type.
+pub fn positive(arg: &str) -> Result<usize, String> {
+    match arg.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{arg:?} is not a positive whole number")),
+    }
+}
+
 /// The process's peak resident set size (`VmHWM` of `/proc/self/status`), in KiB.
 pub fn peak_rss_kib() -> Option<u64> {
     status_kib("VmHWM:")
