@@ -335,6 +335,62 @@ pub fn positive(arg: &str) -> Result<usize, String> {
     }
 }
 
+/// The highest values a [`Sampler`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peaks {
+    /// Resident set (`VmRSS`), KiB.
+    pub rss_kib: u64,
+    /// [`Stats::connection_runtime_lag`], the largest over every service sampled.
+    pub connection_lag: Duration,
+    /// [`Stats::handler_runtime_lag`], the largest over every service sampled.
+    pub handler_lag: Duration,
+}
+
+/// Samples, every `period` until stopped, this process's resident set and the runtime lags
+/// of some conejo services, and keeps the highest of each. Each lag reading is already the
+/// largest of the last 2 s (see [`Stats::connection_runtime_lag`]), so a period well under
+/// that misses no stall.
+#[derive(Debug)]
+pub struct Sampler {
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<Peaks>,
+}
+
+impl Sampler {
+    /// Starts sampling, on the current runtime (so its own timer also waits on a busy handler
+    /// runtime: a lag it misses shows in the next reading).
+    pub fn start(stats: Vec<Stats>, period: Duration) -> Sampler {
+        let stop = Arc::new(Notify::new());
+        let stopped = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let mut peaks = Peaks::default();
+            let mut sample = || {
+                peaks.rss_kib = peaks.rss_kib.max(rss_kib().unwrap_or(0));
+                for stats in &stats {
+                    peaks.connection_lag = peaks.connection_lag.max(stats.connection_runtime_lag());
+                    peaks.handler_lag = peaks.handler_lag.max(stats.handler_runtime_lag());
+                }
+            };
+            loop {
+                sample();
+                tokio::select! {
+                    () = stopped.notified() => break,
+                    () = tokio::time::sleep(period) => {}
+                }
+            }
+            sample();
+            peaks
+        });
+        Sampler { stop, task }
+    }
+
+    /// Takes a last sample and returns the peaks.
+    pub async fn stop(self) -> anyhow::Result<Peaks> {
+        self.stop.notify_one();
+        self.task.await.context("the sampler task failed")
+    }
+}
+
 /// The process's peak resident set size (`VmHWM` of `/proc/self/status`), in KiB.
 pub fn peak_rss_kib() -> Option<u64> {
     status_kib("VmHWM:")
