@@ -3,6 +3,7 @@
 //! counting no-op handler conejo runs, and the clocks they are measured with.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -14,7 +15,7 @@ use anyhow::{Context as _, anyhow};
 use conejo::{Context, Handler, HandlerError, Json, Stats};
 use futures::{FutureExt as _, StreamExt as _};
 use lapin::{
-    Connection, ConnectionProperties,
+    Channel, Connection, ConnectionProperties,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::FieldTable,
 };
@@ -221,10 +222,9 @@ pub struct LapinRun<M> {
     pub ack_frames: u64,
 }
 
-/// A hand-written lapin consumer of `messages` prefilled [`Order`]s of `queue`, with
-/// `basic.qos(prefetch)`: decodes each body, settles as `acks` says, then closes its channel
-/// and connection (closing gives back anything unacked, so a broker-side count after it is
-/// final). `mark` is called at the first delivery and after the last.
+/// A hand-written lapin consumer of `messages` prefilled [`Order`]s of `queue`, on a
+/// connection of its own named `connection_name`: [`lapin_consume_on`] a channel of it, then
+/// closes the connection.
 pub async fn lapin_consume<M>(
     url: &str,
     connection_name: &str,
@@ -232,18 +232,46 @@ pub async fn lapin_consume<M>(
     messages: u32,
     prefetch: u16,
     acks: LapinAcks,
-    mut mark: impl FnMut() -> M,
+    mark: impl FnMut() -> M,
 ) -> anyhow::Result<LapinRun<M>> {
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
     let connection = Connection::connect(url, properties).await?;
     let channel = connection.create_channel().await?;
+    let run = lapin_consume_on(
+        &channel,
+        connection_name,
+        queue,
+        messages,
+        prefetch,
+        acks,
+        mark,
+    )
+    .await?;
+    connection.close(200, "done".into()).await?;
+    Ok(run)
+}
+
+/// A hand-written lapin consumer of `messages` prefilled [`Order`]s of `queue` on `channel`
+/// (consumer tag `consumer_tag`), with `basic.qos(prefetch)`: decodes each body, settles as
+/// `acks` says, then closes the channel (closing gives back anything unacked, so a
+/// broker-side count after it is final). `mark` is called at the first delivery and after
+/// the last.
+pub async fn lapin_consume_on<M>(
+    channel: &Channel,
+    consumer_tag: &str,
+    queue: &str,
+    messages: u32,
+    prefetch: u16,
+    acks: LapinAcks,
+    mut mark: impl FnMut() -> M,
+) -> anyhow::Result<LapinRun<M>> {
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let mut consumer = channel
         .basic_consume(
             queue.into(),
-            connection_name.into(),
+            consumer_tag.into(),
             BasicConsumeOptions {
                 no_ack: acks == LapinAcks::None,
                 ..BasicConsumeOptions::default()
@@ -307,7 +335,6 @@ pub async fn lapin_consume<M>(
     }
     let last = mark();
     channel.close(200, "done".into()).await?;
-    connection.close(200, "done".into()).await?;
     Ok(LapinRun {
         first: first.context("no delivery")?,
         last,
@@ -415,6 +442,11 @@ fn status_kib(key: &str) -> Option<u64> {
 /// CPU time (user + system, every thread) of process `pid` (`"self"` for this one), from
 /// `/proc/<pid>/stat`; `None` where unreadable.
 pub fn cpu_time(pid: &str) -> Option<Duration> {
+    stat_cpu_time(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime of a `/proc/…/stat` file (a process's or a thread's).
+fn stat_cpu_time(path: &str) -> Option<Duration> {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let ticks_per_second = *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -426,7 +458,7 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
             .filter(|&ticks| ticks > 0)
             .unwrap_or(100)
     });
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = std::fs::read_to_string(path).ok()?;
     // utime and stime: fields 14 and 15, counted after the `)` that ends the command name.
     let mut fields = stat
         .get(stat.rfind(')')? + 1..)?
@@ -437,6 +469,46 @@ pub fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_nanos(
         (utime + stime).saturating_mul(1_000_000_000) / ticks_per_second,
     ))
+}
+
+/// The CPU time of every thread of this process at one moment (`/proc/self/task`), by
+/// thread id, with the thread's name (`comm`: at most 15 bytes, so tokio's workers are
+/// `tokio-rt-worker`, conejo's connection runtime `conejo-connecti`, lapin's socket thread
+/// `lapin-io-loop`).
+#[derive(Debug, Clone, Default)]
+pub struct ThreadCpu(BTreeMap<u64, (String, Duration)>);
+
+impl ThreadCpu {
+    /// Now (empty where `/proc/self/task` is unreadable).
+    pub fn now() -> ThreadCpu {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return ThreadCpu::default();
+        };
+        ThreadCpu(
+            tasks
+                .filter_map(|task| {
+                    let task = task.ok()?;
+                    let tid = task.file_name().to_str()?.parse().ok()?;
+                    let path = task.path();
+                    let name = std::fs::read_to_string(path.join("comm")).ok()?;
+                    let cpu = stat_cpu_time(path.join("stat").to_str()?)?;
+                    Some((tid, (name.trim().to_owned(), cpu)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The CPU time each thread name used from `earlier` to this snapshot, summed over the
+    /// threads of that name (a thread started in between counts from zero; one that ended in
+    /// between is missing).
+    pub fn since(&self, earlier: &ThreadCpu) -> BTreeMap<String, Duration> {
+        let mut by_name = BTreeMap::new();
+        for (tid, (name, cpu)) in &self.0 {
+            let before = earlier.0.get(tid).map_or(Duration::ZERO, |(_, cpu)| *cpu);
+            *by_name.entry(name.clone()).or_default() += cpu.saturating_sub(before);
+        }
+        by_name
+    }
 }
 
 /// The broker's process id, to sample its CPU time: `BROKER_PID` if set, else the only
