@@ -390,7 +390,19 @@ fn progress_line(kind: Kind, run: usize, runs: usize, sample: &Sample) -> String
             ms(peaks.handler_lag)
         );
     }
+    let _ = write!(line, "  by thread: {}", by_thread(&sample.thread_us()));
     line
+}
+
+/// Each thread name's CPU µs per message and share of the threads' sum, the names that
+/// spent nothing left out.
+fn by_thread(us: &BTreeMap<&str, f64>) -> String {
+    let sum: f64 = us.values().sum();
+    us.iter()
+        .filter(|&(_, &us)| us > 0.0)
+        .map(|(name, us)| format!("{name} {us:.2} ({:.0} %)", us * 100.0 / sum))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The result table: medians over the runs of each kind, then conejo / lapin.
@@ -436,7 +448,8 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
 
     let _ = writeln!(
         out,
-        "\nCPU µs/msg by thread (median over the runs; from just before connecting to the last ack):"
+        "\nCPU µs/msg by thread name and share of their sum (median over the runs; from just \
+         before connecting to the last ack):"
     );
     for (kind, samples) in results {
         let mut names: Vec<&str> = samples
@@ -445,18 +458,17 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
             .collect();
         names.sort_unstable();
         names.dedup();
-        let parts: Vec<String> = names
+        let medians: BTreeMap<&str, f64> = names
             .iter()
-            .map(|name| {
+            .map(|&name| {
                 let us: Vec<f64> = samples
                     .iter()
                     .map(|s| s.thread_us().get(name).copied().unwrap_or(0.0))
                     .collect();
-                format!("{name} {:.2}", median(&us))
+                (name, median(&us))
             })
-            .filter(|part| !part.ends_with(" 0.00"))
             .collect();
-        let _ = writeln!(out, "  {:<6}  {}", kind.label(), parts.join(", "));
+        let _ = writeln!(out, "  {:<6}  {}", kind.label(), by_thread(&medians));
     }
 
     for (kind, samples) in results {
