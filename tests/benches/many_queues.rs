@@ -201,15 +201,6 @@ async fn prefill(broker: &Broker, queues: &[String], args: &Args) -> anyhow::Res
     Ok(())
 }
 
-/// Checks, broker side, that every one of `queues` is empty.
-async fn ensure_empty(broker: &Broker, queues: &[String]) -> anyhow::Result<()> {
-    for queue in queues {
-        let left = broker.message_count(queue).await?;
-        ensure!(left == 0, "{left} messages left in {queue:?} after the run");
-    }
-    Ok(())
-}
-
 /// One lapin connection, a channel and a task per queue, each a coalesced-ack loop.
 async fn run_lapin(queues: &[String], args: &Args) -> anyhow::Result<Sample> {
     let threads_before = ThreadCpu::now();
@@ -295,11 +286,7 @@ async fn run_conejo(queues: &[String], args: &Args) -> anyhow::Result<Sample> {
             stats.all()
         )
     })??;
-    tokio::time::timeout(SHUTDOWN_TIMEOUT, service)
-        .await
-        .map_err(|_| anyhow!("conejo did not shut down within {SHUTDOWN_TIMEOUT:?}"))?
-        .context("the conejo task failed")?
-        .context("conejo returned an error")?;
+    bench::stopped(service, SHUTDOWN_TIMEOUT).await?;
 
     let mut ack_frames = 0;
     let mut sampled = Vec::new();
@@ -346,22 +333,10 @@ async fn run_kind(
         Kind::Lapin => run_lapin(&queues, args).await,
         Kind::Conejo => run_conejo(&queues, args).await,
     }?;
-    ensure_empty(broker, &queues).await?;
+    bench::ensure_empty(broker, &queues).await?;
     broker.delete_consumed_queues(&queues).await?;
     made.retain(|queue| !queues.contains(queue));
     Ok(sample)
-}
-
-/// The median of some values (mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
 }
 
 /// Milliseconds.
@@ -416,12 +391,13 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
     let _ = writeln!(out, "{}", "-".repeat(100));
     let mut medians = BTreeMap::new();
     for (kind, samples) in results {
-        let of = |f: &dyn Fn(&Sample) -> f64| median(&samples.iter().map(f).collect::<Vec<_>>());
+        let of =
+            |f: &dyn Fn(&Sample) -> f64| bench::median(&samples.iter().map(f).collect::<Vec<_>>());
         let rate = of(&|s| s.rate());
         let slowest = of(&|s| s.queue_rates()[0]);
         let fastest = of(&|s| *s.queue_rates().last().expect("a queue"));
         let cpu: Vec<f64> = samples.iter().filter_map(Sample::cpu_us).collect();
-        let cpu = (cpu.len() == samples.len()).then(|| median(&cpu));
+        let cpu = (cpu.len() == samples.len()).then(|| bench::median(&cpu));
         let acks_per_frame = of(&|s| s.total() / s.ack_frames.max(1) as f64);
         let runs: Vec<String> = samples.iter().map(|s| format!("{:.0}", s.rate())).collect();
         let _ = writeln!(
@@ -465,7 +441,7 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
                     .iter()
                     .map(|s| s.thread_us().get(name).copied().unwrap_or(0.0))
                     .collect();
-                (name, median(&us))
+                (name, bench::median(&us))
             })
             .collect();
         let _ = writeln!(out, "  {:<6}  {}", kind.label(), by_thread(&medians));
@@ -528,9 +504,7 @@ async fn measure(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Test runners (`cargo nextest run --all-targets`) list every target's tests: this
-    // benchmark has none to offer them.
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return Ok(());
     }
     let mut args = Args::parse();

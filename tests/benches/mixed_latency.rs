@@ -323,8 +323,7 @@ async fn run(
         final_acked == total && delivered == total && requeued == 0,
         "delivered {delivered}, acked {final_acked}, requeued {requeued} of {total}"
     );
-    let left = broker.message_count(queue).await?;
-    ensure!(left == 0, "{left} messages left in {queue:?} after the run");
+    bench::ensure_empty(broker, &[queue]).await?;
     let first = *progress.first.get().context("nothing handled")?;
     let elapsed = fast_end.duration_since(first);
     Ok(Sample {
@@ -375,7 +374,7 @@ fn report(label: &str, s: &Sample) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return Ok(());
     }
     let args = Args::parse();

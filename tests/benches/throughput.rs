@@ -211,18 +211,6 @@ impl Sample {
     }
 }
 
-/// The median of some values (mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
 /// Prefills `queue` with `messages` [`Order`]s (bounded by at least [`FILL_TIMEOUT`]).
 async fn prefill(
     broker: &Broker,
@@ -231,13 +219,6 @@ async fn prefill(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     bench::prefill(broker, queue, messages, timeout.max(FILL_TIMEOUT)).await
-}
-
-/// Checks, broker side, that nothing is left in `queue`.
-async fn ensure_empty(broker: &Broker, queue: &str) -> anyhow::Result<()> {
-    let left = broker.message_count(queue).await?;
-    ensure!(left == 0, "{left} messages left in {queue:?} after the run");
-    Ok(())
 }
 
 /// What one consumer run consumes, and how.
@@ -267,7 +248,7 @@ async fn run_lapin(broker: &Broker, run: Run<'_>, acks: LapinAcks) -> anyhow::Re
         .await
         .map_err(|_| anyhow!("raw lapin run took more than {timeout:?}"))??;
     // The channel is closed: anything unacked is back in the queue, so the count is final.
-    ensure_empty(broker, queue).await?;
+    bench::ensure_empty(broker, &[queue]).await?;
     Ok(Sample::between(lapin.first, lapin.last))
 }
 
@@ -380,11 +361,7 @@ async fn run_service<H: Handler>(
             stats.queue(queue)
         )
     })??;
-    tokio::time::timeout(SETUP_TIMEOUT, service)
-        .await
-        .map_err(|_| anyhow!("conejo did not shut down within {SETUP_TIMEOUT:?}"))?
-        .context("the conejo task failed")?
-        .context("conejo returned an error")?;
+    bench::stopped(service, SETUP_TIMEOUT).await?;
 
     let final_stats = stats.queue(queue).context("no stats for the queue")?;
     ensure!(
@@ -398,7 +375,7 @@ async fn run_service<H: Handler>(
         final_stats.retried,
         progress.handled()
     );
-    ensure_empty(broker, queue).await?;
+    bench::ensure_empty(broker, &[queue]).await?;
     let start = progress.first().context("no message was handled")?;
     Ok(Sample {
         retries: final_stats.retried,
@@ -510,7 +487,7 @@ fn table(args: &Args, series: &[Series]) -> String {
                 .iter()
                 .filter_map(|s| s.cpu_per_message_us(args.messages))
                 .collect();
-            let rate = median(&rates);
+            let rate = bench::median(&rates);
             medians.push((entry.kind, rate));
             let runs = rates
                 .iter()
@@ -518,7 +495,7 @@ fn table(args: &Args, series: &[Series]) -> String {
                 .collect::<Vec<_>>()
                 .join(" ");
             let cpu = if cpu.len() == entry.samples.len() {
-                format!("{:.2}", median(&cpu))
+                format!("{:.2}", bench::median(&cpu))
             } else {
                 "n/a".to_owned()
             };
@@ -602,9 +579,7 @@ fn observe_when_asked() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Test runners (`cargo nextest run --all-targets`) list every target's tests: this
-    // benchmark has none to offer them.
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return Ok(());
     }
     let mut args = Args::parse();

@@ -199,6 +199,30 @@ impl Handler for Noop {
     }
 }
 
+/// Checks, broker side, that each of `queues` is empty (call it once consumers have closed
+/// their channels: anything unacked is back in its queue then).
+pub async fn ensure_empty<S: AsRef<str>>(broker: &Broker, queues: &[S]) -> anyhow::Result<()> {
+    for queue in queues {
+        let queue = queue.as_ref();
+        let left = broker.message_count(queue).await?;
+        anyhow::ensure!(left == 0, "{left} messages left in {queue:?} after the run");
+    }
+    Ok(())
+}
+
+/// Waits, at most `timeout`, for a conejo service spawned as a task (after its shutdown was
+/// asked) and returns its result.
+pub async fn stopped(
+    service: tokio::task::JoinHandle<Result<(), conejo::Error>>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(timeout, service)
+        .await
+        .map_err(|_| anyhow!("conejo did not shut down within {timeout:?}"))?
+        .context("the conejo task failed")?
+        .context("conejo returned an error")
+}
+
 /// How a hand-written lapin consumer settles its deliveries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LapinAcks {
@@ -340,6 +364,24 @@ pub async fn lapin_consume_on<M>(
         last,
         ack_frames,
     })
+}
+
+/// True when a test runner is listing this binary's tests (`--list`, as `cargo nextest run
+/// --all-targets` does with every target): a benchmark has none, and exits at once.
+pub fn listing_tests() -> bool {
+    std::env::args().any(|arg| arg == "--list")
+}
+
+/// The median of some values (the mean of the middle two for an even count; NaN for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => sorted[mid],
+        _ => (sorted[mid - 1] + sorted[mid]) / 2.0,
+    }
 }
 
 /// A duration given in seconds on a command line (`120`, `0.5`): clap's `value_parser` for
