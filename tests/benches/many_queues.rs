@@ -29,11 +29,13 @@
 //! Printed per kind (median over `--runs`): the total rate (every message, from the first
 //! delivery of any queue to the last ack of all), the slowest and the fastest queue's rate
 //! (its messages over its own first delivery to last ack), the client process's CPU per
-//! message over the same span as the total, `basic.ack` frames per message, and which
+//! message over the same span as the total, messages per `basic.ack` frame, and which
 //! threads spent that CPU (per message, by thread name: `tokio-rt-worker` the process's
 //! runtime — conejo's handlers, or lapin's consume loops and its heartbeat and RPC tasks;
 //! `conejo-connecti` conejo's connection runtime; `lapin-io-loop` lapin's socket thread;
-//! measured from just before connecting to the last ack). For conejo also the largest
+//! measured from just before connecting to the last ack), the kernel's share of that CPU
+//! and the threads' context switches per message (hand-offs between threads cost there,
+//! which instruction counts of user code do not see). For conejo also the largest
 //! [`Stats::connection_runtime_lag`](conejo::Stats::connection_runtime_lag) and
 //! [`Stats::handler_runtime_lag`](conejo::Stats::handler_runtime_lag) sampled every 10 ms
 //! while it runs; then conejo / lapin.
@@ -63,7 +65,9 @@ use clap::{Parser, ValueEnum};
 use conejo::{Conejo, QueueConfig};
 use conejo_tests::{
     Broker, amqp_url,
-    bench::{self, BODY_LEN, LapinAcks, Mark, Noop, Peaks, Progress, Sampler, ThreadCpu},
+    bench::{
+        self, BODY_LEN, LapinAcks, Mark, Noop, Peaks, Progress, Sampler, ThreadCpu, ThreadTimes,
+    },
     lapin::{Connection, ConnectionProperties},
     unique_name,
 };
@@ -136,8 +140,9 @@ struct Sample {
     messages: u32,
     /// `basic.ack` frames sent, every queue.
     ack_frames: u64,
-    /// CPU per thread name, from just before connecting to the last ack.
-    threads: BTreeMap<String, Duration>,
+    /// CPU and context switches per thread name, from just before connecting to the last
+    /// ack.
+    threads: BTreeMap<String, ThreadTimes>,
     /// conejo's runtime lags (`None` for lapin).
     peaks: Option<Peaks>,
 }
@@ -186,10 +191,28 @@ impl Sample {
 
     /// CPU microseconds per message of each thread name.
     fn thread_us(&self) -> BTreeMap<&str, f64> {
+        self.per_thread(|times| times.cpu().as_secs_f64() * 1e6)
+    }
+
+    /// Context switches per message of each thread name.
+    fn thread_switches(&self) -> BTreeMap<&str, f64> {
+        self.per_thread(|times| times.switches as f64)
+    }
+
+    /// `value` of each thread name's times, per message.
+    fn per_thread(&self, value: impl Fn(&ThreadTimes) -> f64) -> BTreeMap<&str, f64> {
         self.threads
             .iter()
-            .map(|(name, cpu)| (name.as_str(), cpu.as_secs_f64() * 1e6 / self.total()))
+            .map(|(name, times)| (name.as_str(), value(times) / self.total()))
             .collect()
+    }
+
+    /// The share of the threads' CPU time spent in the kernel, in percent.
+    fn system_percent(&self) -> f64 {
+        let (system, cpu) = self.threads.values().fold((0.0, 0.0), |(system, cpu), t| {
+            (system + t.system.as_secs_f64(), cpu + t.cpu().as_secs_f64())
+        });
+        system * 100.0 / cpu.max(f64::MIN_POSITIVE)
     }
 }
 
@@ -365,8 +388,28 @@ fn progress_line(kind: Kind, run: usize, runs: usize, sample: &Sample) -> String
             ms(peaks.handler_lag)
         );
     }
-    let _ = write!(line, "  by thread: {}", by_thread(&sample.thread_us()));
+    let _ = write!(
+        line,
+        "  by thread: {}; system {:.0} %; context switches per message: {}",
+        by_thread(&sample.thread_us()),
+        sample.system_percent(),
+        switches(&sample.thread_switches())
+    );
     line
+}
+
+/// Context switches per message, in all and by thread name.
+fn switches(per_message: &BTreeMap<&str, f64>) -> String {
+    let parts: Vec<String> = per_message
+        .iter()
+        .filter(|&(_, &n)| n > 0.0)
+        .map(|(name, n)| format!("{name} {n:.3}"))
+        .collect();
+    format!(
+        "{:.3} ({})",
+        per_message.values().sum::<f64>(),
+        parts.join(", ")
+    )
 }
 
 /// Each thread name's CPU µs per message and share of the threads' sum, the names that
@@ -424,8 +467,9 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
 
     let _ = writeln!(
         out,
-        "\nCPU µs/msg by thread name and share of their sum (median over the runs; from just \
-         before connecting to the last ack):"
+        "\nCPU µs/msg by thread name and share of their sum, the kernel's share of it, and \
+         context switches (voluntary + involuntary) per message (median over the runs; from \
+         just before connecting to the last ack):"
     );
     for (kind, samples) in results {
         let mut names: Vec<&str> = samples
@@ -434,17 +478,32 @@ fn table(args: &Args, results: &[(Kind, Vec<Sample>)]) -> String {
             .collect();
         names.sort_unstable();
         names.dedup();
-        let medians: BTreeMap<&str, f64> = names
-            .iter()
-            .map(|&name| {
-                let us: Vec<f64> = samples
-                    .iter()
-                    .map(|s| s.thread_us().get(name).copied().unwrap_or(0.0))
-                    .collect();
-                (name, bench::median(&us))
-            })
-            .collect();
-        let _ = writeln!(out, "  {:<6}  {}", kind.label(), by_thread(&medians));
+        let median_of = |per: &dyn Fn(&Sample) -> BTreeMap<&str, f64>| -> BTreeMap<&str, f64> {
+            names
+                .iter()
+                .map(|&name| {
+                    let values: Vec<f64> = samples
+                        .iter()
+                        .map(|s| per(s).get(name).copied().unwrap_or(0.0))
+                        .collect();
+                    (name, bench::median(&values))
+                })
+                .collect()
+        };
+        let medians = median_of(&Sample::thread_us);
+        let system = bench::median(
+            &samples
+                .iter()
+                .map(Sample::system_percent)
+                .collect::<Vec<_>>(),
+        );
+        let _ = writeln!(
+            out,
+            "  {:<6}  {}\n          system {system:.0} % of it; context switches per message: {}",
+            kind.label(),
+            by_thread(&medians),
+            switches(&median_of(&Sample::thread_switches))
+        );
     }
 
     for (kind, samples) in results {

@@ -484,11 +484,12 @@ fn status_kib(key: &str) -> Option<u64> {
 /// CPU time (user + system, every thread) of process `pid` (`"self"` for this one), from
 /// `/proc/<pid>/stat`; `None` where unreadable.
 pub fn cpu_time(pid: &str) -> Option<Duration> {
-    stat_cpu_time(&format!("/proc/{pid}/stat"))
+    let (user, system) = stat_times(&format!("/proc/{pid}/stat"))?;
+    Some(user + system)
 }
 
-/// utime + stime of a `/proc/…/stat` file (a process's or a thread's).
-fn stat_cpu_time(path: &str) -> Option<Duration> {
+/// utime and stime of a `/proc/…/stat` file (a process's or a thread's).
+fn stat_times(path: &str) -> Option<(Duration, Duration)> {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let ticks_per_second = *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -506,19 +507,63 @@ fn stat_cpu_time(path: &str) -> Option<Duration> {
         .get(stat.rfind(')')? + 1..)?
         .split_whitespace()
         .skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_nanos(
-        (utime + stime).saturating_mul(1_000_000_000) / ticks_per_second,
-    ))
+    let mut next = || -> Option<Duration> {
+        let ticks: u64 = fields.next()?.parse().ok()?;
+        Some(Duration::from_nanos(
+            ticks.saturating_mul(1_000_000_000) / ticks_per_second,
+        ))
+    };
+    Some((next()?, next()?))
 }
 
-/// The CPU time of every thread of this process at one moment (`/proc/self/task`), by
-/// thread id, with the thread's name (`comm`: at most 15 bytes, so tokio's workers are
-/// `tokio-rt-worker`, conejo's connection runtime `conejo-connecti`, lapin's socket thread
-/// `lapin-io-loop`).
+/// What one thread, or the threads of one name, spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadTimes {
+    /// CPU time in user space.
+    pub user: Duration,
+    /// CPU time in the kernel (system calls: socket I/O, futex wake-ups and waits…).
+    pub system: Duration,
+    /// Context switches: voluntary (the thread waited: parked, blocked in a read) plus
+    /// involuntary (preempted).
+    pub switches: u64,
+}
+
+impl ThreadTimes {
+    /// User + system.
+    pub fn cpu(&self) -> Duration {
+        self.user + self.system
+    }
+
+    fn saturating_sub(self, earlier: ThreadTimes) -> ThreadTimes {
+        ThreadTimes {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+
+    fn add(&mut self, other: ThreadTimes) {
+        self.user += other.user;
+        self.system += other.system;
+        self.switches += other.switches;
+    }
+}
+
+/// Context switches of a thread, from its `/proc/…/status`.
+fn switches(status: &str) -> Option<u64> {
+    let count = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(key))?;
+        line[key.len()..].trim().parse().ok()
+    };
+    Some(count("voluntary_ctxt_switches:")? + count("nonvoluntary_ctxt_switches:")?)
+}
+
+/// The CPU time and context switches of every thread of this process at one moment
+/// (`/proc/self/task`), by thread id, with the thread's name (`comm`: at most 15 bytes, so
+/// tokio's workers are `tokio-rt-worker`, conejo's connection runtime `conejo-connecti`,
+/// lapin's socket thread `lapin-io-loop`).
 #[derive(Debug, Clone, Default)]
-pub struct ThreadCpu(BTreeMap<u64, (String, Duration)>);
+pub struct ThreadCpu(BTreeMap<u64, (String, ThreadTimes)>);
 
 impl ThreadCpu {
     /// Now (empty where `/proc/self/task` is unreadable).
@@ -533,21 +578,33 @@ impl ThreadCpu {
                     let tid = task.file_name().to_str()?.parse().ok()?;
                     let path = task.path();
                     let name = std::fs::read_to_string(path.join("comm")).ok()?;
-                    let cpu = stat_cpu_time(path.join("stat").to_str()?)?;
-                    Some((tid, (name.trim().to_owned(), cpu)))
+                    let (user, system) = stat_times(path.join("stat").to_str()?)?;
+                    let status = std::fs::read_to_string(path.join("status")).ok()?;
+                    let times = ThreadTimes {
+                        user,
+                        system,
+                        switches: switches(&status)?,
+                    };
+                    Some((tid, (name.trim().to_owned(), times)))
                 })
                 .collect(),
         )
     }
 
-    /// The CPU time each thread name used from `earlier` to this snapshot, summed over the
-    /// threads of that name (a thread started in between counts from zero; one that ended in
+    /// What each thread name spent from `earlier` to this snapshot, summed over the threads
+    /// of that name (a thread started in between counts from zero; one that ended in
     /// between is missing).
-    pub fn since(&self, earlier: &ThreadCpu) -> BTreeMap<String, Duration> {
-        let mut by_name = BTreeMap::new();
-        for (tid, (name, cpu)) in &self.0 {
-            let before = earlier.0.get(tid).map_or(Duration::ZERO, |(_, cpu)| *cpu);
-            *by_name.entry(name.clone()).or_default() += cpu.saturating_sub(before);
+    pub fn since(&self, earlier: &ThreadCpu) -> BTreeMap<String, ThreadTimes> {
+        let mut by_name = BTreeMap::<String, ThreadTimes>::new();
+        for (tid, (name, times)) in &self.0 {
+            let before = earlier
+                .0
+                .get(tid)
+                .map_or_else(ThreadTimes::default, |t| t.1);
+            by_name
+                .entry(name.clone())
+                .or_default()
+                .add(times.saturating_sub(before));
         }
         by_name
     }
