@@ -18,6 +18,10 @@
 //! - **ack frames per ack** (`Stats` `ack_frames / acked`, at that same point);
 //! - **resident set**: the highest `VmRSS` sampled every 10 ms during the run, and its value
 //!   at the start of the run;
+//! - **runtime lags**: the largest `Stats::connection_runtime_lag` (lapin, heartbeats, acks)
+//!   and `Stats::handler_runtime_lag` sampled with the resident set, until the last slow
+//!   message is acked: the first should stay at a few milliseconds however many handlers
+//!   run;
 //! - then the run waits for the slow ones (bounded by `--slow-secs` + `--timeout`), shuts
 //!   conejo down, and checks every delivery was acked once and the queue is empty
 //!   broker-side.
@@ -44,12 +48,13 @@
 use std::{
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use clap::Parser;
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
 use conejo_tests::{
     Broker, amqp_url,
@@ -57,8 +62,8 @@ use conejo_tests::{
     unique_name,
 };
 
-/// How often the resident set is sampled.
-const RSS_SAMPLE: Duration = Duration::from_millis(10);
+/// How often the resident set and the runtime lags are sampled.
+const SAMPLE: Duration = Duration::from_millis(10);
 /// Poll interval of the stats while waiting for the end of a phase.
 const POLL: Duration = Duration::from_millis(1);
 /// Bound on prefilling one queue.
@@ -67,89 +72,58 @@ const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Command-line settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Parser)]
+#[command(about = "conejo draining a queue with one slow message in many, beside the uniform run")]
 struct Args {
     /// Messages per run.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u32).range(1..))]
     messages: u32,
     /// One message in this many is slow.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..))]
     slow_every: u32,
-    /// How long a slow message takes.
+    /// How long a slow message takes, in seconds.
+    #[arg(long = "slow-secs", value_name = "SECS", default_value = "30", value_parser = seconds)]
     slow: Duration,
-    /// How long every other message takes.
+    /// How long every other message takes, in milliseconds.
+    #[arg(long = "fast-ms", value_name = "MS", default_value = "1", value_parser = millis)]
     fast: Duration,
-    /// Handlers at once.
+    /// Handlers at once (shared out among the services).
+    #[arg(long, default_value_t = 2000, value_parser = bench::positive)]
     concurrency: usize,
-    /// The consumer's prefetch.
+    /// The consumer's prefetch (shared out among the services).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u16).range(1..))]
     prefetch: u16,
     /// conejo services consuming the queue, each on its own connection and channel, with
     /// a share of the concurrency and prefetch: what spreading one queue over several
     /// channels would do.
+    #[arg(long, default_value_t = 1, value_parser = bench::positive)]
     services: usize,
-    /// Bound on the fast phase of a run (and, beyond the slow duration, on the slow tail).
+    /// Bound on the fast phase of a run (and, beyond the slow duration, on the slow tail),
+    /// in seconds.
+    #[arg(long, value_name = "SECS", default_value = "180", value_parser = bench::secs)]
     timeout: Duration,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// A handler's sleep given in seconds (zero allowed).
+fn seconds(arg: &str) -> Result<Duration, String> {
+    arg.parse::<f64>()
+        .map_err(|error| error.to_string())
+        .and_then(|secs| Duration::try_from_secs_f64(secs).map_err(|error| error.to_string()))
+        .map_err(|error| format!("{arg:?} is not a number of seconds: {error}"))
+}
+
+/// A handler's sleep given in milliseconds (zero allowed).
+fn millis(arg: &str) -> Result<Duration, String> {
+    arg.parse::<f64>()
+        .map_err(|error| error.to_string())
+        .and_then(|ms| Duration::try_from_secs_f64(ms / 1e3).map_err(|error| error.to_string()))
+        .map_err(|error| format!("{arg:?} is not a number of milliseconds: {error}"))
 }
 
 impl Args {
-    fn parse() -> anyhow::Result<Args> {
-        let mut args = Args {
-            messages: 200_000,
-            slow_every: 1000,
-            slow: Duration::from_secs(30),
-            fast: Duration::from_millis(1),
-            concurrency: 2000,
-            prefetch: 2000,
-            services: 1,
-            timeout: Duration::from_secs(180),
-        };
-        let mut raw = std::env::args().skip(1);
-        while let Some(arg) = raw.next() {
-            if arg == "--bench" {
-                continue;
-            }
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| raw.next())
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-            };
-            match flag.as_str() {
-                "--messages" => args.messages = value()?.parse().context("--messages")?,
-                "--slow-every" => args.slow_every = value()?.parse().context("--slow-every")?,
-                "--slow-secs" => {
-                    args.slow = Duration::from_secs_f64(value()?.parse().context("--slow-secs")?);
-                }
-                "--fast-ms" => {
-                    args.fast = Duration::from_secs_f64(
-                        value()?.parse::<f64>().context("--fast-ms")? / 1e3,
-                    );
-                }
-                "--concurrency" => args.concurrency = value()?.parse().context("--concurrency")?,
-                "--prefetch" => args.prefetch = value()?.parse().context("--prefetch")?,
-                "--services" => args.services = value()?.parse().context("--services")?,
-                "--timeout" => {
-                    args.timeout =
-                        Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
-                }
-                _ => bail!(
-                    "unknown argument {arg:?}; usage: mixed_latency [--messages N] \
-                     [--slow-every K] [--slow-secs S] [--fast-ms MS] [--concurrency C] \
-                     [--prefetch P] [--services N] [--timeout SECS]"
-                ),
-            }
-        }
-        ensure!(args.messages > 0, "--messages must be positive");
-        ensure!(args.slow_every > 1, "--slow-every must be at least 2");
-        ensure!(
-            args.concurrency > 0 && args.prefetch > 0 && args.services > 0,
-            "--concurrency, --prefetch and --services must be positive"
-        );
-        Ok(args)
-    }
-
     /// True when the message `id` is a slow one.
     fn is_slow(&self, id: u64) -> bool {
         id % u64::from(self.slow_every) == u64::from(self.slow_every / 2)
@@ -218,6 +192,10 @@ struct Sample {
     /// Resident set at the start of the run and its highest sample during the run, KiB.
     rss_start: u64,
     rss_peak: u64,
+    /// The largest connection-runtime and handler-runtime lags sampled during the run (the
+    /// largest over the services).
+    connection_lag: Duration,
+    handler_lag: Duration,
     /// First handled to the last slow one acked (mixed runs).
     total: Duration,
     /// CPU time of this process and of the broker over the fast phase, per fast message.
@@ -228,18 +206,6 @@ struct Sample {
 /// CPU time of this process and of the broker (if found) now.
 fn cpu_now(broker: Option<&str>) -> (Option<Duration>, Option<Duration>) {
     (bench::cpu_time("self"), broker.and_then(bench::cpu_time))
-}
-
-/// Samples `VmRSS` every [`RSS_SAMPLE`] until `stop`, returning the highest value.
-fn rss_sampler(stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut peak = 0;
-        while !stop.load(Relaxed) {
-            peak = peak.max(bench::rss_kib().unwrap_or(0));
-            tokio::time::sleep(RSS_SAMPLE).await;
-        }
-        peak.max(bench::rss_kib().unwrap_or(0))
-    })
 }
 
 /// One run on a fresh prefilled queue.
@@ -276,8 +242,7 @@ async fn run(
     let stats: Vec<_> = built.iter().map(Conejo::stats).collect();
     let shutdowns: Vec<_> = built.iter().map(Conejo::shutdown_handle).collect();
     let rss_start = bench::rss_kib().unwrap_or(0);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sampler = rss_sampler(Arc::clone(&stop));
+    let sampler = bench::Sampler::start(stats.clone(), SAMPLE);
     let cpu_start = cpu_now(broker_pid);
     let mut running: Vec<_> = built
         .into_iter()
@@ -332,8 +297,7 @@ async fn run(
             .ok(),
         _ => None,
     };
-    stop.store(true, Relaxed);
-    let rss_peak = sampler.await?;
+    let peaks = sampler.stop().await?;
     for shutdown in &shutdowns {
         shutdown.shutdown();
     }
@@ -359,8 +323,7 @@ async fn run(
         final_acked == total && delivered == total && requeued == 0,
         "delivered {delivered}, acked {final_acked}, requeued {requeued} of {total}"
     );
-    let left = broker.message_count(queue).await?;
-    ensure!(left == 0, "{left} messages left in {queue:?} after the run");
+    bench::ensure_empty(broker, &[queue]).await?;
     let first = *progress.first.get().context("nothing handled")?;
     let elapsed = fast_end.duration_since(first);
     Ok(Sample {
@@ -371,7 +334,9 @@ async fn run(
         final_frames,
         final_acked,
         rss_start,
-        rss_peak,
+        rss_peak: peaks.rss_kib,
+        connection_lag: peaks.connection_lag,
+        handler_lag: peaks.handler_lag,
         total: tail_end.duration_since(first),
         client_us: per_message(cpu_start.0, cpu_end.0, fast),
         broker_us: per_message(cpu_start.1, cpu_end.1, fast),
@@ -389,7 +354,7 @@ fn report(label: &str, s: &Sample) {
     println!(
         "{label:<8} {:>9.0} msg/s  fast phase {:>7.2?}  CPU µs/msg client {} broker {}  \
          ack frames/ack {:.3} ({} / {})  end: {} / {}  RSS {:.1} → peak {:.1} MiB  all acked \
-         after {:.2?}",
+         after {:.2?}  max lag: connection runtime {:.1} ms, handler runtime {:.1} ms",
         s.rate,
         s.elapsed,
         us(s.client_us),
@@ -402,15 +367,17 @@ fn report(label: &str, s: &Sample) {
         s.rss_start as f64 / 1024.0,
         s.rss_peak as f64 / 1024.0,
         s.total,
+        s.connection_lag.as_secs_f64() * 1e3,
+        s.handler_lag.as_secs_f64() * 1e3,
     );
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return Ok(());
     }
-    let args = Args::parse()?;
+    let args = Args::parse();
     println!(
         "mixed_latency: {} messages of {} B, 1 in {} sleeping {:?}, the rest {:?}; \
          concurrency {}, prefetch {}, {} service(s), {} cores",

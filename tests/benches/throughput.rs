@@ -41,27 +41,26 @@
 //!
 //! The broker is [`amqp_url`] (`AMQP_URL`, default the local guest broker). Every queue made is
 //! deleted at the end (with the wait and dead-letter queues conejo declared for it), also
-//! when a run fails; a run that does not finish within
-//! [`RUN_TIMEOUT`] (`--timeout SECS`, e.g. under valgrind) fails the benchmark instead of
-//! hanging.
+//! when a run fails; a run that does not finish within `--timeout SECS` (default 120) fails
+//! the benchmark instead of hanging. `--help` lists every flag.
 
 use std::{
     fmt::Write as _,
     sync::{
-        Arc, OnceLock,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail, ensure};
+use clap::{Parser, ValueEnum};
 use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig, RetryPolicy};
 use conejo_tests::{
     Broker, amqp_url,
-    bench::{self, BODY_LEN, LapinAcks, Order},
+    bench::{self, BODY_LEN, LapinAcks, Mark, Noop, Order, Progress},
     unique_name,
 };
-use tokio::sync::Notify;
 
 /// Messages per run unless `--messages` says otherwise.
 const DEFAULT_MESSAGES: u32 = 200_000;
@@ -69,14 +68,10 @@ const DEFAULT_MESSAGES: u32 = 200_000;
 const DEFAULT_RUNS: usize = 3;
 /// Prefetches measured unless `--prefetch` says otherwise.
 const DEFAULT_PREFETCHES: [u16; 2] = [100, 1000];
-/// Default bound on one consumer run, from connecting to the last ack.
-const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Minimum bound on prefilling one queue (raised to the run timeout if that is longer).
 const FILL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound on connecting, and on conejo's shutdown once every message is acked.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Interval of the `stats().acked` poll once conejo's handler has seen every message.
-const STATS_POLL: Duration = Duration::from_millis(1);
 /// Delay before the first retry of a failing message in the failing runs (the second waits
 /// three times as long).
 const FAILING_INITIAL_DELAY: Duration = Duration::from_millis(50);
@@ -85,13 +80,15 @@ const FAILING_JITTER: f64 = 0.1;
 /// Attempts a failing message fails before it succeeds.
 const FAILED_ATTEMPTS: u32 = 2;
 
-/// Which consumer a run measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which consumer a run measures; the names are `--only`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Kind {
     /// lapin with `no_ack`: the broker's delivery ceiling.
+    #[value(name = "lapin-noack")]
     NoAck,
     /// The hand-written lapin loop with coalesced `basic.ack(multiple)`: the practical
     /// ceiling of an acking consumer of one queue, and the baseline of the ratios.
+    #[value(name = "lapin-coalesced")]
     Coalesced,
     /// The ordinary lapin consumer loop (ack each, await each ack).
     Lapin,
@@ -101,24 +98,26 @@ enum Kind {
     ConejoDefault,
     /// conejo with a counting handler, `prefetch(p)` and the default concurrency.
     ConejoPrefetch,
-    /// As [`Kind::ConejoDefault`], observed: a `tracing` subscriber that takes every
-    /// `delivery` span and INFO event (formatted, written to a sink), and the `health`
-    /// server's metrics recorder with its per-delivery duration histogram.
+    /// As conejo-default, observed: a `tracing` subscriber that takes every `delivery` span
+    /// and INFO event (formatted, written to a sink), and the `health` server's metrics
+    /// recorder with its per-delivery duration histogram.
     ConejoObserved,
-    /// conejo with a counting handler that fails a share of the messages twice.
+    /// conejo with a counting handler that fails a share of the messages twice (added by
+    /// `--failing-share`, not named in `--only`).
+    #[value(skip)]
     Failing,
 }
 
 impl Kind {
-    /// Every kind `--only` accepts, with its name there.
-    const NAMES: [(&'static str, Kind); 7] = [
-        ("lapin-noack", Kind::NoAck),
-        ("lapin-coalesced", Kind::Coalesced),
-        ("lapin", Kind::Lapin),
-        ("conejo", Kind::Conejo),
-        ("conejo-default", Kind::ConejoDefault),
-        ("conejo-prefetch", Kind::ConejoPrefetch),
-        ("conejo-observed", Kind::ConejoObserved),
+    /// What runs unless `--only` says otherwise: every kind but [`Kind::Failing`].
+    const ALL: [Kind; 7] = [
+        Kind::NoAck,
+        Kind::Coalesced,
+        Kind::Lapin,
+        Kind::Conejo,
+        Kind::ConejoDefault,
+        Kind::ConejoPrefetch,
+        Kind::ConejoObserved,
     ];
 
     /// Its name in the table.
@@ -137,141 +136,42 @@ impl Kind {
 }
 
 /// Command-line settings.
-#[derive(Debug)]
+#[derive(Debug, Parser)]
+#[command(about = "throughput of conejo against hand-written lapin consumers")]
 struct Args {
     /// Messages per run.
+    #[arg(long, default_value_t = DEFAULT_MESSAGES,
+          value_parser = clap::value_parser!(u32).range(1..))]
     messages: u32,
     /// Runs per (prefetch, consumer).
+    #[arg(long, default_value_t = DEFAULT_RUNS, value_parser = bench::positive)]
     runs: usize,
-    /// Prefetches to measure.
+    /// Prefetches to measure, comma-separated.
+    #[arg(long = "prefetch", value_name = "P[,P…]", value_delimiter = ',',
+          default_values_t = DEFAULT_PREFETCHES,
+          value_parser = clap::value_parser!(u16).range(1..))]
     prefetches: Vec<u16>,
-    /// Consumers to measure.
+    /// Consumers to measure, comma-separated.
+    #[arg(long = "only", value_name = "KIND[,KIND…]", value_enum, value_delimiter = ',',
+          default_values_t = Kind::ALL)]
     kinds: Vec<Kind>,
-    /// Bound on one consumer run.
-    timeout: Duration,
-    /// Share of the messages that fail twice in the [`Kind::Failing`] runs (0: no such run).
+    /// Share of the messages (0 to 1) that fail twice in an extra conejo run, conejo+fails
+    /// (0: no such run).
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
     failing_share: f64,
+    /// Bound on one consumer run, from connecting to the last ack, in seconds.
+    #[arg(long, value_name = "SECS", default_value = "120", value_parser = bench::secs)]
+    timeout: Duration,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-impl Args {
-    /// Reads `--messages N`, `--runs R`, `--prefetch P[,P…]`, `--only KIND[,KIND…]`,
-    /// `--failing-share F` and `--timeout SECS` (also as `--flag=value`) from the process
-    /// arguments. `--bench`, which cargo passes to every bench binary, is ignored.
-    fn parse() -> anyhow::Result<Args> {
-        let mut args = Args {
-            messages: DEFAULT_MESSAGES,
-            runs: DEFAULT_RUNS,
-            prefetches: DEFAULT_PREFETCHES.to_vec(),
-            kinds: Kind::NAMES.iter().map(|&(_, kind)| kind).collect(),
-            timeout: RUN_TIMEOUT,
-            failing_share: 0.0,
-        };
-        let mut raw = std::env::args().skip(1);
-        while let Some(arg) = raw.next() {
-            if arg == "--bench" {
-                continue;
-            }
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| raw.next())
-                    .ok_or_else(|| anyhow!("{flag} needs a value"))
-            };
-            match flag.as_str() {
-                "--messages" => args.messages = value()?.parse().context("--messages")?,
-                "--runs" => args.runs = value()?.parse().context("--runs")?,
-                "--prefetch" => {
-                    args.prefetches = value()?
-                        .split(',')
-                        .map(|p| p.trim().parse::<u16>())
-                        .collect::<Result<_, _>>()
-                        .context("--prefetch")?;
-                }
-                "--timeout" => {
-                    args.timeout =
-                        Duration::from_secs(value()?.parse().context("--timeout (seconds)")?);
-                }
-                "--failing-share" => {
-                    args.failing_share = value()?.parse().context("--failing-share")?;
-                }
-                "--only" => {
-                    args.kinds = value()?
-                        .split(',')
-                        .map(|name| {
-                            Kind::NAMES
-                                .iter()
-                                .find(|(n, _)| *n == name.trim())
-                                .map(|&(_, kind)| kind)
-                                .ok_or_else(|| {
-                                    anyhow!(
-                                        "--only takes a comma-separated list of {:?}, not {name:?}",
-                                        Kind::NAMES.map(|(n, _)| n)
-                                    )
-                                })
-                        })
-                        .collect::<anyhow::Result<_>>()?;
-                }
-                _ => bail!(
-                    "unknown argument {arg:?}; usage: throughput [--messages N] [--runs R] \
-                     [--prefetch P[,P…]] [--only KIND[,KIND…]] [--failing-share F] \
-                     [--timeout SECS]"
-                ),
-            }
-        }
-        ensure!(args.messages > 0, "--messages must be positive");
-        ensure!(args.runs > 0, "--runs must be positive");
-        ensure!(!args.timeout.is_zero(), "--timeout must be positive");
-        ensure!(
-            !args.prefetches.is_empty() && !args.prefetches.contains(&0),
-            "prefetches must be positive"
-        );
-        ensure!(
-            (0.0..=1.0).contains(&args.failing_share),
-            "--failing-share must be between 0 and 1"
-        );
-        if args.failing_share > 0.0 {
-            args.kinds.push(Kind::Failing);
-        }
-        Ok(args)
-    }
-}
-
-/// Client process CPU time (user + system, every thread), from `/proc/self/stat` through
-/// [`bench::cpu_time`], or `None` where that file is unavailable.
-#[derive(Debug, Clone, Copy)]
-struct CpuClock;
-
-impl CpuClock {
-    fn new() -> CpuClock {
-        CpuClock
-    }
-
-    /// utime + stime so far.
-    fn now(self) -> Option<Duration> {
-        conejo_tests::bench::cpu_time("self")
-    }
-}
-
-/// A point in time of a run: wall clock and process CPU time.
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    /// Wall clock.
-    at: Instant,
-    /// Process CPU time, if readable.
-    cpu: Option<Duration>,
-}
-
-impl Mark {
-    /// Now.
-    fn now(cpu: CpuClock) -> Mark {
-        Mark {
-            at: Instant::now(),
-            cpu: cpu.now(),
-        }
+/// A share, 0 to 1.
+fn share(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{arg:?} is not a number from 0 to 1")),
     }
 }
 
@@ -311,18 +211,6 @@ impl Sample {
     }
 }
 
-/// The median of some values (mean of the middle two for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
 /// Prefills `queue` with `messages` [`Order`]s (bounded by at least [`FILL_TIMEOUT`]).
 async fn prefill(
     broker: &Broker,
@@ -331,13 +219,6 @@ async fn prefill(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     bench::prefill(broker, queue, messages, timeout.max(FILL_TIMEOUT)).await
-}
-
-/// Checks, broker side, that nothing is left in `queue`.
-async fn ensure_empty(broker: &Broker, queue: &str) -> anyhow::Result<()> {
-    let left = broker.message_count(queue).await?;
-    ensure!(left == 0, "{left} messages left in {queue:?} after the run");
-    Ok(())
 }
 
 /// What one consumer run consumes, and how.
@@ -349,8 +230,6 @@ struct Run<'a> {
     messages: u32,
     /// The consumer's prefetch.
     prefetch: u16,
-    /// Samples the process CPU time.
-    cpu: CpuClock,
     /// Bound on the run.
     timeout: Duration,
 }
@@ -361,52 +240,16 @@ async fn run_lapin(broker: &Broker, run: Run<'_>, acks: LapinAcks) -> anyhow::Re
         queue,
         messages,
         prefetch,
-        cpu,
         timeout,
     } = run;
     let (url, name) = (amqp_url(), unique_name("throughput.lapin"));
-    let consume = bench::lapin_consume(&url, &name, queue, messages, prefetch, acks, || {
-        Mark::now(cpu)
-    });
+    let consume = bench::lapin_consume(&url, &name, queue, messages, prefetch, acks, Mark::now);
     let lapin = tokio::time::timeout(timeout, consume)
         .await
         .map_err(|_| anyhow!("raw lapin run took more than {timeout:?}"))??;
     // The channel is closed: anything unacked is back in the queue, so the count is final.
-    ensure_empty(broker, queue).await?;
+    bench::ensure_empty(broker, &[queue]).await?;
     Ok(Sample::between(lapin.first, lapin.last))
-}
-
-/// State shared by the counting handler and the benchmark.
-#[derive(Debug)]
-struct Progress {
-    /// Messages handled so far.
-    handled: AtomicU64,
-    /// When the first message was handled.
-    first: OnceLock<Mark>,
-    /// Fired when `handled` reaches `target`.
-    done: Notify,
-    /// The number of messages in the queue.
-    target: u64,
-    /// For [`Mark::now`].
-    cpu: CpuClock,
-}
-
-/// A handler that decodes the typed order and only counts it.
-#[derive(Debug)]
-struct Noop(Arc<Progress>);
-
-impl Handler for Noop {
-    type Message = Json<Order>;
-
-    async fn handle(&self, order: Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
-        let progress = &*self.0;
-        progress.first.get_or_init(|| Mark::now(progress.cpu));
-        drop(std::hint::black_box(order));
-        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
-            progress.done.notify_one();
-        }
-        Ok(())
-    }
 }
 
 /// True when the message `index` is one of the failing share: spread evenly, exactly
@@ -429,28 +272,14 @@ impl Handler for Flaky {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
-        let progress = &*self.progress;
-        progress.first.get_or_init(|| Mark::now(progress.cpu));
+        self.progress.started();
         if fails(order.id, self.share) && ctx.attempt() <= FAILED_ATTEMPTS {
             return Err(HandlerError::retry("transient failure (benchmark)"));
         }
         drop(std::hint::black_box(order));
-        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
-            progress.done.notify_one();
-        }
+        self.progress.handled_one();
         Ok(())
     }
-}
-
-/// Progress of a run of `messages` originals.
-fn progress(messages: u32, cpu: CpuClock) -> Arc<Progress> {
-    Arc::new(Progress {
-        handled: AtomicU64::new(0),
-        first: OnceLock::new(),
-        done: Notify::new(),
-        target: u64::from(messages),
-        cpu,
-    })
 }
 
 /// The settings of every conejo run: `prefetch(p)` and `concurrency(p)`.
@@ -463,7 +292,7 @@ fn conejo_config(prefetch: u16) -> QueueConfig {
 /// conejo with [`Noop`] and `config` (for [`Kind::Conejo`] `prefetch(p)` and
 /// `concurrency(p)`), until every message is acked.
 async fn run_conejo(broker: &Broker, run: Run<'_>, config: QueueConfig) -> anyhow::Result<Sample> {
-    let progress = progress(run.messages, run.cpu);
+    let progress = Progress::new(u64::from(run.messages));
     let handler = Noop(Arc::clone(&progress));
     run_service(broker, run, handler, config, &progress, 0).await
 }
@@ -474,7 +303,7 @@ async fn run_failing(broker: &Broker, run: Run<'_>, share: f64) -> anyhow::Resul
     let failing = (0..u64::from(run.messages))
         .filter(|&index| fails(index, share))
         .count() as u64;
-    let progress = progress(run.messages, run.cpu);
+    let progress = Progress::new(u64::from(run.messages));
     let handler = Flaky {
         progress: Arc::clone(&progress),
         share,
@@ -502,7 +331,6 @@ async fn run_service<H: Handler>(
     let Run {
         queue,
         messages,
-        cpu,
         timeout,
         ..
     } = run;
@@ -520,15 +348,8 @@ async fn run_service<H: Handler>(
 
     let all_acked = async {
         tokio::select! {
-            () = progress.done.notified() => {}
-            ended = &mut service => bail!("conejo stopped before handling every message: {ended:?}"),
-        }
-        loop {
-            let acked = stats.queue(queue).map_or(0, |q| q.acked);
-            if acked >= deliveries {
-                return Ok(Mark::now(cpu));
-            }
-            tokio::time::sleep(STATS_POLL).await;
+            end = progress.acked(&stats, queue, deliveries) => Ok(end),
+            ended = &mut service => bail!("conejo stopped before acking every message: {ended:?}"),
         }
     };
     let end = tokio::time::timeout(timeout, all_acked).await;
@@ -536,30 +357,26 @@ async fn run_service<H: Handler>(
     let end = end.map_err(|_| {
         anyhow!(
             "conejo run took more than {timeout:?} (handled {}, stats {:?})",
-            progress.handled.load(Relaxed),
+            progress.handled(),
             stats.queue(queue)
         )
     })??;
-    tokio::time::timeout(SETUP_TIMEOUT, service)
-        .await
-        .map_err(|_| anyhow!("conejo did not shut down within {SETUP_TIMEOUT:?}"))?
-        .context("the conejo task failed")?
-        .context("conejo returned an error")?;
+    bench::stopped(service, SETUP_TIMEOUT).await?;
 
     let final_stats = stats.queue(queue).context("no stats for the queue")?;
     ensure!(
         final_stats.acked == deliveries
             && final_stats.retried == retries
             && final_stats.dead_lettered == 0
-            && progress.handled.load(Relaxed) == u64::from(messages),
+            && progress.handled() == u64::from(messages),
         "conejo acked {} deliveries (of {deliveries}), scheduled {} retries (of {retries}) and \
          handled {} of {messages} messages: {final_stats:?}",
         final_stats.acked,
         final_stats.retried,
-        progress.handled.load(Relaxed)
+        progress.handled()
     );
-    ensure_empty(broker, queue).await?;
-    let start = *progress.first.get().context("no message was handled")?;
+    bench::ensure_empty(broker, &[queue]).await?;
+    let start = progress.first().context("no message was handled")?;
     Ok(Sample {
         retries: final_stats.retried,
         ..Sample::between(start, end)
@@ -583,7 +400,6 @@ struct Series {
 async fn measure(
     broker: &Broker,
     args: &Args,
-    cpu: CpuClock,
     queues: &mut Vec<String>,
 ) -> anyhow::Result<Vec<Series>> {
     let mut all = Vec::new();
@@ -606,7 +422,6 @@ async fn measure(
                     queue: &queue,
                     messages: args.messages,
                     prefetch,
-                    cpu,
                     timeout: args.timeout,
                 };
                 let sample = match entry.kind {
@@ -672,7 +487,7 @@ fn table(args: &Args, series: &[Series]) -> String {
                 .iter()
                 .filter_map(|s| s.cpu_per_message_us(args.messages))
                 .collect();
-            let rate = median(&rates);
+            let rate = bench::median(&rates);
             medians.push((entry.kind, rate));
             let runs = rates
                 .iter()
@@ -680,7 +495,7 @@ fn table(args: &Args, series: &[Series]) -> String {
                 .collect::<Vec<_>>()
                 .join(" ");
             let cpu = if cpu.len() == entry.samples.len() {
-                format!("{:.2}", median(&cpu))
+                format!("{:.2}", bench::median(&cpu))
             } else {
                 "n/a".to_owned()
             };
@@ -748,7 +563,7 @@ fn table(args: &Args, series: &[Series]) -> String {
 }
 
 /// On during [`Kind::ConejoObserved`] runs only.
-static OBSERVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static OBSERVE: AtomicBool = AtomicBool::new(false);
 
 /// Installs a subscriber that, while [`OBSERVE`] is on, takes INFO spans and events (conejo's
 /// `delivery` span for every message) and formats them into a sink; off, it declines them.
@@ -764,14 +579,14 @@ fn observe_when_asked() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // Test runners (`cargo nextest run --all-targets`) list every target's tests: this
-    // benchmark has none to offer them.
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return Ok(());
     }
-    let args = Args::parse()?;
+    let mut args = Args::parse();
+    if args.failing_share > 0.0 {
+        args.kinds.push(Kind::Failing);
+    }
     observe_when_asked();
-    let cpu = CpuClock::new();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "throughput: {} messages of {BODY_LEN} B per run, {} run(s), prefetch {:?}, \
@@ -790,7 +605,7 @@ async fn main() -> anyhow::Result<()> {
     let broker = Broker::connect().await?;
     let mut queues = Vec::new();
     let started = Instant::now();
-    let result = measure(&broker, &args, cpu, &mut queues).await;
+    let result = measure(&broker, &args, &mut queues).await;
     let mut cleanup = Ok(());
     for queue in &queues {
         if let Err(error) = broker.delete_consumed_queue(queue).await {

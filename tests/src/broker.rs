@@ -677,16 +677,34 @@ impl Broker {
     /// `<queue>.dlq` and exchange `<queue>.dlx`, and its wait queues `<queue>.retry.*`
     /// (found through `rabbitmqctl list_queues`).
     pub async fn delete_consumed_queue(&self, queue: &str) -> anyhow::Result<()> {
-        let prefix = format!("{queue}.retry.");
-        let mut names: Vec<String> = crate::rabbitmqctl_queue_names()
-            .await?
-            .into_iter()
-            .filter(|name| name.starts_with(&prefix))
-            .collect();
-        names.push(queue.to_owned());
-        names.push(format!("{queue}.dlq"));
-        self.delete_queues(&names).await?;
-        self.delete_exchange(&format!("{queue}.dlx")).await
+        self.delete_consumed_queues(&[queue]).await
+    }
+
+    /// [`Broker::delete_consumed_queue`] for each of `queues`, listing the broker's queues
+    /// once; reports the first failure after trying them all.
+    pub async fn delete_consumed_queues<S: AsRef<str>>(&self, queues: &[S]) -> anyhow::Result<()> {
+        let existing = crate::rabbitmqctl_queue_names().await?;
+        let mut first_err = None;
+        for queue in queues {
+            let queue = queue.as_ref();
+            let prefix = format!("{queue}.retry.");
+            let mut names: Vec<&str> = existing
+                .iter()
+                .map(String::as_str)
+                .filter(|name| name.starts_with(&prefix))
+                .collect();
+            let dlq = format!("{queue}.dlq");
+            names.push(queue);
+            names.push(&dlq);
+            let deleted = match self.delete_queues(&names).await {
+                Ok(()) => self.delete_exchange(&format!("{queue}.dlx")).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = deleted {
+                first_err.get_or_insert(err);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Closes the connection gracefully (200 OK) and waits for the broker's

@@ -11,8 +11,9 @@
 //! * [`ConnectionWatch`] — a background thread that records, over time, which
 //!   broker-side connection carries a given `connection_name`.
 //!
-//! * [`bench`](mod@bench) — the message, prefilling and hand-written lapin consumers the
-//!   benchmarks and `conejo-cost` share.
+//! * [`bench`](mod@bench) — what the benchmarks and `conejo-cost` share: the message,
+//!   prefilling, the hand-written lapin consumers, conejo's counting no-op handler, and the
+//!   clocks and samplers (CPU per process and per thread, resident set, runtime lags).
 //!
 //! Tests use [`unique_name`] for every queue and connection name so they can
 //! run in parallel against the same broker.

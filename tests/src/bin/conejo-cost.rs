@@ -9,7 +9,7 @@
 //! conejo-cost delete --queue Q                 # Q and whatever conejo declared for it
 //! ```
 //!
-//! Modes of `consume` (every one decodes each body into the same typed [`Order`] with
+//! Modes of `consume` (every one decodes each body into the same typed [`Order`](bench::Order) with
 //! serde_json, so the figures differ by how messages are received and settled only):
 //!
 //! - `lapin-loop`: the hand-written lapin consumer to beat — `basic.qos(prefetch)`, read the
@@ -29,26 +29,15 @@
 //! A consume run prints one line on stdout (`consumed N …`) and exits non-zero if it did not
 //! consume and settle exactly `--messages` messages within `--timeout` seconds.
 
-use std::{
-    process::ExitCode,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
-    time::Duration,
-};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{Context as _, anyhow, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
-use conejo::{Conejo, Context, Handler, HandlerError, Json, QueueConfig};
+use conejo::{Conejo, QueueConfig};
 use conejo_tests::{
     Broker, DEFAULT_AMQP_URL,
-    bench::{self, LapinAcks, Order},
+    bench::{self, LapinAcks, Noop, Progress},
 };
-use tokio::sync::Notify;
-
-/// Interval of the `stats().acked` poll once conejo's handler has seen every message.
-const STATS_POLL: Duration = Duration::from_millis(1);
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -114,8 +103,7 @@ enum Mode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Test runners list every binary's tests: this one has none.
-    if std::env::args().any(|arg| arg == "--list") {
+    if bench::listing_tests() {
         return ExitCode::SUCCESS;
     }
     let args = Args::parse();
@@ -206,42 +194,10 @@ async fn lapin_loop(
     Ok(format!("prefetch {prefetch} ack_frames {}", run.ack_frames))
 }
 
-/// Counts handled messages for [`conejo()`], and says when the last one was.
-#[derive(Debug)]
-struct Progress {
-    /// Messages handled so far.
-    handled: AtomicU64,
-    /// How many to handle.
-    target: u64,
-    /// Fired when `handled` reaches `target`.
-    done: Notify,
-}
-
-/// The handler: decodes the typed order (conejo does, for `Json<Order>`) and counts it.
-#[derive(Debug)]
-struct Noop(Arc<Progress>);
-
-impl Handler for Noop {
-    type Message = Json<Order>;
-
-    async fn handle(&self, order: Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
-        drop(std::hint::black_box(order));
-        let progress = &*self.0;
-        if progress.handled.fetch_add(1, Relaxed) + 1 == progress.target {
-            progress.done.notify_one();
-        }
-        Ok(())
-    }
-}
-
 /// conejo with its defaults and [`Noop`], until every delivery is acked; then a graceful
 /// shutdown through the [`ShutdownHandle`](conejo::ShutdownHandle).
 async fn conejo(url: &str, queue: &str, messages: u32) -> anyhow::Result<String> {
-    let progress = Arc::new(Progress {
-        handled: AtomicU64::new(0),
-        target: u64::from(messages),
-        done: Notify::new(),
-    });
+    let progress = Progress::new(u64::from(messages));
     let conejo = Conejo::builder(url)
         .connection_name("conejo-cost.conejo")
         .queue(queue, Noop(Arc::clone(&progress)))
@@ -250,19 +206,10 @@ async fn conejo(url: &str, queue: &str, messages: u32) -> anyhow::Result<String>
     let shutdown = conejo.shutdown_handle();
     let mut service = tokio::spawn(conejo.run_until(std::future::pending()));
 
-    // Only once the handler has seen the last message does this poll the ack count: the poll
-    // costs nothing per message.
-    let all_acked = async {
-        tokio::select! {
-            () = progress.done.notified() => {}
-            ended = &mut service => bail!("conejo stopped before handling every message: {ended:?}"),
-        }
-        while stats.queue(queue).map_or(0, |q| q.acked) < u64::from(messages) {
-            tokio::time::sleep(STATS_POLL).await;
-        }
-        Ok(())
+    let acked = tokio::select! {
+        _ = progress.acked(&stats, queue, u64::from(messages)) => Ok(()),
+        ended = &mut service => Err(anyhow!("conejo stopped before acking every message: {ended:?}")),
     };
-    let acked = all_acked.await;
     shutdown.shutdown();
     acked?;
     service
