@@ -279,17 +279,7 @@ pub async fn wait_for_connection_absent(
 /// connection is affected, never the broker's configuration.
 pub async fn rabbitmqctl_close_connection(broker_name: &str, reason: &str) -> anyhow::Result<()> {
     let bin = rabbitmqctl_bin();
-    let list_args: Vec<String> = [
-        "-q",
-        "list_connections",
-        "--no-table-headers",
-        "pid",
-        "name",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let listing = run_async(&bin, &list_args).await?;
+    let listing = run_async(&bin, &list_args("list_connections", &["pid", "name"])).await?;
     let pid = find_pid(&listing, broker_name)
         .ok_or_else(|| anyhow!("no broker connection named {broker_name:?} to close"))?;
     let close_args: Vec<String> = vec!["-q".into(), "close_connection".into(), pid, reason.into()];
@@ -307,19 +297,22 @@ async fn run_async(bin: &str, args: &[String]) -> anyhow::Result<String> {
     check_output(bin, args, output)
 }
 
+/// `rabbitmqctl -q <command> <columns…> --no-table-headers --timeout …`: a listing, one row
+/// of tab-separated columns a line.
+fn list_args(command: &str, columns: &[&str]) -> Vec<String> {
+    let mut args = vec!["-q".to_owned(), command.to_owned()];
+    args.extend(columns.iter().map(|column| (*column).to_owned()));
+    args.extend([
+        "--no-table-headers".to_owned(),
+        "--timeout".to_owned(),
+        CTL_TIMEOUT_SECS.to_string(),
+    ]);
+    args
+}
+
 /// The names of every queue of the default vhost (`rabbitmqctl -q list_queues name`).
 pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
-    let args: Vec<String> = [
-        "-q",
-        "list_queues",
-        "name",
-        "--no-table-headers",
-        "--timeout",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
-    .collect();
+    let args = list_args("list_queues", &["name"]);
     let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
     Ok(stdout
         .lines()
@@ -332,18 +325,7 @@ pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
 /// Messages of `queue` delivered and not yet acknowledged, as the broker counts them
 /// (`rabbitmqctl list_queues name messages_unacknowledged`); 0 for a queue not found.
 pub async fn rabbitmqctl_queue_unacked(queue: &str) -> anyhow::Result<u32> {
-    let args: Vec<String> = [
-        "-q",
-        "list_queues",
-        "name",
-        "messages_unacknowledged",
-        "--no-table-headers",
-        "--timeout",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
-    .collect();
+    let args = list_args("list_queues", &["name", "messages_unacknowledged"]);
     let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
     for (name, unacked) in stdout
         .lines()
@@ -362,18 +344,7 @@ pub async fn rabbitmqctl_queue_unacked(queue: &str) -> anyhow::Result<u32> {
 /// The prefetch count of each consumer on `queue`, as the broker applies it
 /// (`rabbitmqctl list_consumers queue_name prefetch_count`).
 pub async fn rabbitmqctl_consumer_prefetch(queue: &str) -> anyhow::Result<Vec<u32>> {
-    let args: Vec<String> = [
-        "-q",
-        "list_consumers",
-        "queue_name",
-        "prefetch_count",
-        "--no-table-headers",
-        "--timeout",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain(std::iter::once(CTL_TIMEOUT_SECS.to_string()))
-    .collect();
+    let args = list_args("list_consumers", &["queue_name", "prefetch_count"]);
     let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
     stdout
         .lines()
