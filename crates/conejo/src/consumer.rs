@@ -344,9 +344,9 @@ impl Queue {
                     .worker(workers.receiver.clone(), Arc::clone(&workers.idle)),
             );
         }
-        // The permit bounds the deliveries in flight by the concurrency, so a worker is
-        // free for this one. (A send fails only without workers; the job is then dropped,
-        // which gives the message back.)
+        // The slot bounds the deliveries in flight by the concurrency, and a worker counts
+        // itself idle before it frees its slot, so a worker is free for this one. (A send
+        // fails only without workers; the job is then dropped, which gives the message back.)
         let _ = workers.jobs.send(job);
     }
 
