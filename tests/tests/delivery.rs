@@ -670,3 +670,148 @@ async fn the_concurrency_is_reached_and_never_exceeded() -> anyhow::Result<()> {
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
+
+/// Order 0 runs until `release` fires or shutdown starts; every other order returns at once.
+#[derive(Clone, Default)]
+struct OneLong {
+    release: Arc<tokio::sync::Notify>,
+    handled: Arc<Mutex<HashMap<u64, u32>>>,
+}
+
+impl Handler for OneLong {
+    type Message = Json<Order>;
+
+    async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+        if order.id == 0 {
+            tokio::select! {
+                () = self.release.notified() => {}
+                () = ctx.shutdown_requested() => {}
+            }
+        }
+        *self.handled.lock().unwrap().entry(order.id).or_default() += 1;
+        Ok(())
+    }
+}
+
+/// Publishes orders `ids` to `queue`.
+async fn publish_orders(
+    broker: &Broker,
+    queue: &str,
+    ids: std::ops::Range<u64>,
+) -> anyhow::Result<()> {
+    let bodies = ids
+        .map(|id| {
+            serde_json::to_vec(&Order {
+                id,
+                sku: "S".into(),
+            })
+            .unwrap()
+        })
+        .collect();
+    broker.publish_many_bytes(queue, bodies).await
+}
+
+/// A queue whose order 0 runs on while 200 others are handled behind it, then 3,000 more
+/// arrive: the service, consuming (acks of the 200 went one frame each, as the protocol
+/// requires), and what was measured then.
+async fn behind_a_long_delivery(
+    broker: &Broker,
+    queue: &str,
+    handler: &OneLong,
+) -> anyhow::Result<(RunningService, conejo::QueueStats)> {
+    broker.declare_queue(queue).await?;
+    publish_orders(broker, queue, 0..201).await?;
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                queue,
+                handler.clone(),
+                config().concurrency(16).prefetch(100),
+            )
+            .build()?,
+    );
+    let before = service.wait_for(queue, WAIT, |s| s.acked == 200).await?;
+    publish_orders(broker, queue, 201..3201).await?;
+    let after = service.wait_for(queue, WAIT, |s| s.acked == 3200).await?;
+    // Behind order 0 each of the 3,000 would be a frame of its own on its channel; the
+    // queue moved to a fresh channel, where they coalesce (a quarter of the prefetch a
+    // frame), but for what the old channel had buffered when it moved.
+    let frames = after.ack_frames - before.ack_frames;
+    eprintln!(
+        "3,000 acks in {frames} frames; {} rotations",
+        after.rotations
+    );
+    assert_eq!(after.rotations, 1, "{after:?}");
+    assert!(frames * 5 <= 3000, "{frames} frames for 3,000 acks");
+    // Order 0 is still held, on the retired channel; nothing else is.
+    assert_eq!(
+        conejo_tests::rabbitmqctl_queue_unacked(queue).await?,
+        1,
+        "unacknowledged broker-side"
+    );
+    assert_eq!(broker.message_count(queue).await?, 0);
+    Ok((service, after))
+}
+
+/// Every order handled exactly once, none left on the broker, none failed.
+async fn all_handled_once(
+    broker: &Broker,
+    queue: &str,
+    handler: &OneLong,
+    stats: &conejo::QueueStats,
+) -> anyhow::Result<()> {
+    assert_eq!(stats.acked, 3201, "{stats:?}");
+    assert_eq!(
+        stats.ack_failures + stats.requeued + stats.late_settlements,
+        0
+    );
+    assert_eq!(broker.message_count(queue).await?, 0);
+    assert_eq!(conejo_tests::rabbitmqctl_queue_unacked(queue).await?, 0);
+    let handled = handler.handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), 3201);
+    assert!(handled.values().all(|&n| n == 1));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_delivery_moves_the_queue_to_a_fresh_channel_and_acks_on_the_old_one()
+-> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("rotation");
+    let handler = OneLong::default();
+    let (service, _) = behind_a_long_delivery(&broker, &queue, &handler).await?;
+    // Order 0 ends: acked on the channel that delivered it, which then closes.
+    handler.release.notify_one();
+    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3201).await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while conejo_tests::rabbitmqctl_queue_unacked(&queue).await? != 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "order 0 still unacked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    service.stop().await??;
+    all_handled_once(&broker, &queue, &handler, &stats).await?;
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_the_deliveries_of_a_retired_channel_and_acks_them() -> anyhow::Result<()>
+{
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("rotation-stop");
+    let handler = OneLong::default();
+    let (service, _) = behind_a_long_delivery(&broker, &queue, &handler).await?;
+    // Order 0 ends when shutdown starts; its ack goes out on its retired channel before the
+    // connection closes.
+    let stats = service.stats().clone();
+    service.stop().await??;
+    let stats = stats.queue(&queue).context("queue stats")?;
+    all_handled_once(&broker, &queue, &handler, &stats).await?;
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}

@@ -216,17 +216,18 @@ impl Connection {
     }
 
     /// Opens a channel, applies the prefetch, declares the queue (or checks it exists) and
-    /// its bindings, and starts consuming — in this order, so the prefetch is in force
-    /// before the first delivery.
+    /// its bindings unless `declared` says this connection did already, and starts
+    /// consuming — in this order, so the prefetch is in force before the first delivery.
     pub(crate) async fn consume(
         &self,
         queue: &str,
         config: &QueueConfig,
         prefetch: u16,
         consumer_tag: String,
+        declared: bool,
     ) -> Result<QueueConsumer, Error> {
         let (channel, _, consumer) = self
-            .set_up_queue(queue, config, Some((prefetch, consumer_tag)))
+            .set_up_queue(queue, config, Some((prefetch, consumer_tag)), !declared)
             .await?;
         Ok(QueueConsumer {
             channel,
@@ -243,7 +244,7 @@ impl Connection {
         queue: &str,
         config: &QueueConfig,
     ) -> Result<(u32, u32), Error> {
-        let (channel, declared, _) = self.set_up_queue(queue, config, None).await?;
+        let (channel, declared, _) = self.set_up_queue(queue, config, None, true).await?;
         let _ = self
             .runtime
             .run_within(CLOSE_TIMEOUT, "channel.close", async move {
@@ -254,12 +255,14 @@ impl Connection {
     }
 
     /// A queue's setup on a new channel: prefetch and consumer when `consume` is given,
-    /// declaration (passive or not) and bindings always.
+    /// declaration (passive or not) and bindings when `declare` is set (the counts are then
+    /// the broker's answer; zero otherwise).
     async fn set_up_queue(
         &self,
         queue: &str,
         config: &QueueConfig,
         consume: Option<(u16, String)>,
+        declare: bool,
     ) -> Result<(lapin::Channel, (u32, u32), Option<lapin::Consumer>), Error> {
         let connection = Arc::clone(&self.inner);
         let name = ShortString::from(queue);
@@ -288,14 +291,18 @@ impl Connection {
                     .await
                     .map_err(|e| ("qos", e))?;
             }
-            let declared = channel
-                .queue_declare(name.clone(), options, arguments)
-                .await
-                .map_err(|e| ("declare", e))?;
-            for binding in &bindings {
-                topology::bind(&channel, &queue_name, binding)
+            let mut counts = (0, 0);
+            if declare {
+                let declared = channel
+                    .queue_declare(name.clone(), options, arguments)
                     .await
-                    .map_err(|e| ("bind", e))?;
+                    .map_err(|e| ("declare", e))?;
+                counts = (declared.message_count(), declared.consumer_count());
+                for binding in &bindings {
+                    topology::bind(&channel, &queue_name, binding)
+                        .await
+                        .map_err(|e| ("bind", e))?;
+                }
             }
             let consumer = match consume {
                 Some((_, consumer_tag)) => Some(
@@ -311,7 +318,6 @@ impl Connection {
                 ),
                 None => None,
             };
-            let counts = (declared.message_count(), declared.consumer_count());
             Ok((channel, counts, consumer))
         });
         let queue = queue.to_owned();

@@ -32,7 +32,7 @@ use crate::{
     publish::Publisher,
     service::{BoxLayer, BoxService, Layers, Registration, Service},
     settle::settle_task,
-    slots::Slots,
+    slots::{Slot, Slots},
     stats::QueueCounters,
     status::StatusWriter,
     tracker::Settlement,
@@ -68,6 +68,9 @@ pub(crate) struct Queue {
     /// Every delivery of the queue in a worker's hands, whatever its channel; waited for at
     /// shutdown.
     tasks: TaskTracker,
+    /// Channels the queue no longer consumes from whose handlers still run (see
+    /// [`retire`]); waited for at shutdown.
+    retiring: TaskTracker,
     /// The queue's workers, started as deliveries need them.
     workers: Workers,
     /// This queue's counters.
@@ -130,6 +133,30 @@ pub(crate) struct Channel {
     opened: Instant,
 }
 
+/// Why a queue opens a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Opening {
+    /// At startup: a dead-letter topology that cannot be declared is an error.
+    Startup,
+    /// After a reconnection, or the loss of the queue's channel: the queue is consumed even
+    /// if its dead-letter topology cannot be declared (its dead letters wait until it can).
+    Reopen,
+    /// To move off a stuck channel ([`Queue::rotate`]): this connection declared the queue
+    /// and its topology already.
+    Rotation,
+}
+
+/// The queue moves to a fresh channel at most this often: each move costs a few round trips,
+/// and each retired channel lives until its long deliveries end.
+const ROTATION_INTERVAL: Duration = Duration::from_millis(100);
+
+/// At most this many retired channels of a queue may hold running deliveries; beyond it the
+/// queue stays on its channel, and acks behind a long delivery go one frame each.
+const MAX_RETIRING: usize = 64;
+
+/// How long a rotation waits for the broker's cancel-ok.
+const CANCEL_LIMIT: Duration = Duration::from_secs(5);
+
 /// A channel that ran this long before failing is reopened at once: it was healthy.
 const HEALTHY_RUN: Duration = Duration::from_secs(5);
 
@@ -177,6 +204,7 @@ impl Queue {
             slots: Slots::new(concurrency),
             // The counters' tracker: `Stats` reads deliveries in flight from it.
             tasks: counters.tasks.clone(),
+            retiring: TaskTracker::new(),
             workers: Workers {
                 jobs,
                 receiver,
@@ -200,21 +228,21 @@ impl Queue {
         &self.counters
     }
 
-    /// Opens a channel, sets up the queue's topology and its consumer (prefetch first), and
-    /// starts the channel's settle task. With `strict` (at startup) a dead-letter topology
-    /// that cannot be declared is an error; later (a reconnection, a node of the cluster
-    /// down) the queue is consumed anyway and its dead letters wait until it can be.
+    /// Opens a channel, sets up the queue's topology (unless `opening` is a rotation) and its
+    /// consumer (prefetch first), and starts the channel's settle task.
     pub(crate) async fn open(
         &self,
         generation: &Generation,
-        strict: bool,
+        opening: Opening,
     ) -> Result<Channel, Error> {
-        if let Err(error) = generation
-            .connection
-            .declare_dead_letter(&self.name, &self.config)
-            .await
+        let rotation = opening == Opening::Rotation;
+        if !rotation
+            && let Err(error) = generation
+                .connection
+                .declare_dead_letter(&self.name, &self.config)
+                .await
         {
-            if strict || !generation.connection.is_connected() {
+            if opening == Opening::Startup || !generation.connection.is_connected() {
                 return Err(error);
             }
             warn!(
@@ -229,7 +257,13 @@ impl Queue {
         let consumer_tag = format!("conejo-{}", self.index);
         let consumer = generation
             .connection
-            .consume(&self.name, &self.config, self.prefetch, consumer_tag)
+            .consume(
+                &self.name,
+                &self.config,
+                self.prefetch,
+                consumer_tag,
+                rotation,
+            )
             .await?;
         let (settle, task) = settle_task(
             consumer.channel.clone(),
@@ -252,12 +286,16 @@ impl Queue {
             publisher: Arc::clone(&generation.publisher),
             counters: Arc::clone(&self.counters),
         });
-        info!(
-            queue = %self.name,
-            concurrency = self.concurrency,
-            prefetch = self.prefetch,
-            "consuming"
-        );
+        if rotation {
+            debug!(queue = %self.name, "consuming on a fresh channel");
+        } else {
+            info!(
+                queue = %self.name,
+                concurrency = self.concurrency,
+                prefetch = self.prefetch,
+                "consuming"
+            );
+        }
         Ok(Channel {
             consumer,
             dispatch,
@@ -283,7 +321,7 @@ impl Queue {
         loop {
             let channel = match first.take() {
                 Some(channel) => channel,
-                None => match self.open(&generation, false).await {
+                None => match self.open(&generation, Opening::Reopen).await {
                     Ok(channel) => channel,
                     Err(error) => {
                         if !generation.connection.is_connected() {
@@ -350,12 +388,18 @@ impl Queue {
         let _ = workers.jobs.send(job);
     }
 
-    /// Consumes one channel until shutdown, its loss, or the loss of the connection.
+    /// Consumes one channel until shutdown, its loss, or the loss of the connection — moving
+    /// to a fresh channel whenever a long-running delivery holds this one's acks
+    /// ([`rotate`](Self::rotate)).
     async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
         let shutdown = &generation.shutdown;
         let lost = &generation.lost;
         let stopping = Stopping::watch(shutdown, lost);
         let mut last_tag = 0;
+        // A fresh channel, consuming, that takes over once `channel` (whose consumer was
+        // cancelled) has yielded what it had buffered.
+        let mut successor: Option<Channel> = None;
+        let mut rotate_after = channel.opened + ROTATION_INTERVAL;
         let ended = loop {
             // Busy, a free slot and a ready delivery are taken without a future or a wake-up,
             // and shutdown and loss are checked with one atomic load.
@@ -364,6 +408,14 @@ impl Queue {
                     break ChannelEnd::Shutdown;
                 }
                 break ChannelEnd::ConnectionLost;
+            }
+            if successor.is_none()
+                && channel.dispatch.settle.is_stuck()
+                && self.retiring.len() < MAX_RETIRING
+                && Instant::now() >= rotate_after
+            {
+                successor = self.rotate(&channel, generation).await;
+                rotate_after = Instant::now() + ROTATION_INTERVAL;
             }
             // A slot first: a delivery taken from the stream is always started at once, so
             // at shutdown every unstarted one is still in the stream, to be given back.
@@ -385,48 +437,50 @@ impl Queue {
                     next = channel.consumer.consumer.next() => next,
                 },
             };
-            let mut delivery = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => break ChannelEnd::Closed(error),
-                None => break ChannelEnd::Cancelled,
+            let end = match next {
+                Some(Ok(delivery)) => {
+                    last_tag = delivery.delivery_tag;
+                    self.start(&channel, delivery, slot);
+                    continue;
+                }
+                Some(Err(error)) => ChannelEnd::Closed(error),
+                None => ChannelEnd::Cancelled,
             };
-            last_tag = delivery.delivery_tag;
-            QueueCounters::add(&self.counters.delivered, 1);
-            // From here the delivery is settled by construction: dropping `unsettled` in any
-            // way but settling it gives the message back.
-            let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&channel.dispatch));
-            let ctx = Context::from_delivery(
-                Arc::clone(&self.name),
-                &mut delivery,
-                Arc::clone(&channel.signals),
-                slot,
-            );
-            let body = Bytes::from(std::mem::take(&mut delivery.data));
-            let job = Job {
-                unsettled,
-                ctx,
-                body,
-                _tracked: (channel.tasks.token(), self.tasks.token()),
+            // The stream ended. After a rotation's cancel-ok that is expected: the successor
+            // takes over (and if the broker closed or cancelled the old channel meanwhile,
+            // the successor is just as good a new channel).
+            let Some(next) = successor.take() else {
+                break end;
             };
-            self.hand_over(job);
+            let old = std::mem::replace(&mut channel, next);
+            last_tag = 0;
+            rotate_after = channel.opened + ROTATION_INTERVAL;
+            self.retire(old, &end, generation);
         };
         drop(stopping);
         match ended {
             ChannelEnd::Shutdown => {
-                self.stop(channel, last_tag, generation.timing).await;
+                let deadline = Instant::now() + generation.timing.shutdown_timeout;
+                if let Some(mut successor) = successor {
+                    // Nothing was started on it: give back what it buffered, and close it.
+                    self.give_back_unstarted(&mut successor, deadline).await;
+                    successor.dispatch.settle.close().await;
+                    let _ = successor.consumer.close().await;
+                }
+                self.stop(channel, last_tag, deadline).await;
                 ChannelEnd::Shutdown
             }
             ChannelEnd::Cancelled if generation.connection.is_connected() => {
-                // The channel lives: let its running handlers finish and ack there, then
-                // close it, while a new consumer takes over.
-                let name = Arc::clone(&self.name);
-                let deadline = generation.timing.shutdown_timeout;
-                tokio::spawn(async move { retire(name, channel, deadline).await });
+                // The channel lives: its running handlers finish and ack there, then it is
+                // closed, while a new consumer takes over.
+                self.retire(channel, &ChannelEnd::Cancelled, generation);
                 ChannelEnd::Cancelled
             }
             lost => {
-                // The channel is gone: the broker requeues everything unacked. Handlers
-                // still running are told (their context's signal) and their results dropped.
+                // The channel is gone (the successor, if any, with it): the broker requeues
+                // everything unacked. Handlers still running are told (their context's
+                // signal) and their results dropped.
+                drop(successor);
                 let running = channel.tasks.len();
                 if running > 0 {
                     warn!(
@@ -444,10 +498,76 @@ impl Queue {
         }
     }
 
-    /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
-    /// let in-flight handlers finish until the deadline, give back what did not finish.
-    async fn stop(&self, mut channel: Channel, mut last_tag: u64, timing: Timing) {
-        let deadline = Instant::now() + timing.shutdown_timeout;
+    /// From here the delivery is settled by construction: its job, dropped in any way but
+    /// settling it, gives the message back.
+    fn start(&self, channel: &Channel, mut delivery: lapin::message::Delivery, slot: Slot) {
+        QueueCounters::add(&self.counters.delivered, 1);
+        let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&channel.dispatch));
+        let ctx = Context::from_delivery(
+            Arc::clone(&self.name),
+            &mut delivery,
+            Arc::clone(&channel.signals),
+            slot,
+        );
+        let body = Bytes::from(std::mem::take(&mut delivery.data));
+        self.hand_over(Job {
+            unsettled,
+            ctx,
+            body,
+            _tracked: (channel.tasks.token(), self.tasks.token()),
+        });
+    }
+
+    /// Moves consumption off a stuck channel. Behind a delivery that runs on, the protocol
+    /// lets later acks go only one frame each, and RabbitMQ walks the channel's list of
+    /// unacknowledged messages, from the oldest, for each of them: the broker's cost per
+    /// message grows with every long delivery the channel holds. On a fresh channel, acks
+    /// coalesce again and those walks are short; the old one keeps its running deliveries
+    /// until they end ([`retire`]).
+    ///
+    /// Opens a fresh channel, consuming, then cancels `channel`'s consumer: its stream then
+    /// yields what it had buffered, and ends. `None` (consumption goes on where it is) when
+    /// either step fails.
+    async fn rotate(&self, channel: &Channel, generation: &Generation) -> Option<Channel> {
+        let fresh = match self.open(generation, Opening::Rotation).await {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                debug!(queue = %self.name, %error, "cannot open a fresh channel to move to");
+                return None;
+            }
+        };
+        if let Err(error) = channel.consumer.cancel(CANCEL_LIMIT).await {
+            debug!(queue = %self.name, %error, "cannot cancel the consumer of a stuck channel");
+            // Closing the fresh channel gives back what it buffered.
+            fresh.dispatch.settle.close().await;
+            let _ = fresh.consumer.close().await;
+            return None;
+        }
+        QueueCounters::add(&self.counters.rotations, 1);
+        Some(fresh)
+    }
+
+    /// Lets `channel`, which the queue no longer consumes from, finish in the background.
+    fn retire(&self, channel: Channel, end: &ChannelEnd, generation: &Generation) {
+        let closed = match end {
+            ChannelEnd::Closed(error) => {
+                warn!(queue = %self.name, %error, "the broker closed a channel being retired");
+                true
+            }
+            _ => false,
+        };
+        let (queue, generation) = (Arc::clone(&self.name), generation.clone());
+        self.retiring
+            .spawn(async move { retire(queue, channel, closed, generation).await });
+    }
+
+    /// Cancels the consumer and gives back what was delivered but not started, up to
+    /// `deadline`; `last_tag` follows the deliveries taken.
+    async fn give_back_unstarted(
+        &self,
+        channel: &mut Channel,
+        deadline: Instant,
+    ) -> (usize, Option<u64>) {
         let cancelled = channel
             .consumer
             .cancel(deadline.saturating_duration_since(Instant::now()))
@@ -456,11 +576,11 @@ impl Queue {
             warn!(queue = %self.name, %error, "basic.cancel failed");
         }
         // After cancel-ok the stream yields what was buffered, then ends.
-        let mut released = 0;
+        let (mut released, mut last_tag) = (0, None);
         while cancelled.is_ok() {
             match tokio::time::timeout_at(deadline, channel.consumer.consumer.next()).await {
                 Ok(Some(Ok(delivery))) => {
-                    last_tag = delivery.delivery_tag;
+                    last_tag = Some(delivery.delivery_tag);
                     QueueCounters::add(&self.counters.delivered, 1);
                     channel
                         .dispatch
@@ -475,6 +595,14 @@ impl Queue {
                 Ok(None) | Err(_) => break,
             }
         }
+        (released, last_tag)
+    }
+
+    /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
+    /// let in-flight handlers finish until the deadline, give back what did not finish.
+    async fn stop(&self, mut channel: Channel, last_tag: u64, deadline: Instant) {
+        let (released, given_back) = self.give_back_unstarted(&mut channel, deadline).await;
+        let last_tag = given_back.unwrap_or(last_tag);
         channel.tasks.close();
         self.tasks.close();
         info!(
@@ -490,7 +618,6 @@ impl Queue {
             warn!(
                 queue = %self.name,
                 still_running = self.tasks.len(),
-                timeout = ?timing.shutdown_timeout,
                 "shutdown deadline passed; giving back the messages of handlers still running"
             );
             channel.dispatch.settle.abandon(last_tag).await;
@@ -500,6 +627,10 @@ impl Queue {
             Ok(()) => debug!(queue = %self.name, "channel closed"),
             Err(error) => warn!(queue = %self.name, %error, "channel close failed"),
         }
+        // Retired channels send their last acks, then close (their handlers are done, or
+        // they passed the same deadline).
+        self.retiring.close();
+        let _ = tokio::time::timeout_at(deadline + LOST_CLEANUP, self.retiring.wait()).await;
     }
 }
 
@@ -640,19 +771,40 @@ async fn pause(generation: &Generation, delay: Duration) -> Option<End> {
     }
 }
 
-/// A channel whose consumer the broker cancelled: its handlers finish and ack on it (at
-/// most `deadline`), then it is closed, which gives back whatever is left unacked.
-async fn retire(queue: Arc<str>, channel: Channel, deadline: Duration) {
+/// A channel the queue no longer consumes from — its consumer cancelled by a rotation or by
+/// the broker, or closed by the broker while a rotation moved away from it. Its running
+/// handlers finish and ack on it; then it is closed, which gives back whatever is left
+/// unacked. At shutdown they have until the shutdown deadline. If the connection is lost, or
+/// the broker closed the channel, their results cannot be sent: they are told (their
+/// context's signal) and the results dropped.
+async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Generation) {
     channel.tasks.close();
-    if tokio::time::timeout(deadline, channel.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(%queue, "handlers of a cancelled consumer still running; closing its channel");
+    let finished = !closed
+        && tokio::select! {
+            () = channel.tasks.wait() => true,
+            () = generation.lost.cancelled() => false,
+            () = async {
+                generation.shutdown.cancelled().await;
+                tokio::time::sleep(generation.timing.shutdown_timeout).await;
+            } => false,
+        };
+    if !finished {
+        let running = channel.tasks.len();
+        if running > 0 {
+            warn!(
+                %queue,
+                running,
+                "retired channel closing with handlers running; their results will be \
+                 dropped (the broker redelivers those messages)"
+            );
+        }
         channel.signals.shutdown.cancel();
     }
-    channel.dispatch.settle.close().await;
-    if let Err(error) = channel.consumer.close().await {
-        debug!(%queue, %error, "closing the cancelled consumer's channel failed");
+    let _ = tokio::time::timeout(LOST_CLEANUP, channel.dispatch.settle.close()).await;
+    if !closed
+        && generation.connection.is_connected()
+        && let Err(error) = channel.consumer.close().await
+    {
+        debug!(%queue, %error, "closing a retired channel failed");
     }
 }

@@ -48,6 +48,10 @@ struct Shared {
     /// Set once the settle task takes no more settlements (shutdown gave the messages back,
     /// or it stopped): later results are counted and dropped here.
     closed: AtomicBool,
+    /// Set once a running delivery has held acks for `max_hold`, or seen a whole window of
+    /// later deliveries: behind it every ack costs a frame (and the broker a walk of the
+    /// channel's unacknowledged list), so the consumer moves to a fresh channel.
+    stuck: AtomicBool,
     counters: Arc<QueueCounters>,
 }
 
@@ -100,6 +104,12 @@ impl SettleHandle {
         {
             let _ = wait.await;
         }
+    }
+
+    /// True once a delivery of this channel runs so long that acks behind it go one frame
+    /// each: new deliveries are better taken on a fresh channel, where they coalesce.
+    pub(crate) fn is_stuck(&self) -> bool {
+        self.shared.stuck.load(Ordering::Relaxed)
     }
 
     /// Sends everything pending, then stops the settle task.
@@ -184,6 +194,7 @@ pub(crate) fn settle_task<S: AckSink>(
         notify: Notify::new(),
         batch: usize::from(prefetch / 4).max(1),
         closed: AtomicBool::new(false),
+        stuck: AtomicBool::new(false),
         counters: Arc::clone(&counters),
     });
     let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -272,30 +283,28 @@ impl<S: AckSink> SettleTask<S> {
     /// Whether the acks held behind a running delivery (what a `multiple` ack cannot cover)
     /// go now, one frame each. Usually that delivery is about to finish, after which a
     /// single `multiple` ack covers them all: so they wait, unless they crowd the prefetch
-    /// window, or the delivery holding them has already held acks for `max_hold` (checked at
-    /// the linger ticks), or it has seen a whole window of later deliveries — the next of
-    /// several long deliveries, found at once, though it never held acks before.
+    /// window, or the delivery holding them has already held acks for `max_hold`, or it has
+    /// seen a whole window of later deliveries — the next of several long deliveries, found
+    /// at once, though it never held acks before. The last two mark the channel stuck.
     fn release_held(&mut self, forced: bool) -> bool {
         let Some((blocker, later)) = self.tracker.blocker() else {
             return false;
         };
-        if self.tracker.pending_acks() >= self.hold_limit || later >= self.stuck_after {
-            return true;
-        }
-        if !forced {
-            return false;
-        }
         let now = Instant::now();
         let since = match self.held {
             Some((tag, since)) if tag == blocker => since,
             _ => {
-                // The acks have lingered once already.
-                let since = now - self.linger;
+                // Found at a linger tick, the acks have lingered once already.
+                let since = if forced { now - self.linger } else { now };
                 self.held = Some((blocker, since));
                 since
             }
         };
-        now.duration_since(since) >= self.max_hold
+        if later >= self.stuck_after || now.duration_since(since) >= self.max_hold {
+            self.shared.stuck.store(true, Ordering::Relaxed);
+            return true;
+        }
+        self.tracker.pending_acks() >= self.hold_limit
     }
 
     /// True when the waiting items must be processed now.
@@ -551,6 +560,39 @@ mod tests {
         tokio::time::sleep(LINGER + Duration::from_millis(1)).await;
         let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
         assert_eq!(sent, vec![ack(2, 1), ack(3, 1), ack(4, 1), ack(5, 1)]);
+        assert!(
+            !handle.is_stuck(),
+            "a crowded window alone is no reason to move"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_that_outlasts_the_hold_marks_the_channel_stuck() {
+        let (handle, _, _) = start(40); // linger 5 ms, max hold 50 ms
+        // 1 runs on, 2 waits behind it
+        handle.settle(2, Ack);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(!handle.is_stuck(), "stuck before the hold passed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(handle.is_stuck());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_that_ends_within_the_hold_leaves_the_channel_as_it_is() {
+        let (handle, recorder, _) = start(40);
+        for round in 0..5 {
+            // each round one delivery runs 30 ms with acks behind it, then ends
+            let first = round * 3 + 1;
+            handle.settle(first + 1, Ack);
+            handle.settle(first + 2, Ack);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            handle.settle(first, Ack);
+            tokio::time::sleep(LINGER * 2).await;
+        }
+        assert!(!handle.is_stuck());
+        // and every round's acks went in one frame
+        let sent: Vec<Action> = frames(&recorder).into_iter().map(|(_, a)| a).collect();
+        assert_eq!(sent, (1..=5).map(|r| ack(r * 3, 3)).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]

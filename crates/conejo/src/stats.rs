@@ -33,6 +33,7 @@ pub(crate) struct QueueCounters {
     pub(crate) publish_failures: AtomicU64,
     pub(crate) ack_failures: AtomicU64,
     pub(crate) late_settlements: AtomicU64,
+    pub(crate) rotations: AtomicU64,
     /// Every delivery task of the queue (the consumer spawns them here): its length is the
     /// number of deliveries in flight, read without a counter on the hot path.
     pub(crate) tasks: TaskTracker,
@@ -64,6 +65,7 @@ impl QueueCounters {
             publish_failures: self.publish_failures.load(Relaxed),
             ack_failures: self.ack_failures.load(Relaxed),
             late_settlements: self.late_settlements.load(Relaxed),
+            rotations: self.rotations.load(Relaxed),
             in_flight: self.tasks.len() as u64,
         }
     }
@@ -108,6 +110,10 @@ pub struct QueueStats {
     pub ack_failures: u64,
     /// Handlers that finished after their message had been given back (shutdown deadline): their result was dropped, never sent.
     pub late_settlements: u64,
+    /// Moves to a fresh channel: a delivery ran so long that acks behind it went one frame
+    /// each, so the queue consumed on a new channel while the old one kept its running
+    /// deliveries until they ended.
+    pub rotations: u64,
     /// Deliveries in flight right now (a gauge, not a counter): started and not yet settled —
     /// their handler running, or their retry copy or dead letter being published.
     pub in_flight: u64,

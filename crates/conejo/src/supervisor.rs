@@ -19,7 +19,7 @@ use crate::{
     backoff::Backoff,
     check::CheckReport,
     connection::Connection,
-    consumer::{End, Generation, Queue, Timing},
+    consumer::{End, Generation, Opening, Queue, Timing},
     publish::Publisher,
     runtime::ConnectionRuntime,
     stats::Stats,
@@ -282,7 +282,7 @@ impl Supervisor {
                 opened.push(None);
                 continue;
             }
-            match queue.open(&generation, true).await {
+            match queue.open(&generation, Opening::Startup).await {
                 Ok(channel) => opened.push(Some(channel)),
                 Err(error) => return setup_failed(error).await,
             }

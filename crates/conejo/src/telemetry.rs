@@ -153,6 +153,7 @@ pub(crate) mod metrics_export {
     pub(crate) const DELIVERIES: &str = "conejo_deliveries_total";
     pub(crate) const ACKS: &str = "conejo_acks_total";
     pub(crate) const ACK_FRAMES: &str = "conejo_ack_frames_total";
+    pub(crate) const ROTATIONS: &str = "conejo_channel_rotations_total";
     pub(crate) const OUTCOMES: &str = "conejo_outcomes_total";
     pub(crate) const FAILURES: &str = "conejo_failures_total";
     pub(crate) const IN_FLIGHT: &str = "conejo_in_flight";
@@ -190,6 +191,7 @@ pub(crate) mod metrics_export {
         deliveries: Counter,
         acks: Counter,
         ack_frames: Counter,
+        rotations: Counter,
         /// By [`OUTCOME_KINDS`].
         outcomes: [Counter; 4],
         /// By [`FAILURE_KINDS`].
@@ -239,6 +241,7 @@ pub(crate) mod metrics_export {
                             deliveries: counter!(DELIVERIES, "queue" => name.clone()),
                             acks: counter!(ACKS, "queue" => name.clone()),
                             ack_frames: counter!(ACK_FRAMES, "queue" => name.clone()),
+                            rotations: counter!(ROTATIONS, "queue" => name.clone()),
                             outcomes: OUTCOME_KINDS.map(|outcome| {
                                 counter!(OUTCOMES, "queue" => name.clone(), "outcome" => outcome)
                             }),
@@ -277,6 +280,7 @@ pub(crate) mod metrics_export {
                 queue.deliveries.absolute(stats.delivered);
                 queue.acks.absolute(stats.acked);
                 queue.ack_frames.absolute(stats.ack_frames);
+                queue.rotations.absolute(stats.rotations);
                 for (counter, value) in queue.outcomes.iter().zip(outcomes(&stats)) {
                     counter.absolute(value);
                 }
@@ -355,6 +359,10 @@ pub(crate) mod metrics_export {
         describe_counter!(
             ACK_FRAMES,
             "basic.ack frames sent; acks / ack frames is the coalescing ratio."
+        );
+        describe_counter!(
+            ROTATIONS,
+            "Moves to a fresh channel because a long-running delivery held acks behind it."
         );
         describe_counter!(
             OUTCOMES,
