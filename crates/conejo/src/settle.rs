@@ -48,10 +48,10 @@ struct Shared {
     /// Set once the settle task takes no more settlements (shutdown gave the messages back,
     /// or it stopped): later results are counted and dropped here.
     closed: AtomicBool,
-    /// Set once a running delivery holding acks has seen [`ROTATE_AFTER`] later deliveries
-    /// (or a whole prefetch window, if larger): behind it every ack costs a frame (and the
-    /// broker a walk of the channel's unacknowledged list), so the consumer moves to a fresh
-    /// channel.
+    /// Set once a running delivery holding acks has outlived [`ROTATE_AFTER`] later
+    /// deliveries (they finished while it runs on): behind it every ack costs a frame (and
+    /// the broker a walk of the channel's unacknowledged list), so the consumer moves to a
+    /// fresh channel.
     stuck: AtomicBool,
     counters: Arc<QueueCounters>,
 }
@@ -173,10 +173,6 @@ pub(crate) struct SettleTask<S = lapin::Channel> {
     /// A running delivery that has seen this many later deliveries (a whole prefetch
     /// window's turnover) is not about to finish: acks behind it go at once.
     stuck_after: u64,
-    /// A delivery that has seen this many later deliveries marks the channel stuck. Relative
-    /// to the traffic, not to a clock: handlers that are all slow never outlive hundreds of
-    /// their peers, only a real outlier does.
-    rotate_after: u64,
     /// For logs.
     queue: Arc<str>,
     counters: Arc<QueueCounters>,
@@ -184,7 +180,9 @@ pub(crate) struct SettleTask<S = lapin::Channel> {
     dead: bool,
 }
 
-/// Later deliveries a running delivery must see, at least, to mark its channel stuck.
+/// A running delivery that has outlived this many later deliveries marks its channel stuck.
+/// Relative to the traffic, not to a clock or to the prefetch: handlers that are all slow, or
+/// many at once, do not outlive hundreds of their successors; a real outlier does.
 const ROTATE_AFTER: u64 = 256;
 
 /// Creates a settle task for `channel` and its handle. `prefetch` sizes the batches: acks
@@ -221,7 +219,6 @@ pub(crate) fn settle_task<S: AckSink>(
             max_hold: (linger * 10).max(Duration::from_millis(50)),
             held: None,
             stuck_after: u64::from(prefetch.max(1)),
-            rotate_after: u64::from(prefetch).max(ROTATE_AFTER),
             queue,
             counters,
             dead: false,
@@ -294,8 +291,8 @@ impl<S: AckSink> SettleTask<S> {
     /// single `multiple` ack covers them all: so they wait, unless they crowd the prefetch
     /// window, or the delivery holding them has already held acks for `max_hold`, or it has
     /// seen a whole window of later deliveries — the next of several long deliveries, found
-    /// at once, though it never held acks before. One that has seen [`ROTATE_AFTER`] later
-    /// deliveries (or a window, if larger) marks the channel stuck.
+    /// at once, though it never held acks before. One that has outlived [`ROTATE_AFTER`]
+    /// later deliveries marks the channel stuck.
     fn release_held(&mut self, forced: bool) -> bool {
         let Some((blocker, later)) = self.tracker.blocker() else {
             return false;
@@ -310,7 +307,7 @@ impl<S: AckSink> SettleTask<S> {
                 since
             }
         };
-        if later >= self.rotate_after {
+        if self.tracker.outlived() >= ROTATE_AFTER {
             self.shared.stuck.store(true, Ordering::Relaxed);
         }
         if later >= self.stuck_after || now.duration_since(since) >= self.max_hold {
@@ -580,8 +577,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_delivery_that_outlives_hundreds_of_others_marks_the_channel_stuck() {
-        let (handle, _, _) = start(40); // stuck after 256 later deliveries
-        // 1 runs on: neither the hold passing nor 255 deliveries behind it are enough
+        let (handle, _, _) = start(40); // stuck after outliving 256 later deliveries
+        // 1 runs on: neither the hold passing nor 255 deliveries finished behind it are enough
         handle.settle(2, Ack);
         tokio::time::sleep(Duration::from_millis(200)).await;
         for tag in 3..=256 {

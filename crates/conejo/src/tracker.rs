@@ -96,6 +96,15 @@ impl AckTracker {
         Some((first, self.seen - first))
     }
 
+    /// How many deliveries delivered after the oldest running one have finished (settled,
+    /// acked or not): how many of its successors it has outlived.
+    pub(crate) fn outlived(&self) -> u64 {
+        match self.running.first() {
+            Some(&first) => (self.seen - first) - (self.running.len() as u64 - 1),
+            None => 0,
+        }
+    }
+
     /// Records a finished delivery. Acks are held for [`flush`](Self::flush); a requeue is
     /// returned to be sent now.
     pub(crate) fn settle(&mut self, tag: u64, how: Settlement) -> Result<Option<Action>, Refused> {
@@ -269,6 +278,22 @@ mod tests {
         assert_eq!(t.blocker(), Some((2, 2)));
         t.flush(true);
         assert_eq!(t.blocker(), None, "nothing held");
+    }
+
+    #[test]
+    fn the_oldest_running_tag_outlives_what_finished_after_it() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.outlived(), 0);
+        for tag in [2, 4, 5] {
+            t.settle(tag, Ack).unwrap(); // 1 and 3 still run
+        }
+        assert_eq!(t.outlived(), 3, "2, 4 and 5 finished after 1");
+        t.flush(true);
+        assert_eq!(t.outlived(), 3, "sent or not, they finished");
+        t.settle(1, Ack).unwrap();
+        assert_eq!(t.outlived(), 2, "3 is the oldest now: 4 and 5 finished after it");
+        t.settle(3, Ack).unwrap();
+        assert_eq!(t.outlived(), 0, "nothing runs");
     }
 
     #[test]
