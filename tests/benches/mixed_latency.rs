@@ -189,6 +189,8 @@ struct Sample {
     /// `ack_frames` and `acked` at the end of the run.
     final_frames: u64,
     final_acked: u64,
+    /// Moves of the queue to a fresh channel (`QueueStats::rotations`), over the whole run.
+    rotations: u64,
     /// Resident set at the start of the run and its highest sample during the run, KiB.
     rss_start: u64,
     rss_peak: u64,
@@ -251,13 +253,14 @@ async fn run(
     // Summed over the services.
     let queue_stats = || {
         stats.iter().filter_map(|s| s.queue(queue)).fold(
-            (0, 0, 0, 0),
-            |(acked, frames, delivered, requeued), q| {
+            (0, 0, 0, 0, 0),
+            |(acked, frames, delivered, requeued, rotations), q| {
                 (
                     acked + q.acked,
                     frames + q.ack_frames,
                     delivered + q.delivered,
                     requeued + q.requeued,
+                    rotations + q.rotations,
                 )
             },
         )
@@ -318,7 +321,7 @@ async fn run(
             .context("the conejo task failed")?
             .context("conejo returned an error")?;
     }
-    let (final_acked, final_frames, delivered, requeued) = queue_stats();
+    let (final_acked, final_frames, delivered, requeued, rotations) = queue_stats();
     ensure!(
         final_acked == total && delivered == total && requeued == 0,
         "delivered {delivered}, acked {final_acked}, requeued {requeued} of {total}"
@@ -333,6 +336,7 @@ async fn run(
         acked,
         final_frames,
         final_acked,
+        rotations,
         rss_start,
         rss_peak: peaks.rss_kib,
         connection_lag: peaks.connection_lag,
@@ -353,7 +357,7 @@ fn report(label: &str, s: &Sample) {
     let us = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1}"));
     println!(
         "{label:<8} {:>9.0} msg/s  fast phase {:>7.2?}  CPU µs/msg client {} broker {}  \
-         ack frames/ack {:.3} ({} / {})  end: {} / {}  RSS {:.1} → peak {:.1} MiB  all acked \
+         ack frames/ack {:.3} ({} / {})  end: {} / {}  rotations {}  RSS {:.1} → peak {:.1} MiB  all acked \
          after {:.2?}  max lag: connection runtime {:.1} ms, handler runtime {:.1} ms",
         s.rate,
         s.elapsed,
@@ -364,6 +368,7 @@ fn report(label: &str, s: &Sample) {
         s.acked,
         s.final_frames,
         s.final_acked,
+        s.rotations,
         s.rss_start as f64 / 1024.0,
         s.rss_peak as f64 / 1024.0,
         s.total,

@@ -132,6 +132,11 @@ impl QueueConfig {
 
     /// Overrides the prefetch derived from the concurrency (1 to 65535). A prefetch below the
     /// concurrency caps the concurrency.
+    ///
+    /// The prefetch bounds the unacknowledged messages of the channel the queue consumes on.
+    /// When a long-running delivery holds its acks back, conejo moves the queue to a fresh
+    /// channel and the old one keeps only its running deliveries: the messages a queue holds
+    /// unacknowledged are then at most the prefetch plus those, which the concurrency bounds.
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch);
         self

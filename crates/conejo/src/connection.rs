@@ -47,15 +47,16 @@ impl QueueConsumer {
     /// Asks the broker to stop delivering (basic.cancel, waiting at most `limit` for
     /// cancel-ok). Afterwards the stream yields what was already delivered, then ends.
     pub(crate) async fn cancel(&self, limit: Duration) -> Result<(), lapin::Error> {
-        let channel = self.channel.clone();
-        let tag = self.consumer.tag();
-        self.runtime
-            .run_within(limit, "basic.cancel", async move {
-                channel
-                    .basic_cancel(tag, BasicCancelOptions::default())
-                    .await
-            })
-            .await
+        self.canceller().cancel(limit).await
+    }
+
+    /// What cancels this consumer, from another task.
+    pub(crate) fn canceller(&self) -> Canceller {
+        Canceller {
+            channel: self.channel.clone(),
+            tag: self.consumer.tag(),
+            runtime: Arc::clone(&self.runtime),
+        }
     }
 
     /// Closes the channel (channel.close / close-ok, at most [`CLOSE_TIMEOUT`]).
@@ -65,6 +66,31 @@ impl QueueConsumer {
             .run_within(CLOSE_TIMEOUT, "channel.close", async move {
                 channel
                     .close(200, ShortString::from("conejo: shutdown"))
+                    .await
+            })
+            .await
+    }
+}
+
+/// Cancels one consumer ([`QueueConsumer::cancel`]), from any task.
+pub(crate) struct Canceller {
+    channel: lapin::Channel,
+    tag: ShortString,
+    runtime: Arc<ConnectionRuntime>,
+}
+
+impl Canceller {
+    /// As [`QueueConsumer::cancel`].
+    pub(crate) async fn cancel(self, limit: Duration) -> Result<(), lapin::Error> {
+        let Canceller {
+            channel,
+            tag,
+            runtime,
+        } = self;
+        runtime
+            .run_within(limit, "basic.cancel", async move {
+                channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
                     .await
             })
             .await
@@ -216,24 +242,86 @@ impl Connection {
     }
 
     /// Opens a channel, applies the prefetch, declares the queue (or checks it exists) and
-    /// its bindings unless `declared` says this connection did already, and starts
-    /// consuming — in this order, so the prefetch is in force before the first delivery.
+    /// its bindings, and starts consuming — in this order, so the prefetch is in force
+    /// before the first delivery.
     pub(crate) async fn consume(
         &self,
         queue: &str,
         config: &QueueConfig,
         prefetch: u16,
         consumer_tag: String,
-        declared: bool,
     ) -> Result<QueueConsumer, Error> {
         let (channel, _, consumer) = self
-            .set_up_queue(queue, config, Some((prefetch, consumer_tag)), !declared)
+            .set_up_queue(queue, config, Some((prefetch, consumer_tag)))
             .await?;
         Ok(QueueConsumer {
             channel,
             consumer: consumer.expect("a consumer was asked for"),
             runtime: Arc::clone(&self.runtime),
         })
+    }
+
+    /// Opens a channel with the prefetch, then starts consuming the queue (declared on this
+    /// connection already) there while cancelling the `old` consumer: both requests go out
+    /// together, so the broker neither pauses the queue nor feeds both consumers for a round
+    /// trip. On failure the old consumer may be cancelled or not; the fresh one is closed.
+    pub(crate) async fn consume_instead(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: String,
+        old: Canceller,
+    ) -> Result<QueueConsumer, Error> {
+        let connection = Arc::clone(&self.inner);
+        let name = ShortString::from(queue);
+        let setup = self.runtime.spawn(async move {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| ("open channel", e))?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| ("qos", e))?;
+            let (consumed, cancelled) = futures::join!(
+                channel.basic_consume(
+                    name,
+                    ShortString::from(consumer_tag),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+                old.channel
+                    .basic_cancel(old.tag, BasicCancelOptions::default()),
+            );
+            match (consumed, cancelled) {
+                (Ok(consumer), Ok(())) => Ok((channel, consumer)),
+                (consumed, cancelled) => {
+                    let _ = channel
+                        .close(200, ShortString::from("conejo: not needed"))
+                        .await;
+                    Err(match (consumed, cancelled) {
+                        (Err(error), _) => ("consume", error),
+                        (_, Err(error)) => ("cancel the old consumer", error),
+                        _ => unreachable!("both succeeded"),
+                    })
+                }
+            }
+        });
+        match setup.await {
+            Ok(Ok((channel, consumer))) => Ok(QueueConsumer {
+                channel,
+                consumer,
+                runtime: Arc::clone(&self.runtime),
+            }),
+            Ok(Err((step, source))) => Err(Error::QueueSetup {
+                queue: queue.to_owned(),
+                step,
+                source,
+            }),
+            Err(join) => Err(Error::Runtime(std::io::Error::other(format!(
+                "queue setup task failed: {join}"
+            )))),
+        }
     }
 
     /// Declares the queue (or checks it exists) and its bindings exactly as
@@ -244,7 +332,7 @@ impl Connection {
         queue: &str,
         config: &QueueConfig,
     ) -> Result<(u32, u32), Error> {
-        let (channel, declared, _) = self.set_up_queue(queue, config, None, true).await?;
+        let (channel, declared, _) = self.set_up_queue(queue, config, None).await?;
         let _ = self
             .runtime
             .run_within(CLOSE_TIMEOUT, "channel.close", async move {
@@ -255,14 +343,12 @@ impl Connection {
     }
 
     /// A queue's setup on a new channel: prefetch and consumer when `consume` is given,
-    /// declaration (passive or not) and bindings when `declare` is set (the counts are then
-    /// the broker's answer; zero otherwise).
+    /// declaration (passive or not) and bindings always.
     async fn set_up_queue(
         &self,
         queue: &str,
         config: &QueueConfig,
         consume: Option<(u16, String)>,
-        declare: bool,
     ) -> Result<(lapin::Channel, (u32, u32), Option<lapin::Consumer>), Error> {
         let connection = Arc::clone(&self.inner);
         let name = ShortString::from(queue);
@@ -291,18 +377,14 @@ impl Connection {
                     .await
                     .map_err(|e| ("qos", e))?;
             }
-            let mut counts = (0, 0);
-            if declare {
-                let declared = channel
-                    .queue_declare(name.clone(), options, arguments)
+            let declared = channel
+                .queue_declare(name.clone(), options, arguments)
+                .await
+                .map_err(|e| ("declare", e))?;
+            for binding in &bindings {
+                topology::bind(&channel, &queue_name, binding)
                     .await
-                    .map_err(|e| ("declare", e))?;
-                counts = (declared.message_count(), declared.consumer_count());
-                for binding in &bindings {
-                    topology::bind(&channel, &queue_name, binding)
-                        .await
-                        .map_err(|e| ("bind", e))?;
-                }
+                    .map_err(|e| ("bind", e))?;
             }
             let consumer = match consume {
                 Some((_, consumer_tag)) => Some(
@@ -318,6 +400,7 @@ impl Connection {
                 ),
                 None => None,
             };
+            let counts = (declared.message_count(), declared.consumer_count());
             Ok((channel, counts, consumer))
         });
         let queue = queue.to_owned();

@@ -16,7 +16,7 @@ use std::{
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tokio::time::Instant;
+use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::{
     sync::CancellationToken,
     task::{TaskTracker, task_tracker::TaskTrackerToken},
@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     Context, Error, QueueConfig,
     backoff::Backoff,
-    connection::{Connection, QueueConsumer},
+    connection::{Canceller, Connection, QueueConsumer},
     context::Signals,
     dispatch::{Dispatch, Unsettled},
     publish::Publisher,
@@ -134,16 +134,15 @@ pub(crate) struct Channel {
 }
 
 /// Why a queue opens a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Opening {
     /// At startup: a dead-letter topology that cannot be declared is an error.
     Startup,
     /// After a reconnection, or the loss of the queue's channel: the queue is consumed even
     /// if its dead-letter topology cannot be declared (its dead letters wait until it can).
     Reopen,
-    /// To move off a stuck channel ([`Queue::rotate`]): this connection declared the queue
-    /// and its topology already.
-    Rotation,
+    /// To move off a stuck channel ([`Queue::rotate`]), whose consumer this cancels: this
+    /// connection declared the queue and its topology already.
+    Rotation(Canceller),
 }
 
 /// The queue moves to a fresh channel at most this often: each move costs a few round trips,
@@ -153,9 +152,6 @@ const ROTATION_INTERVAL: Duration = Duration::from_millis(100);
 /// At most this many retired channels of a queue may hold running deliveries; beyond it the
 /// queue stays on its channel, and acks behind a long delivery go one frame each.
 const MAX_RETIRING: usize = 64;
-
-/// How long a rotation waits for the broker's cancel-ok.
-const CANCEL_LIMIT: Duration = Duration::from_secs(5);
 
 /// A channel that ran this long before failing is reopened at once: it was healthy.
 const HEALTHY_RUN: Duration = Duration::from_secs(5);
@@ -235,14 +231,14 @@ impl Queue {
         generation: &Generation,
         opening: Opening,
     ) -> Result<Channel, Error> {
-        let rotation = opening == Opening::Rotation;
+        let rotation = matches!(opening, Opening::Rotation(_));
         if !rotation
             && let Err(error) = generation
                 .connection
                 .declare_dead_letter(&self.name, &self.config)
                 .await
         {
-            if opening == Opening::Startup || !generation.connection.is_connected() {
+            if matches!(opening, Opening::Startup) || !generation.connection.is_connected() {
                 return Err(error);
             }
             warn!(
@@ -255,16 +251,19 @@ impl Queue {
         // Short: lapin hashes the consumer tag for each of a delivery's three frames. The
         // connection's name already says which process this is.
         let consumer_tag = format!("conejo-{}", self.index);
-        let consumer = generation
-            .connection
-            .consume(
-                &self.name,
-                &self.config,
-                self.prefetch,
-                consumer_tag,
-                rotation,
-            )
-            .await?;
+        let connection = &generation.connection;
+        let consumer = match opening {
+            Opening::Rotation(old) => {
+                connection
+                    .consume_instead(&self.name, self.prefetch, consumer_tag, old)
+                    .await?
+            }
+            _ => {
+                connection
+                    .consume(&self.name, &self.config, self.prefetch, consumer_tag)
+                    .await?
+            }
+        };
         let (settle, task) = settle_task(
             consumer.channel.clone(),
             self.prefetch,
@@ -391,13 +390,18 @@ impl Queue {
     /// Consumes one channel until shutdown, its loss, or the loss of the connection — moving
     /// to a fresh channel whenever a long-running delivery holds this one's acks
     /// ([`rotate`](Self::rotate)).
-    async fn consume(&self, mut channel: Channel, generation: &Generation) -> ChannelEnd {
+    async fn consume(
+        self: &Arc<Self>,
+        mut channel: Channel,
+        generation: &Generation,
+    ) -> ChannelEnd {
         let shutdown = &generation.shutdown;
         let lost = &generation.lost;
         let stopping = Stopping::watch(shutdown, lost);
         let mut last_tag = 0;
-        // A fresh channel, consuming, that takes over once `channel` (whose consumer was
-        // cancelled) has yielded what it had buffered.
+        // A rotation under way, then the fresh channel it opened, consuming, which takes over
+        // once `channel` (whose consumer it cancelled) has yielded what it had buffered.
+        let mut rotation: Option<JoinHandle<Option<Channel>>> = None;
         let mut successor: Option<Channel> = None;
         let mut rotate_after = channel.opened + ROTATION_INTERVAL;
         let ended = loop {
@@ -409,12 +413,20 @@ impl Queue {
                 }
                 break ChannelEnd::ConnectionLost;
             }
-            if successor.is_none()
+            if rotation.is_none()
+                && successor.is_none()
                 && channel.dispatch.settle.is_stuck()
                 && self.retiring.len() < MAX_RETIRING
                 && Instant::now() >= rotate_after
             {
-                successor = self.rotate(&channel, generation).await;
+                // In the background: under load its round trips take tens of milliseconds,
+                // and a consume loop waiting for them would find a burst of deliveries after.
+                rotation = Some(tokio::spawn(
+                    Arc::clone(self).rotate(channel.consumer.canceller(), generation.clone()),
+                ));
+            }
+            if rotation.as_ref().is_some_and(JoinHandle::is_finished) {
+                successor = rotated(&mut rotation).await;
                 rotate_after = Instant::now() + ROTATION_INTERVAL;
             }
             // A slot first: a delivery taken from the stream is always started at once, so
@@ -449,6 +461,9 @@ impl Queue {
             // The stream ended. After a rotation's cancel-ok that is expected: the successor
             // takes over (and if the broker closed or cancelled the old channel meanwhile,
             // the successor is just as good a new channel).
+            if successor.is_none() {
+                successor = rotated(&mut rotation).await;
+            }
             let Some(next) = successor.take() else {
                 break end;
             };
@@ -461,6 +476,9 @@ impl Queue {
         match ended {
             ChannelEnd::Shutdown => {
                 let deadline = Instant::now() + generation.timing.shutdown_timeout;
+                if successor.is_none() {
+                    successor = rotated(&mut rotation).await;
+                }
                 if let Some(mut successor) = successor {
                     // Nothing was started on it: give back what it buffered, and close it.
                     self.give_back_unstarted(&mut successor, deadline).await;
@@ -480,7 +498,7 @@ impl Queue {
                 // The channel is gone (the successor, if any, with it): the broker requeues
                 // everything unacked. Handlers still running are told (their context's
                 // signal) and their results dropped.
-                drop(successor);
+                drop((rotation, successor));
                 let running = channel.tasks.len();
                 if running > 0 {
                     warn!(
@@ -525,26 +543,21 @@ impl Queue {
     /// coalesce again and those walks are short; the old one keeps its running deliveries
     /// until they end ([`retire`]).
     ///
-    /// Opens a fresh channel, consuming, then cancels `channel`'s consumer: its stream then
-    /// yields what it had buffered, and ends. `None` (consumption goes on where it is) when
-    /// either step fails.
-    async fn rotate(&self, channel: &Channel, generation: &Generation) -> Option<Channel> {
-        let fresh = match self.open(generation, Opening::Rotation).await {
-            Ok(fresh) => fresh,
-            Err(error) => {
-                debug!(queue = %self.name, %error, "cannot open a fresh channel to move to");
-                return None;
+    /// Opens a fresh channel and, at once, consumes there and cancels the `old` consumer,
+    /// whose stream then yields what it had buffered, and ends. `None` when that fails
+    /// (consumption goes on where it is, unless the old consumer was cancelled: then it
+    /// ends and the queue consumes again as after a broker-side cancel).
+    async fn rotate(self: Arc<Self>, old: Canceller, generation: Generation) -> Option<Channel> {
+        match self.open(&generation, Opening::Rotation(old)).await {
+            Ok(fresh) => {
+                QueueCounters::add(&self.counters.rotations, 1);
+                Some(fresh)
             }
-        };
-        if let Err(error) = channel.consumer.cancel(CANCEL_LIMIT).await {
-            debug!(queue = %self.name, %error, "cannot cancel the consumer of a stuck channel");
-            // Closing the fresh channel gives back what it buffered.
-            fresh.dispatch.settle.close().await;
-            let _ = fresh.consumer.close().await;
-            return None;
+            Err(error) => {
+                debug!(queue = %self.name, %error, "cannot move to a fresh channel");
+                None
+            }
         }
-        QueueCounters::add(&self.counters.rotations, 1);
-        Some(fresh)
     }
 
     /// Lets `channel`, which the queue no longer consumes from, finish in the background.
@@ -759,6 +772,11 @@ impl Drop for Stopping {
     fn drop(&mut self) {
         self.watcher.abort();
     }
+}
+
+/// The fresh channel of the rotation under way, if any, once it ends (at once when it has).
+async fn rotated(rotation: &mut Option<JoinHandle<Option<Channel>>>) -> Option<Channel> {
+    rotation.take()?.await.ok().flatten()
 }
 
 /// Waits `delay` unless shutdown or the loss of the connection comes first.

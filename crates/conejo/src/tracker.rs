@@ -291,7 +291,11 @@ mod tests {
         t.flush(true);
         assert_eq!(t.outlived(), 3, "sent or not, they finished");
         t.settle(1, Ack).unwrap();
-        assert_eq!(t.outlived(), 2, "3 is the oldest now: 4 and 5 finished after it");
+        assert_eq!(
+            t.outlived(),
+            2,
+            "3 is the oldest now: 4 and 5 finished after it"
+        );
         t.settle(3, Ack).unwrap();
         assert_eq!(t.outlived(), 0, "nothing runs");
     }
