@@ -330,16 +330,7 @@ async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result
     let queue = unique_name("coalesce");
     broker.declare_queue(&queue).await?;
     const N: u64 = 3000;
-    let bodies = (0..N)
-        .map(|id| {
-            serde_json::to_vec(&Order {
-                id,
-                sku: "S".into(),
-            })
-            .unwrap()
-        })
-        .collect();
-    broker.publish_many_bytes(&queue, bodies).await?;
+    publish_orders(&broker, &queue, 0..N).await?;
     broker.wait_for_count(&queue, N as u32, WAIT).await?;
 
     let handler = Jittery::default();
