@@ -293,19 +293,16 @@ impl Connection {
                 old.channel
                     .basic_cancel(old.tag, BasicCancelOptions::default()),
             );
-            match (consumed, cancelled) {
-                (Ok(consumer), Ok(())) => Ok((channel, consumer)),
-                (consumed, cancelled) => {
-                    let _ = channel
-                        .close(200, ShortString::from("conejo: not needed"))
-                        .await;
-                    Err(match (consumed, cancelled) {
-                        (Err(error), _) => ("consume", error),
-                        (_, Err(error)) => ("cancel the old consumer", error),
-                        _ => unreachable!("both succeeded"),
-                    })
-                }
-            }
+            let failed = match (consumed, cancelled) {
+                (Ok(consumer), Ok(())) => return Ok((channel, consumer)),
+                (Err(error), _) => ("consume", error),
+                (Ok(_), Err(error)) => ("cancel the old consumer", error),
+            };
+            // Closing the fresh channel gives back what it may have received.
+            let _ = channel
+                .close(200, ShortString::from("conejo: not needed"))
+                .await;
+            Err(failed)
         });
         match setup.await {
             Ok(Ok((channel, consumer))) => Ok(QueueConsumer {

@@ -575,7 +575,7 @@ impl Queue {
     }
 
     /// Cancels the consumer and gives back what was delivered but not started, up to
-    /// `deadline`; `last_tag` follows the deliveries taken.
+    /// `deadline`. Returns how many were given back, and the last tag among them.
     async fn give_back_unstarted(
         &self,
         channel: &mut Channel,
