@@ -524,16 +524,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     broker.declare_queue(&queue).await?;
     let name = unique_name("conn-forced");
     const N: u64 = 12_000;
-    let bodies = (0..N)
-        .map(|id| {
-            serde_json::to_vec(&Order {
-                id,
-                sku: "S".into(),
-            })
-            .unwrap()
-        })
-        .collect();
-    broker.publish_many_bytes(&queue, bodies).await?;
+    publish_orders(&broker, &queue, 0..N).await?;
     // 4 at a time, 0–3 ms each: about 1,500 messages a second, so the close (rabbitmqctl
     // takes a second or two to start) comes mid-stream
     let handler = Jittery::default();

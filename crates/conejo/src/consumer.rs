@@ -399,10 +399,9 @@ impl Queue {
         let lost = &generation.lost;
         let stopping = Stopping::watch(shutdown, lost);
         let mut last_tag = 0;
-        // A rotation under way, then the fresh channel it opened, consuming, which takes over
-        // once `channel` (whose consumer it cancelled) has yielded what it had buffered.
-        let mut rotation: Option<JoinHandle<Option<Channel>>> = None;
-        let mut successor: Option<Channel> = None;
+        // A move to a fresh channel, from its start until the fresh channel takes over, once
+        // `channel` (whose consumer the move cancelled) has yielded what it had buffered.
+        let mut moving: Option<Move> = None;
         let mut rotate_after = channel.opened + ROTATION_INTERVAL;
         let ended = loop {
             // Busy, a free slot and a ready delivery are taken without a future or a wake-up,
@@ -413,20 +412,23 @@ impl Queue {
                 }
                 break ChannelEnd::ConnectionLost;
             }
-            if rotation.is_none()
-                && successor.is_none()
+            if moving.is_none()
                 && channel.dispatch.settle.is_stuck()
                 && self.retiring.len() < MAX_RETIRING
                 && Instant::now() >= rotate_after
             {
                 // In the background: under load its round trips take tens of milliseconds,
                 // and a consume loop waiting for them would find a burst of deliveries after.
-                rotation = Some(tokio::spawn(
+                moving = Some(Move::Opening(tokio::spawn(
                     Arc::clone(self).rotate(channel.consumer.canceller(), generation.clone()),
-                ));
+                )));
             }
-            if rotation.as_ref().is_some_and(JoinHandle::is_finished) {
-                successor = rotated(&mut rotation).await;
+            if let Some(Move::Opening(task)) = &moving
+                && task.is_finished()
+            {
+                moving = Move::fresh(&mut moving)
+                    .await
+                    .map(|fresh| Move::Ready(Box::new(fresh)));
                 rotate_after = Instant::now() + ROTATION_INTERVAL;
             }
             // A slot first: a delivery taken from the stream is always started at once, so
@@ -458,13 +460,10 @@ impl Queue {
                 Some(Err(error)) => ChannelEnd::Closed(error),
                 None => ChannelEnd::Cancelled,
             };
-            // The stream ended. After a rotation's cancel-ok that is expected: the successor
+            // The stream ended. After a rotation's cancel-ok that is expected: the fresh channel
             // takes over (and if the broker closed or cancelled the old channel meanwhile,
-            // the successor is just as good a new channel).
-            if successor.is_none() {
-                successor = rotated(&mut rotation).await;
-            }
-            let Some(next) = successor.take() else {
+            // the fresh channel is just as good a new channel).
+            let Some(next) = Move::fresh(&mut moving).await else {
                 break end;
             };
             let old = std::mem::replace(&mut channel, next);
@@ -476,10 +475,7 @@ impl Queue {
         match ended {
             ChannelEnd::Shutdown => {
                 let deadline = Instant::now() + generation.timing.shutdown_timeout;
-                if successor.is_none() {
-                    successor = rotated(&mut rotation).await;
-                }
-                if let Some(mut successor) = successor {
+                if let Some(mut successor) = Move::fresh(&mut moving).await {
                     // Nothing was started on it: give back what it buffered, and close it.
                     self.give_back_unstarted(&mut successor, deadline).await;
                     successor.dispatch.settle.close().await;
@@ -498,7 +494,7 @@ impl Queue {
                 // The channel is gone (the successor, if any, with it): the broker requeues
                 // everything unacked. Handlers still running are told (their context's
                 // signal) and their results dropped.
-                drop((rotation, successor));
+                drop(moving);
                 let running = channel.tasks.len();
                 if running > 0 {
                     warn!(
@@ -774,9 +770,23 @@ impl Drop for Stopping {
     }
 }
 
-/// The fresh channel of the rotation under way, if any, once it ends (at once when it has).
-async fn rotated(rotation: &mut Option<JoinHandle<Option<Channel>>>) -> Option<Channel> {
-    rotation.take()?.await.ok().flatten()
+/// A queue's move to a fresh channel ([`Queue::rotate`]), until the fresh channel takes over.
+enum Move {
+    /// The fresh channel is being opened.
+    Opening(JoinHandle<Option<Channel>>),
+    /// The fresh channel consumes; the old one still yields what it had buffered.
+    Ready(Box<Channel>),
+}
+
+impl Move {
+    /// Takes the move's fresh channel, waiting for it if it is still being opened; `None`
+    /// without a move, or when the move failed.
+    async fn fresh(moving: &mut Option<Move>) -> Option<Channel> {
+        match moving.take()? {
+            Move::Opening(task) => task.await.ok().flatten(),
+            Move::Ready(channel) => Some(*channel),
+        }
+    }
 }
 
 /// Waits `delay` unless shutdown or the loss of the connection comes first.
