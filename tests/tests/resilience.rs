@@ -420,6 +420,13 @@ async fn a_channel_closed_by_the_broker_is_reopened_while_other_queues_go_on() -
     broker
         .wait_for_count(&slow_queue, 0, Duration::from_secs(30))
         .await?;
+    // The slow handler failed (asking for a retry) after its channel was lost: the broker
+    // redelivered the original, so a retry copy would have been a twin. By now (the busy
+    // queue took seconds more) such a copy would have come back and been handled again.
+    let stats = service.stats().queue(&slow_queue).context("no stats")?;
+    assert_eq!(stats.retried, 0, "{stats:?}");
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    assert_eq!(slow.handled.lock().unwrap().len(), 2, "handled once each");
     service.stop().await??;
     Ok(())
 }

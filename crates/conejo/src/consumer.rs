@@ -504,6 +504,7 @@ impl Queue {
                          (the broker redelivers those messages)"
                     );
                 }
+                channel.dispatch.settle.refuse();
                 channel.signals.shutdown.cancel();
                 channel.tasks.close();
                 let _ = tokio::time::timeout(LOST_CLEANUP, channel.dispatch.settle.close()).await;

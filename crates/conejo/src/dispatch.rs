@@ -6,7 +6,7 @@
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::SystemTime};
 
 use bytes::Bytes;
-use tracing::{Instrument, Span, error, field, info_span, warn};
+use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
 use crate::{
     Context, Failure, Outcome, RetryPolicy, headers,
@@ -232,6 +232,19 @@ impl Dispatch {
 
     /// Applies the failure policy (a panicking policy rejects), then retries or dead-letters.
     async fn fail(&self, failure: Failure, ctx: &Context, body: &Bytes) -> Settlement {
+        if self.settle.is_closed() {
+            // The channel is lost, or the message was given back at the shutdown deadline:
+            // the broker redelivers the original, so no copy is published. The result is
+            // dropped and counted where it is settled.
+            debug!(
+                queue = %self.queue,
+                delivery_tag = ctx.delivery_tag(),
+                failure = failure.kind(),
+                "failed after its delivery was given back; no retry copy or dead letter"
+            );
+            Span::current().record("outcome", "dropped");
+            return Settlement::Requeue;
+        }
         let counters = &self.counters;
         let counter = match failure {
             Failure::Handler(_) => &counters.handler_errors,

@@ -107,6 +107,19 @@ impl SettleHandle {
         }
     }
 
+    /// True once results are no longer taken: the channel is lost, or its unsettled
+    /// deliveries were given back. A failure finishing now must not publish a retry copy
+    /// or a dead letter: the broker redelivers the original, so the copy would be a twin.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Refuses results from now on, at once (the channel is known lost): handlers told of
+    /// the loss cannot slip a retry copy in before the settle task hears of it.
+    pub(crate) fn refuse(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
+
     /// True once a delivery of this channel runs so long that acks behind it go one frame
     /// each: new deliveries are better taken on a fresh channel, where they coalesce.
     pub(crate) fn is_stuck(&self) -> bool {

@@ -108,7 +108,9 @@ pub struct QueueStats {
     pub publish_failures: u64,
     /// Acknowledgements (or requeues) that could not be sent: their channel was gone; the broker redelivers those messages.
     pub ack_failures: u64,
-    /// Handlers that finished after their message had been given back (shutdown deadline): their result was dropped, never sent.
+    /// Handlers that finished after their message had been given back (the shutdown deadline
+    /// passed, or their channel was lost): their result was dropped, never sent, and no retry
+    /// copy or dead letter was published for it (the broker redelivers the original).
     pub late_settlements: u64,
     /// Moves to a fresh channel: a delivery ran so long that acks behind it went one frame
     /// each, so the queue consumed on a new channel while the old one kept its running
