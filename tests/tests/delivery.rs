@@ -458,6 +458,32 @@ async fn an_unreachable_broker_is_an_error_without_the_password() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn failing_fast_still_tries_every_address_once() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("fail-fast-list");
+    broker.declare_queue(&queue).await?;
+    // The first address of the list has nothing listening: port 1 on loopback.
+    let recorder = Recorder::default();
+    let service = RunningService::spawn(
+        Conejo::builder(format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url()))
+            .wait_for_broker(false)
+            .queue_with(&queue, recorder.clone(), config())
+            .build()?,
+    );
+    let order = Order {
+        id: 1,
+        sku: "SKU-1".into(),
+    };
+    broker.publish_json(&queue, &order).await?;
+    service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
+    assert_eq!(recorder.seen().len(), 1);
+    service.stop().await??;
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn refused_credentials_fail_at_once_even_when_waiting_for_the_broker() -> anyhow::Result<()> {
     init_tracing();
     let url = amqp_url().replacen("guest:guest@", "guest:not-the-password@", 1);

@@ -176,8 +176,10 @@ async fn survive(fault: Fault) -> anyhow::Result<()> {
     );
     drop(broker);
 
-    // Handled up to N / 5, then held until the node is down: the fault is mid-stream.
-    let tally = Tally::holding_from(N, Duration::ZERO, N / 5);
+    // The fault comes once N / 5 are handled, while messages flow (acks in flight); should
+    // stopping the node take long (a loaded machine), messages from N / 2 on wait for it:
+    // the fault always lands mid-stream.
+    let tally = Tally::holding_from(N, Duration::ZERO, N / 2);
     let service = RunningService::spawn(
         Conejo::builder(node.amqp_url())
             .queue_with(&queue, tally.clone(), config)
@@ -192,7 +194,7 @@ async fn survive(fault: Fault) -> anyhow::Result<()> {
     }
     let handled_at_fault = tally.handled();
     tally.open();
-    assert_eq!(handled_at_fault, N / 5, "the gate held the rest");
+    assert!(handled_at_fault <= N / 2, "the gate held the rest");
     wait_state(&status, Duration::from_secs(10), |s| {
         s.state() != ConnectionState::Connected
     })
@@ -535,8 +537,9 @@ async fn a_cluster_node_killed_under_a_quorum_queue_fails_over_within_two_second
             .await?;
         broker.publish_many_persistent(&queue, bodies(N)).await?;
     }
-    // 8 handlers of 2 ms, held from N / 5 on until the kill: it lands mid-stream.
-    let tally = Tally::holding_from(N, Duration::from_millis(2), N / 5);
+    // 8 handlers of 2 ms: the kill comes once N / 5 are handled; messages from N / 2 on wait
+    // for it, so that it lands mid-stream however loaded the machine.
+    let tally = Tally::holding_from(N, Duration::from_millis(2), N / 2);
     let service = RunningService::spawn(
         Conejo::builder(urls.join(","))
             .queue_with(
@@ -565,7 +568,7 @@ async fn a_cluster_node_killed_under_a_quorum_queue_fails_over_within_two_second
     cluster.kill(victim).await?;
     let handled_at_kill = tally.handled();
     tally.open();
-    assert_eq!(handled_at_kill, N / 5, "the gate held the rest");
+    assert!(handled_at_kill <= N / 2, "the gate held the rest");
     // Handlers running at the kill may still finish (their results dropped): count from
     // the reconnection, so that only deliveries of the new connection are measured.
     wait_state(&status, Duration::from_secs(30), |s| s.reconnects() == 1).await?;
@@ -705,5 +708,62 @@ async fn a_shutdown_while_reconnecting_returns_at_once() -> anyhow::Result<()> {
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(status.state(), ConnectionState::Stopped);
     broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// Credentials that worked at startup and are refused on a reconnection (a password being
+/// rotated, a node rejoining): conejo keeps trying, loudly, and resumes once they are
+/// accepted again; it does not end the service as it would at startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_refused_on_a_reconnection_are_waited_out() -> anyhow::Result<()> {
+    init_tracing();
+    let node = PrivateNode::start("refused").await?;
+    let user = "rotating";
+    node.rabbitmqctl(&["-q", "add_user", user, "first"]).await?;
+    node.rabbitmqctl(&["-q", "set_permissions", user, ".*", ".*", ".*"])
+        .await?;
+    let url = node
+        .amqp_url()
+        .replacen("guest:guest@", &format!("{user}:first@"), 1);
+    anyhow::ensure!(url.contains(user), "the node's URL has no guest:guest");
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    let queue = unique_name("refused");
+    broker.declare_queue(&queue).await?;
+    let tally = Tally::new(2, Duration::ZERO);
+    let service = RunningService::spawn(
+        Conejo::builder(&url)
+            .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
+            .queue_with(&queue, tally.clone(), QueueConfig::new().durable(false))
+            .build()?,
+    );
+    let status = service.status().clone();
+    wait_state(&status, Duration::from_secs(10), Status::is_ready).await?;
+    broker.publish_bytes(&queue, b"0").await?;
+    tally.wait_handled(1, Duration::from_secs(10)).await?;
+
+    // The password changes and the connection is closed: every attempt is refused (403).
+    node.rabbitmqctl(&["-q", "change_password", user, "second"])
+        .await?;
+    node.close_all_connections().await?;
+    wait_state(
+        &status,
+        Duration::from_secs(20),
+        |s| matches!(s.state(), ConnectionState::Reconnecting { attempt } if attempt >= 4),
+    )
+    .await?;
+    assert!(
+        !service.is_finished(),
+        "a refusal after startup is waited out"
+    );
+
+    // The old password is accepted again: conejo reconnects and consumes.
+    node.rabbitmqctl(&["-q", "change_password", user, "first"])
+        .await?;
+    // The test's own connection was closed with the others.
+    let broker = Broker::connect_to(&node.amqp_url()).await?;
+    broker.publish_bytes(&queue, b"1").await?;
+    tally.wait_handled(2, Duration::from_secs(20)).await?;
+    assert_eq!(status.reconnects(), 1);
+    service.stop().await??;
     Ok(())
 }

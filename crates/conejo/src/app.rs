@@ -436,8 +436,11 @@ impl Builder {
     }
 
     /// At startup, wait for the broker with back-off (`true`, the default: services often
-    /// start before their broker) or fail at the first attempt that cannot connect. Refused
-    /// credentials and an unknown virtual host fail at once either way.
+    /// start before their broker) or fail once every address of the URL list has been tried
+    /// once and none could be reached. Refused credentials, an unknown virtual host and a
+    /// refused TLS certificate fail startup at once either way; once the service has run,
+    /// a refusal on a reconnection is logged as an error and retried with back-off (a
+    /// password being rotated, a node rejoining its cluster).
     pub fn wait_for_broker(mut self, wait: bool) -> Self {
         self.connect.wait_for_broker = wait;
         self

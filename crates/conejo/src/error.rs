@@ -149,8 +149,8 @@ impl Error {
     /// True when the broker refused the connection itself: wrong credentials
     /// (ACCESS_REFUSED) or a virtual host that does not exist or is not allowed
     /// (NOT_ALLOWED); and, over TLS, a certificate refused by either side (the broker's
-    /// not trusted, ours missing or not accepted). Waiting does not fix those, so conejo stops
-    /// at once.
+    /// not trusted, ours missing or not accepted). Waiting does not fix those, so a startup
+    /// stops at once (a running service retries them on reconnection, logging errors).
     #[must_use]
     pub fn is_refused(&self) -> bool {
         match self {

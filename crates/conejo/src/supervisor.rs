@@ -123,6 +123,9 @@ impl Supervisor {
             telemetry::start(observe, &runtime, &self.stats, &self.status, &self.queues);
         let mut backoff = Backoff::new(self.connect.backoff.0, self.connect.backoff.1);
         let mut address = 0;
+        // Failed attempts since the last connection: each address gets one per round, and
+        // the back-off is between rounds.
+        let mut failures = 0;
         let mut ever_connected = false;
         loop {
             let attempt = backoff.retries() + 1;
@@ -148,23 +151,38 @@ impl Supervisor {
                 ) => opened,
             };
             let connection = match opened {
-                Ok(connection) => Arc::new(connection),
-                Err(error) if error.is_refused() => return Err(error),
-                Err(error) if !ever_connected && !self.connect.wait_for_broker => {
-                    return Err(error);
+                Ok(connection) => {
+                    failures = 0;
+                    Arc::new(connection)
                 }
+                // At startup, refused credentials or virtual host are configuration: no
+                // waiting fixes them. Once the service has run with them, a refusal (a node
+                // rejoining, a virtual host restarting, a certificate being renewed) is
+                // waited out like any other failure, loudly.
+                Err(error) if !ever_connected && error.is_refused() => return Err(error),
                 Err(error) => {
                     address += 1;
-                    let delay = backoff.next_delay();
-                    if backoff.worth_logging() {
-                        warn!(
+                    failures += 1;
+                    let round_over = failures % self.urls.len() == 0;
+                    if !ever_connected && !self.connect.wait_for_broker && round_over {
+                        return Err(error);
+                    }
+                    let next = &self.urls[address % self.urls.len()];
+                    let delay = if round_over {
+                        backoff.next_delay()
+                    } else {
+                        Duration::ZERO
+                    };
+                    if !round_over || !backoff.worth_logging() {
+                        debug!(%error, attempt, "cannot connect; trying {next} in {delay:?}");
+                    } else if error.is_refused() {
+                        error!(
                             %error,
                             attempt,
-                            "cannot reach the broker; trying {} in {delay:?}",
-                            self.urls[address % self.urls.len()]
+                            "the broker refused the connection; trying {next} in {delay:?}"
                         );
                     } else {
-                        debug!(%error, attempt, "cannot reach the broker");
+                        warn!(%error, attempt, "cannot reach the broker; trying {next} in {delay:?}");
                     }
                     tokio::select! {
                         biased;
