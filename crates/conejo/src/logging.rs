@@ -30,8 +30,11 @@ pub const DEFAULT_FILTER: &str = "info,lapin=off";
 
 /// Installs a global subscriber writing to stderr, as text or one JSON object per line.
 ///
-/// `level` is a `tracing` filter (`info`, `warn,conejo=debug`, `debug,lapin=off`); when it
-/// is `None`, `RUST_LOG` is used if set, else [`DEFAULT_FILTER`]. Logs go to stderr, so a
+/// `level` is a `tracing` filter (`info`, `warn,conejo=debug`); when it is `None`,
+/// `RUST_LOG` is used if set, else [`DEFAULT_FILTER`]. Either way lapin's own logs stay off
+/// unless the filter names lapin (`info,lapin=debug`): conejo reports every connection event
+/// itself, and lapin's (`error doing IO`, `Exponential backoff attempts exhausted, aborting
+/// recovery` — conejo does its own recovery) would only contradict it. Logs go to stderr, so a
 /// command's own output (such as `check`'s report) stays alone on stdout. When a global
 /// subscriber is already installed (by the application, or by an earlier call), it is kept
 /// and this does nothing.
@@ -46,10 +49,13 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), Error> {
             reason: format!("invalid log filter: {error}"),
         };
     let filter = match level {
-        Some(level) => EnvFilter::try_new(level).map_err(|e| invalid("log_level", e))?,
+        Some(level) => {
+            EnvFilter::try_new(quiet_lapin(level)).map_err(|e| invalid("log_level", e))?
+        }
         None => match std::env::var(EnvFilter::DEFAULT_ENV) {
             Ok(directives) if !directives.trim().is_empty() => {
-                EnvFilter::try_new(directives).map_err(|e| invalid(EnvFilter::DEFAULT_ENV, e))?
+                EnvFilter::try_new(quiet_lapin(&directives))
+                    .map_err(|e| invalid(EnvFilter::DEFAULT_ENV, e))?
             }
             _ => EnvFilter::new(DEFAULT_FILTER),
         },
@@ -65,9 +71,34 @@ pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), Error> {
     Ok(())
 }
 
+/// `directives` with `lapin=off` added, unless one of them names lapin.
+fn quiet_lapin(directives: &str) -> String {
+    let names_lapin = directives
+        .split(',')
+        .any(|directive| directive.trim_start().starts_with("lapin"));
+    if names_lapin {
+        directives.to_owned()
+    } else {
+        format!("{directives},lapin=off")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lapin_stays_quiet_unless_the_filter_names_it() {
+        assert_eq!(quiet_lapin("info"), "info,lapin=off");
+        assert_eq!(
+            quiet_lapin("warn,conejo=debug"),
+            "warn,conejo=debug,lapin=off"
+        );
+        assert_eq!(quiet_lapin("info, lapin=debug"), "info, lapin=debug");
+        assert_eq!(quiet_lapin("lapin::io_loop=trace"), "lapin::io_loop=trace");
+        // A trailing comma still parses.
+        assert!(EnvFilter::try_new(quiet_lapin("info,")).is_ok());
+    }
 
     #[test]
     fn an_invalid_filter_names_its_key() {

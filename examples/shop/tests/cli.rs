@@ -91,3 +91,21 @@ fn an_unreachable_broker_fails_the_check_at_once() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[test]
+fn refused_credentials_are_reported_once_by_conejo_without_lapins_noise() {
+    let url = amqp_url().replacen("guest:guest@", "guest:not-the-password@", 1);
+    assert_ne!(url, amqp_url(), "the broker's URL has no guest:guest");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/orders-service.toml");
+    // An explicit level, as an operator sets it: lapin's own lines stay off all the same.
+    let output = orders_service(
+        &["--config", file, "check"],
+        &[("CONEJO_URL", &url), ("CONEJO_LOG_LEVEL", "info")],
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+    assert!(!stderr.contains("lapin"), "{stderr}");
+    assert!(!stderr.contains("Exponential backoff"), "{stderr}");
+}
