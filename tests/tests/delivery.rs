@@ -605,6 +605,90 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     Ok(())
 }
 
+/// Sleeps through its first call (2 s) without looking at its context, and through its
+/// second (4 s): the first outlives its connection, the second runs on the new one.
+#[derive(Clone, Default)]
+struct Stubborn {
+    calls: Arc<Mutex<Vec<std::time::Instant>>>,
+}
+
+impl Handler for Stubborn {
+    type Message = String;
+
+    async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
+        let call = {
+            let mut calls = self.calls.lock().unwrap();
+            calls.push(std::time::Instant::now());
+            calls.len()
+        };
+        let pause = if call == 1 { 2 } else { 4 };
+        tokio::time::sleep(Duration::from_secs(pause)).await;
+        Ok(())
+    }
+}
+
+/// A handler that ignores its context's signal keeps running across a connection loss: the
+/// new generation does not wait for it, its result is dropped (the broker redelivered the
+/// message), and its ack never reaches the new channel — where it would settle the
+/// redelivered copy still running under the same delivery tag.
+#[tokio::test]
+async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_dropped()
+-> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("stubborn");
+    broker.declare_queue(&queue).await?;
+    let name = unique_name("conn-stubborn");
+    let handler = Stubborn::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .connection_name(&name)
+            .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
+            .queue_with(&queue, handler.clone(), config())
+            .build()?,
+    );
+    let status = service.status().clone();
+    let connection = conejo_tests::wait_for_connection_present(&name, WAIT).await?;
+    broker.publish_bytes(&queue, b"job").await?;
+    service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
+    let closed = std::time::Instant::now();
+    conejo_tests::rabbitmqctl_close_connection(&connection.name, "fault injection").await?;
+    // The redelivered copy starts on the new connection while the first call sleeps on.
+    let deadline = closed + WAIT;
+    while handler.calls.lock().unwrap().len() < 2 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never redelivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = handler.calls.lock().unwrap()[0];
+    let second = handler.calls.lock().unwrap()[1];
+    assert!(
+        second < first + Duration::from_secs(2),
+        "the new generation waited for the stubborn handler: {:?}",
+        second - first
+    );
+    // The first call ends (its result dropped, counted), then the second is acked.
+    let stats = service
+        .wait_for(&queue, WAIT, |s| s.acked == 1 && s.in_flight == 0)
+        .await?;
+    eprintln!(
+        "redelivered {:?} after the first call; {stats:?}",
+        second - first
+    );
+    assert_eq!(stats.late_settlements + stats.ack_failures, 1, "{stats:?}");
+    assert_eq!(
+        handler.calls.lock().unwrap().len(),
+        2,
+        "a third call: {stats:?}"
+    );
+    assert_eq!(status.reconnects(), 1);
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(conejo_tests::rabbitmqctl_queue_unacked(&queue).await?, 0);
+    service.stop().await??;
+    assert_eq!(handler.calls.lock().unwrap().len(), 2);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> {
     init_tracing();
