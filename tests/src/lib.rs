@@ -35,8 +35,9 @@ pub use proxy::{ProxyMode, TcpProxy};
 pub use rabbitmqctl::{
     BrokerConnection, find_connection, find_connection_async, find_connections,
     parse_list_connections, rabbitmqctl_close_connection, rabbitmqctl_connections,
-    rabbitmqctl_connections_async, rabbitmqctl_consumer_prefetch, rabbitmqctl_queue_names,
-    rabbitmqctl_queue_unacked, wait_for_connection_absent, wait_for_connection_present,
+    rabbitmqctl_connections_async, rabbitmqctl_consumer_prefetch, rabbitmqctl_queue_arguments,
+    rabbitmqctl_queue_names, rabbitmqctl_queue_unacked, wait_for_connection_absent,
+    wait_for_connection_present,
 };
 pub use service::RunningService;
 pub use watch::{

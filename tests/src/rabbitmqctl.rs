@@ -341,6 +341,18 @@ pub async fn rabbitmqctl_queue_unacked(queue: &str) -> anyhow::Result<u32> {
     Ok(0)
 }
 
+/// The arguments `queue` was declared with, as `rabbitmqctl list_queues name arguments`
+/// prints them (an Erlang-style list such as `[{"x-queue-type","quorum"},…]`); `None` if
+/// there is no such queue.
+pub async fn rabbitmqctl_queue_arguments(queue: &str) -> anyhow::Result<Option<String>> {
+    let args = list_args("list_queues", &["name", "arguments"]);
+    let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
+    Ok(stdout.lines().find_map(|line| {
+        let (name, arguments) = line.trim().split_once('\t')?;
+        (name == queue).then(|| arguments.trim().to_owned())
+    }))
+}
+
 /// The prefetch count of each consumer on `queue`, as the broker applies it
 /// (`rabbitmqctl list_consumers queue_name prefetch_count`).
 pub async fn rabbitmqctl_consumer_prefetch(queue: &str) -> anyhow::Result<Vec<u32>> {

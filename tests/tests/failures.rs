@@ -22,6 +22,8 @@ struct Call {
     attempt: u32,
     redelivered: bool,
     at: Instant,
+    /// The exchange and routing key the message came by, as the context tells.
+    route: (String, String),
 }
 
 /// What a [`Scripted`] handler does with a body on an attempt.
@@ -63,6 +65,7 @@ impl Handler for Scripted {
             attempt: ctx.attempt(),
             redelivered: ctx.redelivered(),
             at: Instant::now(),
+            route: (ctx.exchange().to_owned(), ctx.routing_key().to_owned()),
         });
         (self.script)(&body, ctx.attempt())
     }
@@ -634,9 +637,33 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     let broker = Broker::connect().await?;
     let queue = unique_name("give-back");
     broker.declare_queue(&queue).await?;
+    // Published through an exchange: the route must survive conejo's redelivery counting
+    // (a republished copy, through the default exchange).
+    let exchange = unique_name("give-back-x");
+    broker
+        .declare_exchange(&exchange, ExchangeKind::Direct)
+        .await?;
+    let channel = broker.open_channel().await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "orders.eu".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await?;
+    channel.confirm_select(Default::default()).await?;
     for n in 0..6 {
-        broker
-            .publish_bytes(&queue, format!("m{n}").as_bytes())
+        channel
+            .basic_publish(
+                exchange.as_str().into(),
+                "orders.eu".into(),
+                Default::default(),
+                format!("m{n}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await?
             .await?;
     }
     // First service: one slow handler at a time, the rest prefetched, then shut down.
@@ -682,7 +709,10 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     let calls = handler.calls();
     assert_eq!(calls.len(), expected, "{calls:?}");
     assert!(calls.iter().all(|c| c.attempt == 1), "{calls:?}");
+    let route = (exchange.clone(), "orders.eu".to_owned());
+    assert!(calls.iter().all(|c| c.route == route), "{calls:?}");
     broker.delete_consumed_queue(&queue).await?;
+    broker.delete_exchange(&exchange).await?;
     Ok(())
 }
 
@@ -874,6 +904,123 @@ async fn a_task_that_dies_without_a_result_gives_its_message_back() -> anyhow::R
         .collect();
     // at least once: the copies confirmed before each task died are duplicates, none lost
     assert_eq!(reasons, vec!["rejected", "rejected", "poison"]);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+/// Quorum queues conejo declares itself get an explicit delivery limit: the poison limit
+/// with its dead-letter exchange, or, with detection off, no limit said explicitly — never
+/// the broker's default (20 on RabbitMQ 4, dropping the message).
+#[tokio::test]
+async fn quorum_queues_declared_by_conejo_carry_an_explicit_delivery_limit() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let detected = unique_name("quorum-poison");
+    let unlimited = unique_name("quorum-unlimited");
+    let handler = Scripted::new(|_, _| Ok(()));
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&detected, handler.clone(), QueueConfig::new().quorum())
+            .queue_with(
+                &unlimited,
+                handler.clone(),
+                QueueConfig::new().quorum().poison_limit(None),
+            )
+            .build()?,
+    );
+    for queue in [&detected, &unlimited] {
+        broker.wait_for_consumer_count(queue, 1, WAIT).await?;
+        broker.publish_bytes(queue, queue.as_bytes()).await?;
+        service.wait_for(queue, WAIT, |s| s.acked == 1).await?;
+    }
+    service.stop().await??;
+    let of = |arguments: Option<String>, queue: &str| {
+        arguments.unwrap_or_else(|| panic!("no queue {queue}"))
+    };
+    let detected_args = of(
+        conejo_tests::rabbitmqctl_queue_arguments(&detected).await?,
+        &detected,
+    );
+    let unlimited_args = of(
+        conejo_tests::rabbitmqctl_queue_arguments(&unlimited).await?,
+        &unlimited,
+    );
+    eprintln!("{detected}: {detected_args}\n{unlimited}: {unlimited_args}");
+    let compact = |text: &str| text.replace(' ', "");
+    assert!(
+        compact(&detected_args).contains(r#"{"x-delivery-limit",5}"#),
+        "{detected_args}"
+    );
+    assert!(
+        compact(&detected_args)
+            .contains(&format!(r#"{{"x-dead-letter-exchange","{detected}.dlx"}}"#)),
+        "{detected_args}"
+    );
+    assert!(
+        compact(&unlimited_args).contains(r#"{"x-delivery-limit",2147483647}"#),
+        "{unlimited_args}"
+    );
+    assert!(
+        !unlimited_args.contains("x-dead-letter-exchange"),
+        "{unlimited_args}"
+    );
+    broker
+        .delete_consumed_queues(&[&detected, &unlimited])
+        .await?;
+    Ok(())
+}
+
+/// A wait queue deleted while conejo runs (an operator cleaning up): the next retry copy
+/// comes back unroutable, the delivery is given back, and the retry after it declares the
+/// wait queue again, instead of failing the same way until the connection is reopened.
+#[tokio::test]
+async fn a_wait_queue_deleted_while_running_is_declared_again() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("wait-deleted");
+    broker.declare_queue(&queue).await?;
+    // Every message fails its first attempt, then succeeds.
+    let handler = Scripted::new(|_, attempt| {
+        if attempt == 1 {
+            Err(HandlerError::retry("first attempt"))
+        } else {
+            Ok(())
+        }
+    });
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
+            .build()?,
+    );
+    broker.publish_bytes(&queue, b"first").await?;
+    // Acked twice: once as its retry copy was confirmed, once handled.
+    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    let prefix = format!("{queue}.retry.");
+    let wait_queues: Vec<String> = conejo_tests::rabbitmqctl_queue_names()
+        .await?
+        .into_iter()
+        .filter(|name| name.starts_with(&prefix))
+        .collect();
+    assert_eq!(wait_queues.len(), 1, "{wait_queues:?}");
+    broker.delete_queue(&wait_queues[0]).await?;
+
+    broker.publish_bytes(&queue, b"second").await?;
+    let deadline = Instant::now() + WAIT;
+    while !handler.calls_of("second").iter().any(|c| c.attempt == 2) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "second: {:?}; {:?}",
+            handler.calls_of("second"),
+            service.stats().queue(&queue)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = service.wait_for(&queue, WAIT, |s| s.in_flight == 0).await?;
+    service.stop().await??;
+    eprintln!("{stats:?}");
+    assert_eq!(stats.publish_failures, 1, "one copy came back unroutable");
+    let calls = handler.calls_of("second");
+    assert_eq!(calls.last().map(|c| c.attempt), Some(2), "{calls:?}");
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }

@@ -214,6 +214,20 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
     assert_eq!(with("conejo_failures_total", "failure", "decode")?, 1.0);
     assert_eq!(with("conejo_failures_total", "failure", "panic")?, 0.0);
     assert_eq!(with("conejo_failures_total", "failure", "timeout")?, 0.0);
+    for (anomaly, value) in [
+        ("abandoned", stats.abandoned),
+        ("poison", stats.poison),
+        ("unsettled", stats.unsettled),
+        ("publish_failure", stats.publish_failures),
+        ("ack_failure", stats.ack_failures),
+        ("late_settlement", stats.late_settlements),
+    ] {
+        assert_eq!(
+            with("conejo_anomalies_total", "anomaly", anomaly)?,
+            value as f64,
+            "{anomaly}"
+        );
+    }
     let frames = of("conejo_ack_frames_total")?;
     assert_eq!(frames, stats.ack_frames as f64);
     assert!((1.0..=53.0).contains(&frames), "{frames} ack frames");
@@ -246,7 +260,7 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
         assert!(name.starts_with("conejo_"), "{name}");
         for key in labels.keys() {
             assert!(
-                ["queue", "outcome", "failure", "state", "le"].contains(&key.as_str()),
+                ["queue", "outcome", "failure", "anomaly", "state", "le"].contains(&key.as_str()),
                 "{name} has label {key}"
             );
         }

@@ -362,6 +362,17 @@ impl QueueConfig {
     /// delivery limit and dead-letter exchange that back conejo's poison detection.
     pub(crate) fn declared_arguments(&self, queue: &str) -> FieldTable {
         let mut arguments = self.arguments.clone();
+        if self.is_quorum() && self.poison_limit.is_none() {
+            // No detection asked for: no limit either, explicitly, rather than the broker's
+            // default (none on RabbitMQ 3, 20 on RabbitMQ 4, past which a message without a
+            // dead-letter exchange is dropped). -1 would say "unlimited" only to RabbitMQ 4.
+            if !arguments.contains_key("x-delivery-limit") {
+                arguments.insert(
+                    ShortString::from("x-delivery-limit"),
+                    AMQPValue::LongInt(i32::MAX),
+                );
+            }
+        }
         if let (true, Some(limit)) = (self.is_quorum(), self.poison_limit) {
             if !arguments.contains_key("x-delivery-limit") {
                 arguments.insert(
@@ -530,14 +541,16 @@ mod tests {
                 .inner()
                 .is_empty()
         );
-        assert!(
-            QueueConfig::new()
-                .quorum()
-                .poison_limit(None)
-                .declared_arguments("q")
-                .inner()
-                .get("x-delivery-limit")
-                .is_none()
+        // Without detection, no limit, explicitly: not the broker's default (20 on
+        // RabbitMQ 4, dropping the message without a dead-letter exchange).
+        let args = QueueConfig::new()
+            .quorum()
+            .poison_limit(None)
+            .declared_arguments("q");
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(i32::MAX))
         );
+        assert!(args.inner().get("x-dead-letter-exchange").is_none());
     }
 }

@@ -206,6 +206,8 @@ impl Dispatch {
             return None;
         }
         let properties = headers::copy_properties(ctx.properties(), |h| {
+            // The copy goes through the default exchange: keep the route it came by.
+            self.mark_route(h, ctx);
             headers::set_int(
                 h,
                 headers::REDELIVERIES,
@@ -337,7 +339,14 @@ impl Dispatch {
                 Span::current().record("outcome", "retried");
                 Settlement::Ack
             }
-            Err(error) => self.publish_failed(ctx, &wait_queue, error).await,
+            Err(error) => {
+                if matches!(error, PublishError::Returned { .. }) {
+                    // Unroutable: the wait queue was deleted since this connection declared
+                    // it. Declare it again next time.
+                    self.publisher.forget_wait_queue(&wait_queue).await;
+                }
+                self.publish_failed(ctx, &wait_queue, error).await
+            }
         }
     }
 
@@ -419,12 +428,18 @@ impl Dispatch {
     fn mark_origin(&self, h: &mut lapin::types::FieldTable, ctx: &Context, now: &str) {
         #[cfg(feature = "opentelemetry")]
         crate::trace_context::inject_current(h);
-        headers::set_text(h, headers::ORIGINAL_EXCHANGE, ctx.exchange());
-        headers::set_text(h, headers::ORIGINAL_ROUTING_KEY, ctx.routing_key());
-        headers::set_text(h, headers::ORIGINAL_QUEUE, &self.queue);
+        self.mark_route(h, ctx);
         if !h.contains_key(headers::FIRST_FAILURE_AT) {
             headers::set_text(h, headers::FIRST_FAILURE_AT, now);
         }
+    }
+
+    /// The exchange, routing key and queue the message first came by (a copy of a copy
+    /// keeps them: the context reads them back from the headers).
+    fn mark_route(&self, h: &mut lapin::types::FieldTable, ctx: &Context) {
+        headers::set_text(h, headers::ORIGINAL_EXCHANGE, ctx.exchange());
+        headers::set_text(h, headers::ORIGINAL_ROUTING_KEY, ctx.routing_key());
+        headers::set_text(h, headers::ORIGINAL_QUEUE, &self.queue);
     }
 }
 

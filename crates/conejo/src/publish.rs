@@ -110,6 +110,12 @@ impl Publisher {
         }
     }
 
+    /// Forgets that `wait_queue` was declared (a copy sent to it came back unroutable: it
+    /// was deleted), so that the next retry declares it again.
+    pub(crate) async fn forget_wait_queue(&self, wait_queue: &str) {
+        self.declared.lock().await.remove(wait_queue);
+    }
+
     /// Declares `queue`'s wait queue for `ttl_ms` unless this connection already did.
     pub(crate) async fn ensure_wait_queue(
         &self,

@@ -156,6 +156,7 @@ pub(crate) mod metrics_export {
     pub(crate) const ROTATIONS: &str = "conejo_channel_rotations_total";
     pub(crate) const OUTCOMES: &str = "conejo_outcomes_total";
     pub(crate) const FAILURES: &str = "conejo_failures_total";
+    pub(crate) const ANOMALIES: &str = "conejo_anomalies_total";
     pub(crate) const IN_FLIGHT: &str = "conejo_in_flight";
     pub(crate) const PREFETCH: &str = "conejo_prefetch";
     pub(crate) const CONSUMING: &str = "conejo_consuming";
@@ -170,6 +171,15 @@ pub(crate) mod metrics_export {
     const OUTCOME_KINDS: [&str; 4] = ["acked", "retried", "dead_lettered", "requeued"];
     /// The `failure` label's values, as [`Failure::kind`](crate::Failure::kind) names them.
     const FAILURE_KINDS: [&str; 4] = ["handler", "decode", "panic", "timeout"];
+    /// The `anomaly` label's values, in [`anomalies`] order.
+    const ANOMALY_KINDS: [&str; 6] = [
+        "abandoned",
+        "poison",
+        "unsettled",
+        "publish_failure",
+        "ack_failure",
+        "late_settlement",
+    ];
     /// The `state` label's values.
     const STATES: [&str; 5] = ["idle", "connecting", "connected", "reconnecting", "stopped"];
 
@@ -196,6 +206,8 @@ pub(crate) mod metrics_export {
         outcomes: [Counter; 4],
         /// By [`FAILURE_KINDS`].
         failures: [Counter; 4],
+        /// By [`ANOMALY_KINDS`].
+        anomalies: [Counter; 6],
         in_flight: Gauge,
         consuming: Gauge,
         /// The queue's name, to ask the status whether it consumes.
@@ -248,6 +260,9 @@ pub(crate) mod metrics_export {
                             failures: FAILURE_KINDS.map(|failure| {
                                 counter!(FAILURES, "queue" => name.clone(), "failure" => failure)
                             }),
+                            anomalies: ANOMALY_KINDS.map(|anomaly| {
+                                counter!(ANOMALIES, "queue" => name.clone(), "anomaly" => anomaly)
+                            }),
                             in_flight: gauge!(IN_FLIGHT, "queue" => name.clone()),
                             consuming: gauge!(CONSUMING, "queue" => name),
                             name: Arc::clone(&queue.name),
@@ -291,6 +306,9 @@ pub(crate) mod metrics_export {
                     stats.timeouts,
                 ];
                 for (counter, value) in queue.failures.iter().zip(failures) {
+                    counter.absolute(value);
+                }
+                for (counter, value) in queue.anomalies.iter().zip(anomalies(&stats)) {
                     counter.absolute(value);
                 }
                 queue.in_flight.set(stats.in_flight as f64);
@@ -350,6 +368,21 @@ pub(crate) mod metrics_export {
         }
     }
 
+    /// What should not happen in a healthy service, by [`ANOMALY_KINDS`]: blocking handlers
+    /// abandoned at their timeout, poison messages, deliveries ended without a result, copies
+    /// the broker did not confirm, acks that found their channel gone, results dropped after
+    /// their message was given back.
+    fn anomalies(stats: &QueueStats) -> [u64; 6] {
+        [
+            stats.abandoned,
+            stats.poison,
+            stats.unsettled,
+            stats.publish_failures,
+            stats.ack_failures,
+            stats.late_settlements,
+        ]
+    }
+
     fn describe() {
         describe_counter!(DELIVERIES, "Deliveries received from the broker.");
         describe_counter!(
@@ -371,6 +404,12 @@ pub(crate) mod metrics_export {
         describe_counter!(
             FAILURES,
             "Failed deliveries, by failure: handler (error), decode, panic, timeout."
+        );
+        describe_counter!(
+            ANOMALIES,
+            "What a healthy service does not see, by anomaly: abandoned (blocking handler past its \
+             timeout), poison, unsettled (task ended without a result), publish_failure, \
+             ack_failure, late_settlement (result dropped: its message was given back)."
         );
         describe_gauge!(
             IN_FLIGHT,
