@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use conejo_tests::{Broker, RunningService, TcpProxy, amqp_url, init_tracing, unique_name};
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -227,19 +227,37 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_waiting_for_the_broker_exits_zero_at_once() -> anyhow::Result<()> {
+/// When the signal comes.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// At startup, waiting for a broker that is not there.
+    Waiting,
+    /// After a connection loss, while reconnecting to a broker that has gone.
+    Reconnecting,
+}
+
+/// Starts the fixture process, brings it to `phase`, sends it `signal` and expects exit 0
+/// within a second.
+async fn signal_exits_zero_at_once(signal: &str, phase: Phase) -> anyhow::Result<()> {
     init_tracing();
-    // A loopback port nobody listens on: conejo keeps waiting for its broker.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("signal");
+    broker.declare_queue(&queue).await?;
+    // Waiting: a loopback port nobody listens on. Reconnecting: a proxy to the broker,
+    // closed once the fixture consumes.
+    let proxy = TcpProxy::start_for_url(&amqp_url())?;
+    let url = match phase {
+        Phase::Waiting => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+        }
+        Phase::Reconnecting => proxy.url(&amqp_url())?,
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
-        .args(["--queue", "nowhere"])
-        .env(
-            "AMQP_URL",
-            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-        )
+        .args(["--queue", &queue])
+        .env("AMQP_URL", url)
         .env("RUST_LOG", "warn,conejo=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -248,26 +266,51 @@ async fn sigterm_while_waiting_for_the_broker_exits_zero_at_once() -> anyhow::Re
         .spawn()
         .context("cannot start conejo-fixture")?;
     let mut stderr = BufReader::new(child.stderr.take().context("no stderr")?).lines();
-    // Waiting: it says so (and keeps trying).
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = tokio::time::timeout_at(deadline.into(), stderr.next_line())
-            .await
-            .context("the fixture never said it was waiting for the broker")??
-            .context("the fixture exited")?;
-        if line.contains("cannot reach the broker") {
-            break;
+    let mut wait_for = async |text: &str| -> anyhow::Result<()> {
+        loop {
+            let line = tokio::time::timeout_at(deadline.into(), stderr.next_line())
+                .await
+                .with_context(|| format!("the fixture never said '{text}'"))??
+                .context("the fixture exited")?;
+            if line.contains(text) {
+                return Ok(());
+            }
         }
+    };
+    if let Phase::Reconnecting = phase {
+        wait_for("consuming").await?;
+        proxy.refuse()?;
+        proxy.cut();
+        wait_for("connection lost").await?;
     }
+    // Waiting or reconnecting: it says so (and keeps trying).
+    wait_for("cannot reach the broker").await?;
     let pid = child.id().context("exited")?;
     let signalled = Instant::now();
     std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([format!("-{signal}"), pid.to_string()])
         .status()?;
     let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await??;
     let took = signalled.elapsed();
-    eprintln!("exited {status:?} {took:?} after SIGTERM while waiting for the broker");
+    eprintln!("exited {status:?} {took:?} after SIG{signal}, {phase:?}");
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    broker.delete_consumed_queue(&queue).await?;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_broker_exits_zero_at_once() -> anyhow::Result<()> {
+    signal_exits_zero_at_once("TERM", Phase::Waiting).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_waiting_for_the_broker_exits_zero_at_once() -> anyhow::Result<()> {
+    signal_exits_zero_at_once("INT", Phase::Waiting).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_reconnecting_exits_zero_at_once() -> anyhow::Result<()> {
+    signal_exits_zero_at_once("TERM", Phase::Reconnecting).await
 }
