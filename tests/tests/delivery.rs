@@ -508,6 +508,49 @@ async fn refused_credentials_fail_at_once_even_when_waiting_for_the_broker() -> 
     Ok(())
 }
 
+/// A broker-side consumer cancel is not a dead channel: a handler running when its queue is
+/// deleted finishes and is acked on its old channel (no late, dropped or failed result),
+/// while the queue, declared again, is consumed on a new one.
+#[tokio::test]
+async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -> anyhow::Result<()>
+{
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("cancelled");
+    broker.declare_queue(&queue).await?;
+    let handler = Stubborn::default();
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
+            .queue_with(&queue, handler.clone(), config())
+            .build()?,
+    );
+    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    broker.publish_bytes(&queue, b"running").await?;
+    service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
+    // The handler sleeps 2 s; meanwhile the queue is deleted, the broker cancels the
+    // consumer, and conejo declares the queue again and consumes it.
+    broker.delete_queue(&queue).await?;
+    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    broker.publish_bytes(&queue, b"after").await?;
+    let stats = service
+        .wait_for(&queue, WAIT, |s| s.acked == 2 && s.in_flight == 0)
+        .await?;
+    eprintln!("{stats:?}");
+    assert_eq!(
+        (stats.late_settlements, stats.ack_failures, stats.requeued),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(handler.calls.lock().unwrap().len(), 2);
+    assert_eq!(service.status().reconnects(), 0);
+    assert!(!service.is_finished());
+    service.stop().await??;
+    assert_eq!(broker.message_count(&queue).await?, 0);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_deleted_queue_is_declared_and_consumed_again() -> anyhow::Result<()> {
     init_tracing();
