@@ -327,12 +327,23 @@ impl Queue {
                             return End::ConnectionLost;
                         }
                         let delay = backoff.next_delay().max(generation.reopen.0);
-                        error!(
-                            queue = %self.name,
-                            %error,
-                            attempt = backoff.retries(),
-                            "cannot consume the queue; trying again in {delay:?}"
-                        );
+                        // The first three failures, then one in ten: a queue that stays
+                        // unavailable for hours does not flood the log.
+                        if backoff.worth_logging() {
+                            error!(
+                                queue = %self.name,
+                                %error,
+                                attempt = backoff.retries(),
+                                "cannot consume the queue; trying again in {delay:?}"
+                            );
+                        } else {
+                            debug!(
+                                queue = %self.name,
+                                %error,
+                                attempt = backoff.retries(),
+                                "cannot consume the queue"
+                            );
+                        }
                         if let Some(end) = pause(&generation, delay).await {
                             return end;
                         }
