@@ -80,7 +80,16 @@ async fn a_service_configured_by_file_and_environment_consumes_with_their_prefet
         .build()?;
     let running = RunningService::spawn(service);
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
-    assert_eq!(rabbitmqctl_consumer_prefetch(&queue).await?, vec![5]);
+    // rabbitmqctl may list the consumer a moment after the queue counts it.
+    let deadline = std::time::Instant::now() + WAIT;
+    let prefetch = loop {
+        let prefetch = rabbitmqctl_consumer_prefetch(&queue).await?;
+        if !prefetch.is_empty() || std::time::Instant::now() >= deadline {
+            break prefetch;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(prefetch, vec![5]);
 
     // 20 messages, none finishing: the broker hands out 5 (the prefetch), 15 stay ready.
     broker

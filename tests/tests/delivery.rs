@@ -301,9 +301,11 @@ async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sleeps a pseudo-random 0–3 ms, so handlers finish out of order; order 100 takes 40 ms,
-/// far past the ack linger, so the acks finished behind it are forced out one by one (a
-/// `multiple` ack would ack it too).
+/// Sleeps a pseudo-random 0–3 ms, so handlers finish out of order; order 100 runs until
+/// 150 orders after it have been handled, more than the settle task holds behind a running
+/// delivery, so the acks finished behind it are forced out one by one (a `multiple` ack
+/// would ack it too). Counted in deliveries, not time: however fast the machine, the hold
+/// covers about 150 acks, below the 256 that would move the queue to a fresh channel.
 #[derive(Clone, Default)]
 struct Jittery {
     handled: Arc<Mutex<HashMap<u64, u32>>>,
@@ -313,11 +315,26 @@ impl Handler for Jittery {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
-        let pause = match order.id {
-            100 => 40,
-            id => id.wrapping_mul(0x9E37_79B9) % 4,
-        };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if order.id == 100 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let after = self
+                    .handled
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .filter(|&&id| id > 100)
+                    .count();
+                let now = std::time::Instant::now();
+                if after >= 150 || now >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else {
+            let pause = order.id.wrapping_mul(0x9E37_79B9) % 4;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
         *self.handled.lock().unwrap().entry(order.id).or_default() += 1;
         Ok(())
     }

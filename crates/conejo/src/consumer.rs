@@ -413,7 +413,9 @@ impl Queue {
         // A move to a fresh channel, from its start until the fresh channel takes over, once
         // `channel` (whose consumer the move cancelled) has yielded what it had buffered.
         let mut moving: Option<Move> = None;
-        let mut rotate_after = channel.opened + ROTATION_INTERVAL;
+        // The interval spaces moves; the channel consumption starts on (at startup, or
+        // reopened) may move as soon as it is stuck.
+        let mut rotate_after = channel.opened;
         let ended = loop {
             // Busy, a free slot and a ready delivery are taken without a future or a wake-up,
             // and shutdown and loss are checked with one atomic load.
