@@ -162,6 +162,11 @@ struct Args {
     /// Bound on one consumer run, from connecting to the last ack, in seconds.
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = bench::secs)]
     timeout: Duration,
+    /// Run every consumer (and conejo's handlers) on a current-thread tokio runtime instead
+    /// of the default multi-thread one (its two workers wake each other across threads as
+    /// tasks are handed over).
+    #[arg(long)]
+    current_thread: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -577,12 +582,24 @@ fn observe_when_asked() {
     let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     if bench::listing_tests() {
         return Ok(());
     }
-    let mut args = Args::parse();
+    let args = Args::parse();
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(mut args: Args) -> anyhow::Result<()> {
     if args.failing_share > 0.0 {
         args.kinds.push(Kind::Failing);
     }
@@ -590,10 +607,15 @@ async fn main() -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     println!(
         "throughput: {} messages of {BODY_LEN} B per run, {} run(s), prefetch {:?}, \
-         {cores} cores, broker {}{}",
+         {cores} cores, {} runtime, broker {}{}",
         args.messages,
         args.runs,
         args.prefetches,
+        if args.current_thread {
+            "current-thread"
+        } else {
+            "multi-thread"
+        },
         amqp_url().split('@').next_back().unwrap_or_default(),
         if args.failing_share > 0.0 {
             format!(", failing share {}", args.failing_share)
