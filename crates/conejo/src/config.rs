@@ -362,31 +362,28 @@ impl QueueConfig {
     /// delivery limit and dead-letter exchange that back conejo's poison detection.
     pub(crate) fn declared_arguments(&self, queue: &str) -> FieldTable {
         let mut arguments = self.arguments.clone();
-        if self.is_quorum() && self.poison_limit.is_none() {
-            // No detection asked for: no limit either, explicitly, rather than the broker's
-            // default (none on RabbitMQ 3, 20 on RabbitMQ 4, past which a message without a
-            // dead-letter exchange is dropped). -1 would say "unlimited" only to RabbitMQ 4.
-            if !arguments.contains_key("x-delivery-limit") {
-                arguments.insert(
-                    ShortString::from("x-delivery-limit"),
-                    AMQPValue::LongInt(i32::MAX),
-                );
-            }
+        if !self.is_quorum() {
+            return arguments;
         }
-        if let (true, Some(limit)) = (self.is_quorum(), self.poison_limit) {
-            if !arguments.contains_key("x-delivery-limit") {
-                arguments.insert(
-                    ShortString::from("x-delivery-limit"),
-                    AMQPValue::LongInt(i32::try_from(limit).unwrap_or(i32::MAX)),
-                );
-            }
-            if !arguments.contains_key("x-dead-letter-exchange") {
-                let route = self.dead_letter_route(queue);
-                arguments.insert(
-                    ShortString::from("x-dead-letter-exchange"),
-                    AMQPValue::LongString(LongString::from(route.exchange.as_str())),
-                );
-            }
+        // Always a delivery limit, said explicitly, rather than the broker's default (none on
+        // RabbitMQ 3, 20 on RabbitMQ 4, past which a message without a dead-letter exchange
+        // is dropped): the poison limit, or with detection off, none (-1 would say
+        // "unlimited" only to RabbitMQ 4).
+        if !arguments.contains_key("x-delivery-limit") {
+            let limit = self
+                .poison_limit
+                .map_or(i32::MAX, |limit| i32::try_from(limit).unwrap_or(i32::MAX));
+            arguments.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongInt(limit),
+            );
+        }
+        if self.poison_limit.is_some() && !arguments.contains_key("x-dead-letter-exchange") {
+            let route = self.dead_letter_route(queue);
+            arguments.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString(LongString::from(route.exchange.as_str())),
+            );
         }
         arguments
     }
