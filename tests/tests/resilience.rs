@@ -444,6 +444,9 @@ async fn a_channel_closed_by_the_broker_is_reopened_while_other_queues_go_on() -
     let stats = service.stats().queue(&slow_queue).context("no stats")?;
     assert_eq!(stats.retried, 0, "{stats:?}");
     assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    // Its failure still counts as one, and its dropped result as a late settlement.
+    assert_eq!(stats.handler_errors, 1, "{stats:?}");
+    assert_eq!(stats.late_settlements, 1, "{stats:?}");
     assert_eq!(slow.handled.lock().unwrap().len(), 2, "handled once each");
     service.stop().await??;
     Ok(())

@@ -234,19 +234,6 @@ impl Dispatch {
 
     /// Applies the failure policy (a panicking policy rejects), then retries or dead-letters.
     async fn fail(&self, failure: Failure, ctx: &Context, body: &Bytes) -> Settlement {
-        if self.settle.is_closed() {
-            // The channel is lost, or the message was given back at the shutdown deadline:
-            // the broker redelivers the original, so no copy is published. The result is
-            // dropped and counted where it is settled.
-            debug!(
-                queue = %self.queue,
-                delivery_tag = ctx.delivery_tag(),
-                failure = failure.kind(),
-                "failed after its delivery was given back; no retry copy or dead letter"
-            );
-            Span::current().record("outcome", "dropped");
-            return Settlement::Requeue;
-        }
         let counters = &self.counters;
         let counter = match failure {
             Failure::Handler(_) => &counters.handler_errors,
@@ -263,6 +250,21 @@ impl Dispatch {
                 "a blocking handler passed its timeout; its thread is abandoned and keeps \
                  its concurrency slot until it returns"
             );
+        }
+        // Counted above whatever becomes of the result: a failing dependency shows in the
+        // failure counters even while connections are being lost.
+        if self.settle.is_closed() {
+            // The channel is lost, or the message was given back at the shutdown deadline:
+            // the broker redelivers the original, so no copy is published. The result is
+            // dropped and counted as a late settlement where it is settled.
+            debug!(
+                queue = %self.queue,
+                delivery_tag = ctx.delivery_tag(),
+                failure = failure.kind(),
+                "failed after its delivery was given back; no retry copy or dead letter"
+            );
+            Span::current().record("outcome", "dropped");
+            return Settlement::Requeue;
         }
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.policy)(&failure, ctx)))
             .unwrap_or_else(|_| {
