@@ -61,8 +61,30 @@ impl QueueConsumer {
 
     /// Closes the channel (channel.close / close-ok, at most [`CLOSE_TIMEOUT`]).
     pub(crate) async fn close(&self) -> Result<(), lapin::Error> {
-        let channel = self.channel.clone();
-        self.runtime
+        self.closer().close().await
+    }
+
+    /// What closes the channel once its stream of deliveries is no longer needed: dropping
+    /// the stream frees its buffer, which grew to hold a whole prefetch window at times.
+    pub(crate) fn closer(&self) -> ChannelCloser {
+        ChannelCloser {
+            channel: self.channel.clone(),
+            runtime: Arc::clone(&self.runtime),
+        }
+    }
+}
+
+/// Closes one channel ([`QueueConsumer::close`]) without holding its consumer's stream.
+pub(crate) struct ChannelCloser {
+    channel: lapin::Channel,
+    runtime: Arc<ConnectionRuntime>,
+}
+
+impl ChannelCloser {
+    /// As [`QueueConsumer::close`].
+    pub(crate) async fn close(self) -> Result<(), lapin::Error> {
+        let ChannelCloser { channel, runtime } = self;
+        runtime
             .run_within(CLOSE_TIMEOUT, "channel.close", async move {
                 channel
                     .close(200, ShortString::from("conejo: shutdown"))

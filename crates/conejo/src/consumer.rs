@@ -820,10 +820,22 @@ async fn pause(generation: &Generation, delay: Duration) -> Option<End> {
 /// the broker closed the channel, their results cannot be sent: they are told (their
 /// context's signal) and the results dropped.
 async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Generation) {
-    channel.tasks.close();
+    // Its stream has ended (or is of no further use): only the channel is kept, for the
+    // running handlers' acks. Retired channels can live as long as their longest delivery,
+    // and the stream's buffer grew to a whole prefetch window when the channel was fresh.
+    let Channel {
+        consumer,
+        dispatch,
+        signals,
+        tasks,
+        opened: _,
+    } = channel;
+    let closer = consumer.closer();
+    drop(consumer);
+    tasks.close();
     let finished = !closed
         && tokio::select! {
-            () = channel.tasks.wait() => true,
+            () = tasks.wait() => true,
             () = generation.lost.cancelled() => false,
             () = async {
                 generation.shutdown.cancelled().await;
@@ -831,7 +843,7 @@ async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Gen
             } => false,
         };
     if !finished {
-        let running = channel.tasks.len();
+        let running = tasks.len();
         if running > 0 {
             warn!(
                 %queue,
@@ -840,12 +852,12 @@ async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Gen
                  dropped (the broker redelivers those messages)"
             );
         }
-        channel.signals.shutdown.cancel();
+        signals.shutdown.cancel();
     }
-    let _ = tokio::time::timeout(LOST_CLEANUP, channel.dispatch.settle.close()).await;
+    let _ = tokio::time::timeout(LOST_CLEANUP, dispatch.settle.close()).await;
     if !closed
         && generation.connection.is_connected()
-        && let Err(error) = channel.consumer.close().await
+        && let Err(error) = closer.close().await
     {
         debug!(%queue, %error, "closing a retired channel failed");
     }
