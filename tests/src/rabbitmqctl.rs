@@ -325,31 +325,29 @@ pub async fn rabbitmqctl_queue_names() -> anyhow::Result<Vec<String>> {
 /// Messages of `queue` delivered and not yet acknowledged, as the broker counts them
 /// (`rabbitmqctl list_queues name messages_unacknowledged`); 0 for a queue not found.
 pub async fn rabbitmqctl_queue_unacked(queue: &str) -> anyhow::Result<u32> {
-    let args = list_args("list_queues", &["name", "messages_unacknowledged"]);
-    let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
-    for (name, unacked) in stdout
-        .lines()
-        .filter_map(|line| line.trim().rsplit_once('\t'))
-    {
-        if name == queue {
-            return unacked
-                .trim()
-                .parse()
-                .with_context(|| format!("messages_unacknowledged {unacked:?} of {queue}"));
-        }
-    }
-    Ok(0)
+    let Some(unacked) = queue_column(queue, "messages_unacknowledged").await? else {
+        return Ok(0);
+    };
+    unacked
+        .parse()
+        .with_context(|| format!("messages_unacknowledged {unacked:?} of {queue}"))
 }
 
 /// The arguments `queue` was declared with, as `rabbitmqctl list_queues name arguments`
 /// prints them (an Erlang-style list such as `[{"x-queue-type","quorum"},…]`); `None` if
 /// there is no such queue.
 pub async fn rabbitmqctl_queue_arguments(queue: &str) -> anyhow::Result<Option<String>> {
-    let args = list_args("list_queues", &["name", "arguments"]);
+    queue_column(queue, "arguments").await
+}
+
+/// One column of `queue`'s row of `rabbitmqctl list_queues name <column>`, trimmed; `None`
+/// if there is no such queue.
+async fn queue_column(queue: &str, column: &str) -> anyhow::Result<Option<String>> {
+    let args = list_args("list_queues", &["name", column]);
     let stdout = run_async(&rabbitmqctl_bin(), &args).await?;
     Ok(stdout.lines().find_map(|line| {
-        let (name, arguments) = line.trim().split_once('\t')?;
-        (name == queue).then(|| arguments.trim().to_owned())
+        let (name, value) = line.trim().split_once('\t')?;
+        (name == queue).then(|| value.trim().to_owned())
     }))
 }
 

@@ -53,37 +53,37 @@ impl QueueConsumer {
     /// What cancels this consumer, from another task.
     pub(crate) fn canceller(&self) -> Canceller {
         Canceller {
-            channel: self.channel.clone(),
+            channel: self.handle(),
             tag: self.consumer.tag(),
-            runtime: Arc::clone(&self.runtime),
         }
     }
 
     /// Closes the channel (channel.close / close-ok, at most [`CLOSE_TIMEOUT`]).
     pub(crate) async fn close(&self) -> Result<(), lapin::Error> {
-        self.closer().close().await
+        self.handle().close().await
     }
 
-    /// What closes the channel once its stream of deliveries is no longer needed: dropping
-    /// the stream frees its buffer, which grew to hold a whole prefetch window at times.
-    pub(crate) fn closer(&self) -> ChannelCloser {
-        ChannelCloser {
+    /// The channel without its stream of deliveries: what a channel that consumes no more
+    /// needs (dropping the stream frees its buffer, which grew to a whole prefetch window
+    /// at times).
+    pub(crate) fn handle(&self) -> ChannelHandle {
+        ChannelHandle {
             channel: self.channel.clone(),
             runtime: Arc::clone(&self.runtime),
         }
     }
 }
 
-/// Closes one channel ([`QueueConsumer::close`]) without holding its consumer's stream.
-pub(crate) struct ChannelCloser {
+/// A channel and the runtime its calls are made on.
+pub(crate) struct ChannelHandle {
     channel: lapin::Channel,
     runtime: Arc<ConnectionRuntime>,
 }
 
-impl ChannelCloser {
+impl ChannelHandle {
     /// As [`QueueConsumer::close`].
     pub(crate) async fn close(self) -> Result<(), lapin::Error> {
-        let ChannelCloser { channel, runtime } = self;
+        let ChannelHandle { channel, runtime } = self;
         runtime
             .run_within(CLOSE_TIMEOUT, "channel.close", async move {
                 channel
@@ -96,18 +96,16 @@ impl ChannelCloser {
 
 /// Cancels one consumer ([`QueueConsumer::cancel`]), from any task.
 pub(crate) struct Canceller {
-    channel: lapin::Channel,
+    channel: ChannelHandle,
     tag: ShortString,
-    runtime: Arc<ConnectionRuntime>,
 }
 
 impl Canceller {
     /// As [`QueueConsumer::cancel`].
     pub(crate) async fn cancel(self, limit: Duration) -> Result<(), lapin::Error> {
         let Canceller {
-            channel,
+            channel: ChannelHandle { channel, runtime },
             tag,
-            runtime,
         } = self;
         runtime
             .run_within(limit, "basic.cancel", async move {
@@ -313,6 +311,7 @@ impl Connection {
                     FieldTable::default(),
                 ),
                 old.channel
+                    .channel
                     .basic_cancel(old.tag, BasicCancelOptions::default()),
             );
             let failed = match (consumed, cancelled) {

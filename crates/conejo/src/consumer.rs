@@ -830,7 +830,7 @@ async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Gen
         tasks,
         opened: _,
     } = channel;
-    let closer = consumer.closer();
+    let handle = consumer.handle();
     drop(consumer);
     tasks.close();
     let finished = !closed
@@ -857,7 +857,7 @@ async fn retire(queue: Arc<str>, channel: Channel, closed: bool, generation: Gen
     let _ = tokio::time::timeout(LOST_CLEANUP, dispatch.settle.close()).await;
     if !closed
         && generation.connection.is_connected()
-        && let Err(error) = closer.close().await
+        && let Err(error) = handle.close().await
     {
         debug!(%queue, %error, "closing a retired channel failed");
     }
