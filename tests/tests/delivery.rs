@@ -665,12 +665,40 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     Ok(())
 }
 
-/// Sleeps through its first call (2 s) without looking at its context, and through its
-/// second (4 s): the first outlives its connection, the second runs on the new one.
+/// Ignores its context's signal: call `n` runs until the test releases it (`release(n)`), at
+/// most [`STUBBORN_LIMIT`]. So the first call outlives its connection by construction, however
+/// long the fault injection takes to land (two `rabbitmqctl` runs: over 2 s on a cold machine,
+/// which is what made a fixed 2 s sleep end, and ack, before the close).
 #[derive(Clone, Default)]
 struct Stubborn {
     calls: Arc<Mutex<Vec<std::time::Instant>>>,
     finished: Arc<AtomicU64>,
+    released: Arc<tokio::sync::Notify>,
+    releases: Arc<AtomicU64>,
+}
+
+/// Bounds a stubborn call whose test failed before releasing it.
+const STUBBORN_LIMIT: Duration = Duration::from_secs(60);
+
+impl Stubborn {
+    /// Lets calls up to the `n`th (counted from 1) return.
+    fn release(&self, n: u64) {
+        self.releases.fetch_max(n, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    async fn wait_finished(&self, n: u64) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.finished.load(Ordering::SeqCst) < n {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "call {n} never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
 }
 
 impl Handler for Stubborn {
@@ -680,10 +708,18 @@ impl Handler for Stubborn {
         let call = {
             let mut calls = self.calls.lock().unwrap();
             calls.push(std::time::Instant::now());
-            calls.len()
+            calls.len() as u64
         };
-        let pause = if call == 1 { 2 } else { 4 };
-        tokio::time::sleep(Duration::from_secs(pause)).await;
+        let released = async {
+            loop {
+                let notified = self.released.notified();
+                if self.releases.load(Ordering::SeqCst) >= call {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(STUBBORN_LIMIT, released).await;
         self.finished.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -713,41 +749,37 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
     let connection = conejo_tests::wait_for_connection_present(&name, WAIT).await?;
     broker.publish_bytes(&queue, b"job").await?;
     service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
-    let closed = std::time::Instant::now();
     conejo_tests::rabbitmqctl_close_connection(&connection.name, "fault injection").await?;
-    // The redelivered copy starts on the new connection while the first call sleeps on.
-    let deadline = closed + WAIT;
-    while handler.calls.lock().unwrap().len() < 2 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never redelivered");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let first = handler.calls.lock().unwrap()[0];
-    let second = handler.calls.lock().unwrap()[1];
-    assert!(
-        second < first + Duration::from_secs(2),
-        "the new generation waited for the stubborn handler: {:?}",
-        second - first
-    );
-    // The first call ends (its result dropped, counted), then the second is acked.
+    // The redelivered copy starts on the new connection while the first call still runs:
+    // the new generation does not wait for it.
     let deadline = std::time::Instant::now() + WAIT;
-    while handler.finished.load(Ordering::SeqCst) < 2 {
+    while handler.calls() < 2 {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the calls never ended"
+            "never redelivered: {:?}; {} on the broker, {} unacked",
+            service.stats().queue(&queue),
+            broker.message_count(&queue).await?,
+            conejo_tests::rabbitmqctl_queue_unacked(&queue).await?
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
+    assert_eq!(status.reconnects(), 1);
+    // The first call ends: its result is dropped and counted, while the second call runs
+    // under the same delivery tag on the new channel.
+    handler.release(1);
+    handler.wait_finished(1).await?;
+    let stats = service
+        .wait_for(&queue, WAIT, |s| s.late_settlements + s.ack_failures == 1)
+        .await?;
+    assert_eq!(stats.in_flight, 1, "{stats:?}");
+    // Then the second is acked.
+    handler.release(2);
+    handler.wait_finished(2).await?;
     let stats = service.wait_for(&queue, WAIT, |s| s.in_flight == 0).await?;
-    eprintln!(
-        "redelivered {:?} after the first call; {stats:?}",
-        second - first
-    );
+    eprintln!("{stats:?}");
     assert_eq!(stats.late_settlements + stats.ack_failures, 1, "{stats:?}");
-    assert_eq!(
-        handler.calls.lock().unwrap().len(),
-        2,
-        "a third call: {stats:?}"
-    );
+    assert_eq!(handler.calls(), 2, "a third call: {stats:?}");
     assert_eq!(status.reconnects(), 1);
     // The last ack may still linger a few milliseconds: poll the broker until it holds
     // nothing, ready or unacknowledged.
@@ -759,7 +791,7 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     service.stop().await??;
-    assert_eq!(handler.calls.lock().unwrap().len(), 2);
+    assert_eq!(handler.calls(), 2);
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
