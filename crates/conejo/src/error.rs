@@ -158,7 +158,7 @@ impl Error {
                 matches!(
                     source.kind(),
                     lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 530)
-                ) || crate::tls::is_certificate_error(source)
+                ) || crate::broker::tls::is_certificate_error(source)
             }
             _ => false,
         }

@@ -137,40 +137,16 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
-mod backoff;
-mod check;
+mod broker;
 mod config;
-mod connection;
-mod consumer;
-mod context;
-mod dispatch;
+mod engine;
 mod error;
 mod handler;
 mod headers;
-#[cfg(feature = "health")]
-mod health;
-mod lag;
 #[cfg(any(feature = "config", feature = "logging"))]
 mod log_format;
-mod message;
-mod outcome;
-mod publish;
-mod retry;
-mod runtime;
+mod observe;
 pub mod service;
-mod settle;
-mod signal;
-mod slots;
-mod stats;
-mod status;
-mod supervisor;
-mod telemetry;
-mod tls;
-mod topology;
-#[cfg(feature = "opentelemetry")]
-mod trace_context;
-mod tracker;
-mod url;
 
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
@@ -187,28 +163,28 @@ pub mod settings;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
+pub use app::check::{CheckReport, QueueCheck};
 pub use app::{
     Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT,
     DEFAULT_RECONNECT_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle,
 };
-pub use check::{CheckReport, QueueCheck};
-pub use config::{DEFAULT_POISON_LIMIT, QueueConfig};
-pub use context::Context;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use broker::tls::TlsConfig;
+pub use broker::url::AmqpUrl;
+pub use config::queue::{DEFAULT_POISON_LIMIT, QueueConfig};
+pub use config::retry::{MAX_RETRY_DELAY, RetryPolicy};
+pub use config::topology::Exchange;
 pub use error::{Error, HandlerError};
+pub use handler::context::Context;
+pub use handler::message::{Decode, DecodeError, Json};
+pub use handler::outcome::{Failure, Outcome};
 pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
 #[cfg(any(feature = "config", feature = "logging"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "config", feature = "logging"))))]
 pub use log_format::LogFormat;
-pub use message::{Decode, DecodeError, Json};
-pub use outcome::{Failure, Outcome};
-pub use retry::{MAX_RETRY_DELAY, RetryPolicy};
-pub use stats::{QueueStats, Stats};
-pub use status::{ConnectionState, Status};
-#[cfg(feature = "tls")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-pub use tls::TlsConfig;
-pub use topology::Exchange;
-pub use url::AmqpUrl;
+pub use observe::stats::{QueueStats, Stats};
+pub use observe::status::{ConnectionState, Status};
 
 /// AMQP types that appear in conejo's API (headers, property values), re-exported from lapin
 /// and `bytes`.

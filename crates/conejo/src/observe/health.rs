@@ -30,8 +30,8 @@ use tracing::{error, info};
 
 use crate::{
     ConnectionState, Error, Stats, Status,
-    runtime::ConnectionRuntime,
-    telemetry::metrics_export::{HANDLER_DURATION, Telemetry},
+    broker::runtime::ConnectionRuntime,
+    observe::telemetry::metrics_export::{HANDLER_DURATION, Telemetry},
 };
 
 /// `/livez` fails when the connection runtime's recent lag exceeds this: a runtime that

@@ -1,5 +1,8 @@
 //! The service: a builder to register queues, and `run` to consume them until shutdown.
 
+pub(crate) mod check;
+pub(crate) mod signal;
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
@@ -7,16 +10,15 @@ use tracing::warn;
 
 use crate::{
     AmqpUrl, Error, Exchange, Handler, QueueConfig,
-    check::CheckReport,
-    consumer::{Queue, QueueSpec, Timing},
+    app::check::CheckReport,
+    broker::tls::TlsSetup,
+    broker::url::parse_list,
+    engine::consumer::{Queue, QueueSpec, Timing},
+    engine::supervisor::{ConnectPolicy, Supervisor},
+    observe::stats::Stats,
+    observe::status::{Status, StatusWriter},
+    observe::telemetry::Observe,
     service::{BoxService, Layer, Layers, Registration, Service},
-    signal,
-    stats::Stats,
-    status::{Status, StatusWriter},
-    supervisor::{ConnectPolicy, Supervisor},
-    telemetry::Observe,
-    tls::TlsSetup,
-    url::parse_list,
 };
 
 /// Default time in-flight handlers get to finish at shutdown: well under Kubernetes' 30 s
@@ -657,7 +659,7 @@ impl Builder {
             #[cfg(feature = "health")]
             health: self
                 .health
-                .map(crate::health::HealthListener::bind)
+                .map(crate::observe::health::HealthListener::bind)
                 .transpose()?,
         };
         let stats = Stats::new(self.queues.iter().map(|spec| spec.name.to_string()));

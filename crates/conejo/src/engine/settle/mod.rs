@@ -3,6 +3,8 @@
 //! ack and requeue of that channel goes out from one place, in order, and only ever
 //! on the channel that delivered the message.
 
+pub(crate) mod tracker;
+
 use std::{
     future::Future,
     mem,
@@ -23,8 +25,8 @@ use tokio::{
 use tracing::{debug, error, warn};
 
 use crate::{
-    stats::QueueCounters,
-    tracker::{AckTracker, Action, Refused, Settlement},
+    engine::settle::tracker::{AckTracker, Action, Refused, Settlement},
+    observe::stats::QueueCounters,
 };
 
 /// Settlements waiting for the settle task.
@@ -458,7 +460,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 mod tests {
     //! The settle task's timing, under tokio's paused clock, with a recorder for a channel.
     use super::*;
-    use crate::tracker::Settlement::{Ack, Requeue};
+    use crate::engine::settle::tracker::Settlement::{Ack, Requeue};
 
     /// Records every frame with the (paused) time it was sent.
     #[derive(Clone, Default)]

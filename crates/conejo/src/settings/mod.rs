@@ -75,7 +75,7 @@
 
 use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 
-use crate::{AmqpUrl, Builder, Error, LogFormat, QueueConfig, url::parse_list};
+use crate::{AmqpUrl, Builder, Error, LogFormat, QueueConfig, broker::url::parse_list};
 
 /// The prefix of conejo's environment variables.
 pub const ENV_PREFIX: &str = "CONEJO_";
@@ -729,7 +729,7 @@ impl Settings {
 /// A queue's setting at `path` (below `queues.<q>`).
 fn queue_setting(path: &[&str], raw: Raw<'_>) -> Result<QueueSettings, String> {
     let mut settings = QueueSettings::default();
-    let day = crate::retry::MAX_RETRY_DELAY;
+    let day = crate::config::retry::MAX_RETRY_DELAY;
     match path {
         ["concurrency"] => settings.concurrency = Some(raw.at_least_one("the platform's usize")?),
         ["prefetch"] => {
@@ -742,7 +742,7 @@ fn queue_setting(path: &[&str], raw: Raw<'_>) -> Result<QueueSettings, String> {
         ["timeout"] => {
             settings.timeout = Some(raw.duration_within(
                 Duration::from_nanos(1),
-                crate::config::MAX_TIMEOUT,
+                crate::config::queue::MAX_TIMEOUT,
                 "1 ns and 7 days",
             )?);
         }

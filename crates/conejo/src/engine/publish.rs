@@ -13,8 +13,8 @@ use lapin::{
 use tokio::sync::Mutex;
 
 use crate::{
-    runtime::ConnectionRuntime,
-    topology::{self, Durability},
+    broker::runtime::ConnectionRuntime,
+    config::topology::{self, Durability},
 };
 
 /// How long a publish may wait for its confirm.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::retry::unit_random;
+use crate::config::retry::unit_random;
 
 /// Delays between attempts: none before the first retry (a lost connection is usually
 /// back at once, or another node answers), then `initial`, doubling up to `max`, each

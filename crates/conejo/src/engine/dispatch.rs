@@ -9,16 +9,17 @@ use bytes::Bytes;
 use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
 use crate::{
-    Context, Failure, Outcome, RetryPolicy, headers,
-    outcome::FailurePolicy,
-    publish::{PublishError, Publisher},
-    retry::{MAX_RETRY_DELAY, wait_ttl_ms},
+    Context, Failure, Outcome, RetryPolicy,
+    config::retry::{MAX_RETRY_DELAY, wait_ttl_ms},
+    config::topology::{self, DeadLetterRoute, Durability},
+    engine::publish::{PublishError, Publisher},
+    engine::settle::SettleHandle,
+    engine::settle::tracker::Settlement,
+    handler::outcome::FailurePolicy,
+    handler::slot::Slot,
+    headers,
+    observe::stats::QueueCounters,
     service::{Delivery, Service},
-    settle::SettleHandle,
-    slots::Slot,
-    stats::QueueCounters,
-    topology::{self, DeadLetterRoute, Durability},
-    tracker::Settlement,
 };
 
 /// How long a delivery whose copy could not be published waits before it is given back, so
@@ -142,7 +143,7 @@ impl Dispatch {
             handler_ms = field::Empty,
         );
         #[cfg(feature = "opentelemetry")]
-        crate::trace_context::adopt_parent(&span, ctx.headers());
+        crate::observe::trace_context::adopt_parent(&span, ctx.headers());
         self.handle_in_span(pipeline, ctx, body, span.clone())
             .instrument(span)
             .await
@@ -170,7 +171,7 @@ impl Dispatch {
         // No clock read unless the span is recorded by some subscriber.
         let started = (!span.is_disabled()).then(std::time::Instant::now);
         let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
-        let result = crate::telemetry::timed(&self.counters, call).await;
+        let result = crate::observe::telemetry::timed(&self.counters, call).await;
         if let Some(started) = started {
             span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
         }
@@ -429,7 +430,7 @@ impl Dispatch {
     /// `opentelemetry` feature, this delivery's trace context, parent of the copy's.
     fn mark_origin(&self, h: &mut lapin::types::FieldTable, ctx: &Context, now: &str) {
         #[cfg(feature = "opentelemetry")]
-        crate::trace_context::inject_current(h);
+        crate::observe::trace_context::inject_current(h);
         self.mark_route(h, ctx);
         if !h.contains_key(headers::FIRST_FAILURE_AT) {
             headers::set_text(h, headers::FIRST_FAILURE_AT, now);

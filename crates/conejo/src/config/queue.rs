@@ -7,9 +7,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::{
     Context, Error, Failure, Outcome, RetryPolicy,
-    outcome::FailurePolicy,
+    config::topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
+    handler::outcome::FailurePolicy,
     service::{BoxService, Layer, Layers, Service},
-    topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
 };
 
 /// Default number of deliveries without a result (the consumer crashed or lost its

@@ -12,7 +12,7 @@ use std::{
 
 use tokio_util::task::TaskTracker;
 
-use crate::lag::LagGauge;
+use crate::observe::lag::LagGauge;
 
 /// Live counters of one queue, updated by the consumer and the settle task.
 #[derive(Debug, Default)]

@@ -8,7 +8,7 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{headers, slots::Slot};
+use crate::{handler::slot::Slot, headers};
 
 /// A delivery's metadata, given to the handler beside the decoded message.
 ///

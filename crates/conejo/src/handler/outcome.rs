@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use crate::{Context, HandlerError, message::DecodeError};
+use crate::{Context, HandlerError, handler::message::DecodeError};
 
 /// What conejo does with a message after handling it.
 ///

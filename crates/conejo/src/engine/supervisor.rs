@@ -16,16 +16,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     AmqpUrl, Error, Exchange,
-    backoff::Backoff,
-    check::CheckReport,
-    connection::Connection,
-    consumer::{End, Generation, Opening, Queue, Timing},
-    publish::Publisher,
-    runtime::ConnectionRuntime,
-    stats::Stats,
-    status::{ConnectionState, StatusWriter},
-    telemetry::{self, Observe},
-    tls::TlsSetup,
+    app::check::CheckReport,
+    broker::connection::Connection,
+    broker::runtime::ConnectionRuntime,
+    broker::tls::TlsSetup,
+    engine::backoff::Backoff,
+    engine::consumer::{End, Generation, Opening, Queue, Timing},
+    engine::publish::Publisher,
+    observe::stats::Stats,
+    observe::status::{ConnectionState, StatusWriter},
+    observe::telemetry::{self, Observe},
 };
 
 /// How conejo connects and reconnects.

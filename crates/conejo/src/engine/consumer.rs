@@ -25,17 +25,17 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     Context, Error, QueueConfig,
-    backoff::Backoff,
-    connection::{Canceller, Connection, QueueConsumer},
-    context::Signals,
-    dispatch::{Dispatch, Unsettled},
-    publish::Publisher,
+    broker::connection::{Canceller, Connection, QueueConsumer},
+    engine::backoff::Backoff,
+    engine::dispatch::{Dispatch, Unsettled},
+    engine::publish::Publisher,
+    engine::settle::settle_task,
+    engine::settle::tracker::Settlement,
+    handler::context::Signals,
+    handler::slot::{Slot, Slots},
+    observe::stats::QueueCounters,
+    observe::status::StatusWriter,
     service::{BoxLayer, BoxService, Layers, Registration, Service},
-    settle::settle_task,
-    slots::{Slot, Slots},
-    stats::QueueCounters,
-    status::StatusWriter,
-    tracker::Settlement,
 };
 
 /// A queue as registered: name, handler, settings.
@@ -663,12 +663,12 @@ impl Queue {
     pub(crate) async fn check(
         &self,
         connection: &Connection,
-    ) -> Result<crate::check::QueueCheck, Error> {
+    ) -> Result<crate::app::check::QueueCheck, Error> {
         connection
             .declare_dead_letter(&self.name, &self.config)
             .await?;
         let (messages, consumers) = connection.declare_queue(&self.name, &self.config).await?;
-        Ok(crate::check::QueueCheck {
+        Ok(crate::app::check::QueueCheck {
             name: self.name.to_string(),
             messages,
             consumers,

@@ -27,7 +27,7 @@ use futures::{FutureExt, future::BoxFuture};
 
 use crate::{
     Context, Decode, Failure, Handler,
-    consumer::{Job, work},
+    engine::consumer::{Job, work},
 };
 
 pub use tower_layer::{Layer, layer_fn};

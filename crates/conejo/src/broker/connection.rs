@@ -10,7 +10,8 @@ use lapin::{
 };
 
 use crate::{
-    AmqpUrl, Error, Exchange, QueueConfig, runtime::ConnectionRuntime, tls::TlsSetup, topology,
+    AmqpUrl, Error, Exchange, QueueConfig, broker::runtime::ConnectionRuntime,
+    broker::tls::TlsSetup, config::topology,
 };
 
 /// How long closing a channel or the connection may take before conejo gives up on it.

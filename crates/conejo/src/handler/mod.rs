@@ -11,6 +11,11 @@ use std::{
 
 use tracing::warn;
 
+pub(crate) mod context;
+pub(crate) mod message;
+pub(crate) mod outcome;
+pub(crate) mod slot;
+
 use crate::{Context, Decode, HandlerError};
 
 /// Handles the messages of one or more queues. The central trait of conejo.

@@ -12,8 +12,8 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Stats, consumer::Queue, lag, runtime::ConnectionRuntime, stats::QueueCounters,
-    status::StatusWriter,
+    Stats, broker::runtime::ConnectionRuntime, engine::consumer::Queue, observe::lag,
+    observe::stats::QueueCounters, observe::status::StatusWriter,
 };
 
 /// What the builder asked for beyond the lag probes.
@@ -21,7 +21,7 @@ use crate::{
 pub(crate) struct Observe {
     /// The health server's socket, bound by `build()`.
     #[cfg(feature = "health")]
-    pub(crate) health: Option<crate::health::HealthListener>,
+    pub(crate) health: Option<crate::observe::health::HealthListener>,
 }
 
 /// The running probes, sampler and health server; dropping it stops them all.
@@ -66,7 +66,7 @@ pub(crate) fn start(
         #[cfg(feature = "health")]
         let (recorder, health) = match observe.health {
             Some(listener) => {
-                let recorder = crate::health::prometheus_recorder();
+                let recorder = crate::observe::health::prometheus_recorder();
                 (Some(recorder), Some(listener))
             }
             None => (None, None),
@@ -92,10 +92,10 @@ pub(crate) fn start(
         );
         #[cfg(feature = "health")]
         if let (Some(listener), Some(recorder)) = (health, recorder) {
-            crate::health::serve(
+            crate::observe::health::serve(
                 listener,
                 runtime,
-                crate::health::Health {
+                crate::observe::health::Health {
                     status: status.subscribe(),
                     stats: stats.clone(),
                     telemetry,
@@ -146,8 +146,8 @@ pub(crate) mod metrics_export {
 
     use crate::{
         ConnectionState, Stats, Status,
-        consumer::Queue,
-        stats::{QueueCounters, QueueStats},
+        engine::consumer::Queue,
+        observe::stats::{QueueCounters, QueueStats},
     };
 
     pub(crate) const DELIVERIES: &str = "conejo_deliveries_total";
