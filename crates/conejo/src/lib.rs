@@ -143,6 +143,7 @@ mod engine;
 mod error;
 mod handler;
 mod headers;
+mod hooks;
 #[cfg(any(feature = "config", feature = "logging"))]
 mod log_format;
 mod observe;
@@ -163,20 +164,22 @@ pub mod settings;
 #[cfg(feature = "test-util")]
 pub mod testing;
 
-pub use app::check::{CheckReport, QueueCheck};
-pub use app::{
-    Builder, Conejo, DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT,
-    DEFAULT_RECONNECT_DELAY, DEFAULT_SHUTDOWN_TIMEOUT, ShutdownHandle,
-};
+pub use app::{Builder, Conejo, ShutdownHandle};
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use broker::tls::TlsConfig;
 pub use broker::url::AmqpUrl;
 pub use config::queue::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use config::retry::{MAX_RETRY_DELAY, RetryPolicy};
+pub use config::service::{
+    DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_RECONNECT_DELAY,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+};
 pub use config::topology::Exchange;
-pub use error::{Error, HandlerError};
+pub use engine::check::{CheckReport, QueueCheck};
+pub use error::Error;
 pub use handler::context::Context;
+pub use handler::error::HandlerError;
 pub use handler::message::{Decode, DecodeError, Json};
 pub use handler::outcome::{Failure, Outcome};
 pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};

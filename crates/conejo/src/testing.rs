@@ -38,13 +38,12 @@ use bytes::Bytes;
 
 use crate::{
     Context, Failure, Handler, Outcome, QueueConfig,
-    service::{Delivery, Registration, Service},
+    service::{Delivery, Service, assemble},
 };
 
 /// Decodes `body` and runs `handler` as conejo would; failures (panics included) are values.
 pub async fn run<H: Handler>(handler: H, body: &[u8], ctx: &Context) -> Result<(), Failure> {
-    Registration::new(handler)
-        .assemble(&[], None)
+    assemble(handler, &[], None)
         .call(Delivery::new(Bytes::copy_from_slice(body), ctx.clone()))
         .await
 }
@@ -59,7 +58,7 @@ pub async fn outcome<H: Handler>(
     body: &[u8],
     ctx: &Context,
 ) -> Outcome {
-    let pipeline = Registration::new(handler).assemble(&config.layers.0, config.timeout);
+    let pipeline = assemble(handler, &config.layers.0, config.timeout);
     let delivery = Delivery::new(Bytes::copy_from_slice(body), ctx.clone());
     match pipeline.call(delivery).await {
         Ok(()) => Outcome::Ack,
@@ -67,33 +66,5 @@ pub async fn outcome<H: Handler>(
             Outcome::Retry if ctx.attempt() >= config.retry.attempts() => Outcome::Reject,
             outcome => outcome,
         },
-    }
-}
-
-/// A test-only hook that blocks conejo's connection runtime (the thread that runs lapin and
-/// answers heartbeats), to prove what a wedged one looks like from outside — liveness
-/// failing, heartbeats missed. From [`Conejo::connection_runtime_wedge`](crate::Conejo::connection_runtime_wedge).
-#[doc(hidden)]
-#[derive(Debug, Clone, Default)]
-pub struct RuntimeWedge {
-    /// Set by the supervisor once the runtime exists.
-    handle: std::sync::Arc<std::sync::OnceLock<tokio::runtime::Handle>>,
-}
-
-impl RuntimeWedge {
-    pub(crate) fn set(&self, handle: &tokio::runtime::Handle) {
-        let _ = self.handle.set(handle.clone());
-    }
-
-    /// Blocks the connection runtime's thread for `duration` (a `std::thread::sleep` in a
-    /// task there). False if the service has not started its runtime yet.
-    pub fn wedge(&self, duration: std::time::Duration) -> bool {
-        match self.handle.get() {
-            Some(handle) => {
-                handle.spawn(async move { std::thread::sleep(duration) });
-                true
-            }
-            None => false,
-        }
     }
 }

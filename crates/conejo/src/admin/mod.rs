@@ -33,12 +33,12 @@
 //!   inspect such a queue in a loop.
 
 mod command;
+mod error;
 mod headers;
 mod republish;
 mod session;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::FieldTable;
@@ -46,68 +46,14 @@ use lapin::types::FieldTable;
 use crate::AmqpUrl;
 use session::{Session, peek};
 
+pub use error::AdminError;
+
 pub use command::{DeadLetterCommand, DeadLetterQueue};
 pub use headers::ConejoHeaders;
 
 /// How many messages [`summary`] reads when not told otherwise
 /// ([`DeadLetterCommand::List`]'s `--limit`).
 pub const DEFAULT_SCAN_LIMIT: u64 = 10_000;
-
-/// Why an operation on a dead-letter queue failed. Never contains the URL's password.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AdminError {
-    /// Connecting to the broker failed (unreachable, refused credentials, TLS…).
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        /// The URL, with its password redacted.
-        url: String,
-        /// What lapin reported.
-        #[source]
-        source: lapin::Error,
-    },
-
-    /// The queue does not exist.
-    #[error("queue '{queue}' does not exist")]
-    QueueNotFound {
-        /// The missing queue.
-        queue: String,
-    },
-
-    /// The broker refused an operation, or the connection failed during it.
-    #[error("{step} on queue '{queue}' failed: {source}")]
-    Broker {
-        /// The queue being worked on.
-        queue: String,
-        /// What was being done: "basic.get", "publish", "confirm"…
-        step: &'static str,
-        /// What lapin reported.
-        #[source]
-        source: lapin::Error,
-    },
-
-    /// The broker did not answer in time (e.g. it blocks publishers under a resource alarm).
-    #[error("{step} on queue '{queue}': no answer from the broker within {after:?}")]
-    Timeout {
-        /// The queue being worked on.
-        queue: String,
-        /// What was being waited for.
-        step: &'static str,
-        /// How long it was waited for.
-        after: Duration,
-    },
-
-    /// The request cannot be carried out as asked (e.g. replaying a queue into itself).
-    #[error("{reason}")]
-    Invalid {
-        /// What is wrong.
-        reason: String,
-    },
-
-    /// Writing the human-readable output failed.
-    #[error("cannot write the output: {0}")]
-    Output(#[source] std::io::Error),
-}
 
 /// The dead-letter queue of the consumed queue `queue`, as conejo names it by default:
 /// `orders` → `orders.dlq`.
@@ -265,7 +211,7 @@ pub async fn show(url: &AmqpUrl, dlq: &str, n: usize) -> Result<Vec<DeadLetter>,
             properties: delivery.properties,
             conejo,
             other_headers,
-            body: delivery.data,
+            body: delivery.body.to_vec(),
         });
     })
     .await;

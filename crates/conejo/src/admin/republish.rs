@@ -1,13 +1,8 @@
 //! Moving dead letters back: publish, await the confirm, then acknowledge.
 
-use lapin::Confirmation;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
-use lapin::types::ShortString;
-
 use super::session::{Session, ready_count, step};
 use super::{AdminError, ReplayReport, Unroutable, headers};
+use crate::broker::{Confirm, Confirmed};
 
 /// How many republished copies [`replay`](super::replay) has awaiting their confirms at once.
 const REPLAY_WINDOW: u64 = 64;
@@ -21,7 +16,7 @@ struct InFlight {
     /// The message's `message_id`, for the report.
     message_id: Option<String>,
     /// The broker's answer to come.
-    confirm: lapin::PublisherConfirm,
+    confirm: Confirm,
 }
 
 /// The body of [`replay`](super::replay), on `session`'s connection.
@@ -37,12 +32,7 @@ pub(super) async fn move_letters(
     }
     let channel = session.channel(dlq).await?;
     let present = u64::from(ready_count(&channel, dlq).await?);
-    step(
-        dlq,
-        "confirm.select",
-        channel.confirm_select(ConfirmSelectOptions::default()),
-    )
-    .await?;
+    step(dlq, "confirm.select", channel.confirm_select()).await?;
 
     let mut report = ReplayReport {
         dlq: dlq.to_owned(),
@@ -60,13 +50,12 @@ pub(super) async fn move_letters(
         }
         let mut window = Vec::new();
         while (window.len() as u64) < room.min(REPLAY_WINDOW) && taken < present {
-            let get = channel.basic_get(dlq.into(), BasicGetOptions { no_ack: false });
-            let Some(message) = step(dlq, "basic.get", get).await? else {
+            let Some(got) = step(dlq, "basic.get", channel.get(dlq)).await? else {
                 exhausted = true;
                 break;
             };
             taken += 1;
-            let delivery = message.delivery;
+            let delivery = got.message;
             let properties = &delivery.properties;
             let original = headers::split(properties.headers().as_ref())
                 .0
@@ -75,29 +64,18 @@ pub(super) async fn move_letters(
                 .map(str::to_owned)
                 .or(original)
                 .filter(|queue| queue != dlq);
-            let Some((queue, routing_key)) =
-                target.and_then(|queue| Some((queue.clone(), ShortString::try_new(queue).ok()?)))
-            else {
+            // A routing key is at most 255 bytes: a longer "queue" cannot be one.
+            let Some(queue) = target.filter(|queue| queue.len() <= 255) else {
                 report.skipped += 1;
-                keep_up_to = keep_up_to.max(Some(delivery.delivery_tag));
+                keep_up_to = keep_up_to.max(Some(delivery.tag));
                 continue;
             };
             let copy = properties
                 .clone()
                 .with_headers(headers::replay_headers(properties.headers().as_ref()));
-            let options = BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            };
-            let publish = channel.basic_publish(
-                ShortString::from(""),
-                routing_key,
-                options,
-                &delivery.data,
-                copy,
-            );
+            let publish = channel.publish("", &queue, true, &delivery.body, copy);
             window.push(InFlight {
-                tag: delivery.delivery_tag,
+                tag: delivery.tag,
                 message_id: properties.message_id().as_ref().map(ToString::to_string),
                 confirm: step(&queue, "basic.publish", publish).await?,
                 queue,
@@ -105,18 +83,15 @@ pub(super) async fn move_letters(
         }
         for copy in window {
             let why = match step(&copy.queue, "publisher confirm", copy.confirm).await? {
-                Confirmation::Ack(None) => {
-                    let ack = channel.basic_ack(copy.tag, BasicAckOptions { multiple: false });
-                    step(dlq, "basic.ack", ack).await?;
+                Confirmed::Ack => {
+                    step(dlq, "basic.ack", channel.ack(copy.tag, false)).await?;
                     report.replayed += 1;
                     *report.destinations.entry(copy.queue).or_default() += 1;
                     continue;
                 }
-                Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                    format!("{} ({})", returned.reply_text, returned.reply_code)
-                }
-                Confirmation::Nack(None) => "refused by the broker (nack)".to_owned(),
-                Confirmation::NotRequested => "not confirmed by the broker".to_owned(),
+                Confirmed::Returned { code, text } => format!("{text} ({code})"),
+                Confirmed::Nack => "refused by the broker (nack)".to_owned(),
+                Confirmed::NotRequested => "not confirmed by the broker".to_owned(),
             };
             keep_up_to = keep_up_to.max(Some(copy.tag));
             report.unroutable.push(Unroutable {
@@ -129,17 +104,13 @@ pub(super) async fn move_letters(
     report.max_reached = max.is_some_and(|max| report.replayed >= max);
     if let Some(tag) = keep_up_to {
         // Every other delivery is acknowledged by now: this requeues exactly those kept.
-        let options = BasicNackOptions {
-            multiple: true,
-            requeue: true,
-        };
-        step(dlq, "basic.nack", channel.basic_nack(tag, options)).await?;
+        step(dlq, "basic.nack", channel.nack(tag, true, true)).await?;
     }
     // close-ok comes after the broker has processed every ack and nack.
     step(
         dlq,
         "channel.close",
-        channel.close(200, ShortString::from("conejo-admin: replayed")),
+        channel.close("conejo-admin: replayed"),
     )
     .await?;
     Ok(report)

@@ -2,12 +2,13 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, LongString, ShortString};
-use lapin::{Channel, ConnectionProperties, ErrorKind};
+use lapin::types::FieldTable;
 
-use super::AdminError;
-use crate::AmqpUrl;
+use super::error::AdminError;
+use crate::{
+    AmqpUrl,
+    broker::{self, Broker, BrokerError, Channel, Connection, Incoming, QueueOptions, TlsSetup},
+};
 
 /// How long to wait for the broker to accept the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -16,47 +17,39 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the connection to close before giving up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A connection of its own for one operation.
+/// A connection of its own for one operation, on the caller's runtime: an operator's tool
+/// runs no handlers that could starve it.
 pub(super) struct Session {
     /// The connection, closed by [`Session::close`] (which requeues anything unsettled).
-    connection: lapin::Connection,
+    connection: Connection,
 }
 
 impl Session {
     pub(super) async fn open(url: &AmqpUrl) -> Result<Session, AdminError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from("conejo-admin"))
-            .with_client_property(
-                ShortString::from("product"),
-                LongString::from(concat!("conejo-admin/", env!("CARGO_PKG_VERSION"))),
-            );
-        let connect = lapin::Connection::connect_uri(url.uri(), properties);
-        let connect_error = |source| AdminError::Connect {
-            url: url.redacted().to_owned(),
-            source,
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(connection) => Ok(Session {
-                connection: connection.map_err(connect_error)?,
+        let broker =
+            Broker::amqp(TlsSetup::default(), false).map_err(|error| AdminError::Connect {
+                url: url.redacted().to_owned(),
+                source: broker::other(error.to_string()),
+            })?;
+        match broker.connect(url, "conejo-admin", CONNECT_TIMEOUT).await {
+            Ok(connection) => Ok(Session { connection }),
+            Err(crate::Error::Connect { url, source }) => Err(AdminError::Connect { url, source }),
+            Err(other) => Err(AdminError::Connect {
+                url: url.redacted().to_owned(),
+                source: broker::other(other.to_string()),
             }),
-            Err(_) => Err(connect_error(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {CONNECT_TIMEOUT:?}"),
-            )))),
         }
     }
 
     /// Opens a channel to work on `queue`.
     pub(super) async fn channel(&self, queue: &str) -> Result<Channel, AdminError> {
-        step(queue, "open channel", self.connection.create_channel()).await
+        step(queue, "open channel", self.connection.open_channel()).await
     }
 
     /// Closes the connection: the broker requeues whatever was left unsettled. Best effort:
     /// the operation's own result is what matters.
     pub(super) async fn close(self) {
-        let close = self
-            .connection
-            .close(200, ShortString::from("conejo-admin done"));
+        let close = self.connection.close("conejo-admin done");
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
     }
 }
@@ -65,7 +58,7 @@ impl Session {
 pub(super) async fn step<T>(
     queue: &str,
     step: &'static str,
-    operation: impl Future<Output = lapin::Result<T>>,
+    operation: impl Future<Output = Result<T, BrokerError>>,
 ) -> Result<T, AdminError> {
     match tokio::time::timeout(BROKER_TIMEOUT, operation).await {
         Ok(Ok(value)) => Ok(value),
@@ -85,25 +78,20 @@ pub(super) async fn step<T>(
 /// Checks that `queue` exists (a passive declaration, which closes `channel` if not) and
 /// returns its count of ready messages.
 pub(super) async fn ready_count(channel: &Channel, queue: &str) -> Result<u32, AdminError> {
-    let options = QueueDeclareOptions {
+    let options = QueueOptions {
         passive: true,
-        ..QueueDeclareOptions::default()
+        ..QueueOptions::default()
     };
-    let declare = channel.queue_declare(queue.into(), options, FieldTable::default());
+    let declare = channel.declare_queue(queue, options, FieldTable::default());
     match step(queue, "queue.declare (passive)", declare).await {
-        Ok(declared) => Ok(declared.message_count()),
-        Err(AdminError::Broker { source, .. }) if is_not_found(&source) => {
+        Ok(declared) => Ok(declared.messages),
+        Err(AdminError::Broker { source, .. }) if broker::is_not_found(&source) => {
             Err(AdminError::QueueNotFound {
                 queue: queue.to_owned(),
             })
         }
         Err(other) => Err(other),
     }
-}
-
-/// True for the broker's 404 NOT_FOUND (a passive declaration of a missing queue).
-fn is_not_found(error: &lapin::Error) -> bool {
-    matches!(error.kind(), ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
 
 /// What [`peek`] saw.
@@ -122,32 +110,31 @@ pub(super) async fn peek(
     session: &Session,
     queue: &str,
     limit: u64,
-    mut each: impl FnMut(lapin::message::Delivery),
+    mut each: impl FnMut(Incoming),
 ) -> Result<Scan, AdminError> {
     let channel = session.channel(queue).await?;
     let ready = ready_count(&channel, queue).await?;
     let (mut read, mut complete, mut last_tag) = (0, ready == 0, None);
     while read < limit {
-        let get = channel.basic_get(queue.into(), BasicGetOptions { no_ack: false });
-        let Some(message) = step(queue, "basic.get", get).await? else {
+        let Some(got) = step(queue, "basic.get", channel.get(queue)).await? else {
             complete = true;
             break;
         };
         read += 1;
-        complete = message.message_count == 0;
-        last_tag = Some(message.delivery.delivery_tag);
-        each(message.delivery);
+        complete = got.remaining == 0;
+        last_tag = Some(got.message.tag);
+        each(got.message);
     }
     if let Some(tag) = last_tag {
-        let options = BasicNackOptions {
-            multiple: true,
-            requeue: true,
-        };
-        step(queue, "basic.nack", channel.basic_nack(tag, options)).await?;
+        step(queue, "basic.nack", channel.nack(tag, true, true)).await?;
     }
     // close-ok comes after the broker has processed the nack.
-    let close = channel.close(200, ShortString::from("conejo-admin: read only"));
-    step(queue, "channel.close", close).await?;
+    step(
+        queue,
+        "channel.close",
+        channel.close("conejo-admin: read only"),
+    )
+    .await?;
     Ok(Scan {
         ready,
         read,

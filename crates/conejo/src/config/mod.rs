@@ -3,4 +3,5 @@
 
 pub(crate) mod queue;
 pub(crate) mod retry;
+pub(crate) mod service;
 pub(crate) mod topology;

@@ -7,6 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::{
     Context, Error, Failure, Outcome, RetryPolicy,
+    broker::QueueOptions,
     config::topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
     handler::outcome::FailurePolicy,
     service::{BoxService, Layer, Layers, Service},
@@ -273,14 +274,14 @@ impl QueueConfig {
     /// is 16).
     #[must_use]
     pub fn effective_prefetch(&self) -> u16 {
-        self.resolve(crate::service::DEFAULT_ASYNC_CONCURRENCY, false)
-            .1
+        self.resolve(false).1
     }
 
-    /// (concurrency, prefetch) once the handler's default concurrency, and whether it is
-    /// blocking, are known.
-    pub(crate) fn resolve(&self, default_concurrency: usize, blocking: bool) -> (usize, u16) {
-        let concurrency = self.concurrency.unwrap_or(default_concurrency);
+    /// (concurrency, prefetch) once it is known whether the handler is blocking.
+    pub(crate) fn resolve(&self, blocking: bool) -> (usize, u16) {
+        let concurrency = self
+            .concurrency
+            .unwrap_or_else(|| default_concurrency(blocking));
         let prefetch = self
             .prefetch
             .unwrap_or_else(|| derive_prefetch(concurrency, blocking));
@@ -388,10 +389,99 @@ impl QueueConfig {
         arguments
     }
 
+    /// The queue's settings as it runs, every derived value worked out once: concurrency
+    /// and prefetch, the declaration's flags and arguments, the dead-letter route, the flags
+    /// of the queues conejo declares for it, the failure policy.
+    pub(crate) fn settings(&self, name: Arc<str>, blocking: bool) -> ResolvedQueue {
+        let (concurrency, prefetch) = self.resolve(blocking);
+        ResolvedQueue {
+            concurrency,
+            prefetch,
+            blocking,
+            options: QueueOptions {
+                passive: !self.declare,
+                durable: self.durable,
+                exclusive: false,
+                auto_delete: self.auto_delete,
+            },
+            arguments: if self.declare {
+                self.declared_arguments(&name)
+            } else {
+                FieldTable::default()
+            },
+            bindings: self.bindings.clone(),
+            dead_letter: self.dead_letter_route(&name),
+            durability: self.durability(),
+            retry: self.retry,
+            poison_limit: self.poison_limit,
+            policy: self.policy(),
+            timeout: self.timeout,
+            name,
+        }
+    }
+
     pub(crate) fn policy(&self) -> FailurePolicy {
         self.on_failure
             .clone()
             .unwrap_or_else(|| Arc::new(|failure: &Failure, _: &Context| failure.default_outcome()))
+    }
+}
+
+/// A queue's settings as it runs: its [`QueueConfig`] with every derived value worked out
+/// once, when the service is built.
+pub(crate) struct ResolvedQueue {
+    /// The queue's name.
+    pub(crate) name: Arc<str>,
+    /// Messages handled at once.
+    pub(crate) concurrency: usize,
+    /// Unacknowledged messages the broker may push on the queue's channel.
+    pub(crate) prefetch: u16,
+    /// True for a blocking handler, whose thread outlives a timeout.
+    pub(crate) blocking: bool,
+    /// The declaration's flags.
+    pub(crate) options: QueueOptions,
+    /// The declaration's arguments: the user's, plus what backs poison detection on a
+    /// quorum queue (none for a passive declaration).
+    pub(crate) arguments: FieldTable,
+    /// Bindings declared before consuming.
+    pub(crate) bindings: Vec<Binding>,
+    /// Where dead letters go.
+    pub(crate) dead_letter: DeadLetterRoute,
+    /// Flags of the dead-letter and wait queues conejo declares for it.
+    pub(crate) durability: Durability,
+    /// Attempts and delays of retries.
+    pub(crate) retry: RetryPolicy,
+    /// Deliveries without a result before a message is poison.
+    pub(crate) poison_limit: Option<u32>,
+    /// Maps failures to outcomes.
+    pub(crate) policy: FailurePolicy,
+    /// A handler running longer fails with [`Failure::Timeout`].
+    pub(crate) timeout: Option<Duration>,
+}
+
+impl fmt::Debug for ResolvedQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResolvedQueue")
+            .field("name", &self.name)
+            .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
+            .field("blocking", &self.blocking)
+            .field("options", &self.options)
+            .field("dead_letter", &self.dead_letter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Concurrency of an async handler when the queue does not set one.
+pub(crate) const DEFAULT_ASYNC_CONCURRENCY: usize = 16;
+
+/// The concurrency when the queue does not set one: 16 for async handlers, the number of
+/// cores for blocking ones (their threads compete for the cores).
+pub(crate) fn default_concurrency(blocking: bool) -> usize {
+    if blocking {
+        std::thread::available_parallelism().map_or(2, usize::from)
+    } else {
+        DEFAULT_ASYNC_CONCURRENCY
     }
 }
 
@@ -440,29 +530,20 @@ mod tests {
     #[test]
     fn prefetch_is_derived_and_bounded() {
         // async handlers: 16 per slot, capped at 250, never below 2 per slot
+        assert_eq!(QueueConfig::new().concurrency(1).resolve(false), (1, 16));
+        assert_eq!(QueueConfig::new().concurrency(8).resolve(false), (8, 128));
+        assert_eq!(QueueConfig::new().resolve(false), (16, 250));
         assert_eq!(
-            QueueConfig::new().concurrency(1).resolve(16, false),
-            (1, 16)
-        );
-        assert_eq!(
-            QueueConfig::new().concurrency(8).resolve(16, false),
-            (8, 128)
-        );
-        assert_eq!(QueueConfig::new().resolve(16, false), (16, 250));
-        assert_eq!(
-            QueueConfig::new().concurrency(200).resolve(16, false),
+            QueueConfig::new().concurrency(200).resolve(false),
             (200, 400)
         );
         // blocking handlers: 2 per slot, at least 10
-        assert_eq!(QueueConfig::new().concurrency(1).resolve(2, true), (1, 10));
-        assert_eq!(QueueConfig::new().concurrency(8).resolve(2, true), (8, 16));
-        assert_eq!(QueueConfig::new().resolve(2, true), (2, 10));
+        assert_eq!(QueueConfig::new().concurrency(1).resolve(true), (1, 10));
+        assert_eq!(QueueConfig::new().concurrency(8).resolve(true), (8, 16));
+        assert_eq!(QueueConfig::new().concurrency(2).resolve(true), (2, 10));
         for blocking in [false, true] {
             assert_eq!(
-                QueueConfig::new()
-                    .concurrency(1 << 20)
-                    .resolve(16, blocking)
-                    .1,
+                QueueConfig::new().concurrency(1 << 20).resolve(blocking).1,
                 u16::MAX
             );
             // an explicit prefetch below the concurrency caps it
@@ -470,7 +551,7 @@ mod tests {
                 QueueConfig::new()
                     .concurrency(50)
                     .prefetch(20)
-                    .resolve(16, blocking),
+                    .resolve(blocking),
                 (20, 20)
             );
         }

@@ -13,9 +13,10 @@
 
 use lapin::{
     ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
+
+use crate::broker::{ExchangeOptions, QueueOptions};
 
 /// An exchange conejo declares (or, [passive](Exchange::passive), checks) before consuming.
 ///
@@ -105,21 +106,13 @@ impl Exchange {
         &self.name
     }
 
-    pub(crate) async fn declare(&self, channel: &lapin::Channel) -> Result<(), lapin::Error> {
-        channel
-            .exchange_declare(
-                ShortString::from(self.name.as_str()),
-                self.kind.clone(),
-                ExchangeDeclareOptions {
-                    passive: self.passive,
-                    durable: self.durable,
-                    auto_delete: self.auto_delete,
-                    internal: false,
-                    nowait: false,
-                },
-                self.arguments.clone(),
-            )
-            .await
+    /// The declaration's flags.
+    pub(crate) fn options(&self) -> ExchangeOptions {
+        ExchangeOptions {
+            passive: self.passive,
+            durable: self.durable,
+            auto_delete: self.auto_delete,
+        }
     }
 }
 
@@ -188,18 +181,16 @@ pub(crate) struct Durability {
 }
 
 impl Durability {
-    fn queue_options(self) -> QueueDeclareOptions {
-        QueueDeclareOptions {
-            passive: false,
+    /// Flags of the dead-letter and wait queues.
+    pub(crate) fn queue_options(self) -> QueueOptions {
+        QueueOptions {
             durable: self.durable || self.quorum,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
+            ..QueueOptions::default()
         }
     }
 
     /// `x-queue-type = quorum` for replicated queues.
-    fn arguments(self) -> FieldTable {
+    pub(crate) fn arguments(self) -> FieldTable {
         let mut arguments = FieldTable::default();
         if self.quorum {
             arguments.insert(
@@ -211,65 +202,9 @@ impl Durability {
     }
 }
 
-/// Declares `queue`'s dead-letter topology: the default pair, or a check of the user's
-/// exchange. A missing user exchange is the broker's 404, which closes `channel`.
-pub(crate) async fn declare_dead_letter(
-    channel: &lapin::Channel,
-    queue: &str,
-    route: &DeadLetterRoute,
-    durability: Durability,
-) -> Result<(), lapin::Error> {
-    if !route.owned {
-        return channel
-            .exchange_declare(
-                ShortString::from(route.exchange.as_str()),
-                ExchangeKind::Direct, // ignored for a passive declaration
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-    }
-    let dlq = dead_letter_queue_name(queue);
-    channel
-        .exchange_declare(
-            ShortString::from(route.exchange.as_str()),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: durability.durable,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_declare(
-            ShortString::from(dlq.as_str()),
-            durability.queue_options(),
-            durability.arguments(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            ShortString::from(dlq.as_str()),
-            ShortString::from(route.exchange.as_str()),
-            ShortString::from(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-}
-
-/// Declares the wait queue that holds `queue`'s retries for `ttl_ms`, then dead-letters
-/// them back to `queue` through the default exchange.
-pub(crate) async fn declare_wait_queue(
-    channel: &lapin::Channel,
-    queue: &str,
-    ttl_ms: u32,
-    durability: Durability,
-) -> Result<(), lapin::Error> {
+/// The arguments of the wait queue that holds `queue`'s retries for `ttl_ms`, then
+/// dead-letters them back to `queue` through the default exchange.
+pub(crate) fn wait_queue_arguments(queue: &str, ttl_ms: u32, durability: Durability) -> FieldTable {
     let mut arguments = durability.arguments();
     arguments.insert(
         ShortString::from("x-message-ttl"),
@@ -295,29 +230,5 @@ pub(crate) async fn declare_wait_queue(
         ShortString::from("x-dead-letter-routing-key"),
         AMQPValue::LongString(LongString::from(queue)),
     );
-    channel
-        .queue_declare(
-            ShortString::from(wait_queue_name(queue, ttl_ms).as_str()),
-            durability.queue_options(),
-            arguments,
-        )
-        .await
-        .map(drop)
-}
-
-/// Binds `queue` as configured.
-pub(crate) async fn bind(
-    channel: &lapin::Channel,
-    queue: &str,
-    binding: &Binding,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_bind(
-            ShortString::from(queue),
-            ShortString::from(binding.exchange.as_str()),
-            ShortString::from(binding.routing_key.as_str()),
-            QueueBindOptions::default(),
-            binding.arguments.clone(),
-        )
-        .await
+    arguments
 }

@@ -8,14 +8,17 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration, time::SystemTime};
 use bytes::Bytes;
 use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
+use super::{
+    publish::{PublishError, Publisher},
+    settle::{SettleHandle, tracker::Settlement},
+};
 use crate::{
-    Context, Failure, Outcome, RetryPolicy,
-    config::retry::{MAX_RETRY_DELAY, wait_ttl_ms},
-    config::topology::{self, DeadLetterRoute, Durability},
-    engine::publish::{PublishError, Publisher},
-    engine::settle::SettleHandle,
-    engine::settle::tracker::Settlement,
-    handler::outcome::FailurePolicy,
+    Context, Failure, Outcome,
+    config::{
+        queue::ResolvedQueue,
+        retry::{MAX_RETRY_DELAY, wait_ttl_ms},
+        topology,
+    },
     handler::slot::Slot,
     headers,
     observe::stats::QueueCounters,
@@ -26,22 +29,11 @@ use crate::{
 /// that a broker refusing copies does not turn into a hot redelivery loop.
 const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(5);
 
-/// Everything one queue's deliveries need, shared by their tasks.
+/// Everything one channel's deliveries need, shared by their tasks.
 pub(crate) struct Dispatch {
-    /// The consumed queue.
-    pub(crate) queue: Arc<str>,
-    /// True for a blocking handler, whose thread outlives a timeout.
-    pub(crate) blocking: bool,
-    /// Maps failures to outcomes.
-    pub(crate) policy: FailurePolicy,
-    /// Attempts and delays of retries.
-    pub(crate) retry: RetryPolicy,
-    /// Deliveries without a result before a message is poison.
-    pub(crate) poison_limit: Option<u32>,
-    /// Where dead letters go.
-    pub(crate) dead_letter: DeadLetterRoute,
-    /// Flags of the wait queues conejo declares for this queue.
-    pub(crate) durability: Durability,
+    /// The queue's settings: its name, failure policy, retries, poison limit, dead-letter
+    /// route, the flags of its wait queues.
+    pub(crate) settings: Arc<ResolvedQueue>,
     /// Where settlements go; the settle task runs on the connection runtime and owns the
     /// channel that delivered these messages.
     pub(crate) settle: SettleHandle,
@@ -120,7 +112,7 @@ impl Drop for Unsettled {
         if self.armed {
             QueueCounters::add(&self.dispatch.counters.unsettled, 1);
             warn!(
-                queue = %self.dispatch.queue,
+                queue = %self.dispatch.settings.name,
                 delivery_tag = self.tag,
                 "a delivery ended without a result (a panic outside the handler, or its task \
                  was dropped); giving the message back"
@@ -135,7 +127,7 @@ impl Dispatch {
     async fn handle<S: Service>(&self, pipeline: &S, ctx: &Context, body: &Bytes) -> Settlement {
         let span = info_span!(
             "delivery",
-            queue = %self.queue,
+            queue = %self.settings.name,
             delivery_tag = ctx.delivery_tag(),
             message_id = ctx.message_id(),
             attempt = ctx.attempt(),
@@ -161,7 +153,7 @@ impl Dispatch {
         // The rare paths are boxed: awaited inline, their futures (publishing with confirms)
         // would make every delivery's task several times larger, and tokio copies a task's
         // future when it spawns it and as it completes.
-        if let Some(limit) = self.poison_limit
+        if let Some(limit) = self.settings.poison_limit
             && let Some((count, counted_by_broker)) = redelivery_count(ctx)
             && let Some(settled) =
                 Box::pin(self.check_poison(ctx, body, limit, count, counted_by_broker)).await
@@ -171,7 +163,7 @@ impl Dispatch {
         // No clock read unless the span is recorded by some subscriber.
         let started = (!span.is_disabled()).then(std::time::Instant::now);
         let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
-        let result = crate::observe::telemetry::timed(&self.counters, call).await;
+        let result = self.counters.timed(call).await;
         if let Some(started) = started {
             span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
         }
@@ -217,7 +209,7 @@ impl Dispatch {
         });
         match self
             .publisher
-            .publish("", &self.queue, body.clone(), properties)
+            .publish("", &self.settings.name, body.clone(), properties)
             .await
         {
             Ok(()) => {
@@ -227,7 +219,7 @@ impl Dispatch {
             // Not counted this time; handle it rather than give it back again.
             Err(error) => {
                 QueueCounters::add(&self.counters.publish_failures, 1);
-                warn!(queue = %self.queue, %error, "cannot count a redelivery; handling the message");
+                warn!(queue = %self.settings.name, %error, "cannot count a redelivery; handling the message");
                 None
             }
         }
@@ -243,10 +235,10 @@ impl Dispatch {
             Failure::Timeout(_) => &counters.timeouts,
         };
         QueueCounters::add(counter, 1);
-        if matches!(failure, Failure::Timeout(_)) && self.blocking {
+        if matches!(failure, Failure::Timeout(_)) && self.settings.blocking {
             QueueCounters::add(&counters.abandoned, 1);
             warn!(
-                queue = %self.queue,
+                queue = %self.settings.name,
                 delivery_tag = ctx.delivery_tag(),
                 "a blocking handler passed its timeout; its thread is abandoned and keeps \
                  its concurrency slot until it returns"
@@ -259,7 +251,7 @@ impl Dispatch {
             // the broker redelivers the original, so no copy is published. The result is
             // dropped and counted as a late settlement where it is settled.
             debug!(
-                queue = %self.queue,
+                queue = %self.settings.name,
                 delivery_tag = ctx.delivery_tag(),
                 failure = failure.kind(),
                 "failed after its delivery was given back; no retry copy or dead letter"
@@ -267,15 +259,15 @@ impl Dispatch {
             Span::current().record("outcome", "dropped");
             return Settlement::Requeue;
         }
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.policy)(&failure, ctx)))
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.settings.policy)(&failure, ctx)))
             .unwrap_or_else(|_| {
-                error!(queue = %self.queue, "failure policy panicked; dead-lettering the message");
+                error!(queue = %self.settings.name, "failure policy panicked; dead-lettering the message");
                 Outcome::Reject
             });
         match outcome {
             Outcome::Ack => {
                 warn!(
-                    queue = %self.queue,
+                    queue = %self.settings.name,
                     delivery_tag = ctx.delivery_tag(),
                     message_id = ctx.message_id(),
                     failure = failure.kind(),
@@ -285,7 +277,7 @@ impl Dispatch {
                 Span::current().record("outcome", "acked");
                 Settlement::Ack
             }
-            Outcome::Retry if ctx.attempt() < self.retry.attempts() => {
+            Outcome::Retry if ctx.attempt() < self.settings.retry.attempts() => {
                 self.retry_later(&failure, ctx, body).await
             }
             Outcome::Retry => {
@@ -305,17 +297,17 @@ impl Dispatch {
         let delay = failure
             .retry_delay()
             .map(|asked| asked.min(MAX_RETRY_DELAY))
-            .unwrap_or_else(|| self.retry.delay(attempt));
+            .unwrap_or_else(|| self.settings.retry.delay(attempt));
         let ttl = wait_ttl_ms(delay);
         let now = headers::timestamp(SystemTime::now());
         let properties = headers::copy_properties(ctx.properties(), |h| {
             self.mark_origin(h, ctx, &now);
             headers::set_int(h, headers::ATTEMPT, attempt + 1);
         });
-        let wait_queue = topology::wait_queue_name(&self.queue, ttl);
+        let wait_queue = topology::wait_queue_name(&self.settings.name, ttl);
         let published = match self
             .publisher
-            .ensure_wait_queue(&self.queue, ttl, self.durability)
+            .ensure_wait_queue(&self.settings.name, ttl, self.settings.durability)
             .await
         {
             Ok(()) => {
@@ -329,7 +321,7 @@ impl Dispatch {
             Ok(()) => {
                 QueueCounters::add(&self.counters.retried, 1);
                 warn!(
-                    queue = %self.queue,
+                    queue = %self.settings.name,
                     delivery_tag = ctx.delivery_tag(),
                     message_id = ctx.message_id(),
                     failure = failure.kind(),
@@ -337,7 +329,7 @@ impl Dispatch {
                     "{}; attempt {} of {} in {ttl} ms",
                     describe(failure),
                     attempt + 1,
-                    self.retry.attempts()
+                    self.settings.retry.attempts()
                 );
                 Span::current().record("outcome", "retried");
                 Settlement::Ack
@@ -380,7 +372,7 @@ impl Dispatch {
                 );
             }
         });
-        let route = &self.dead_letter;
+        let route = &self.settings.dead_letter;
         let routing_key = route.routing_key.as_deref().unwrap_or(ctx.routing_key());
         match self
             .publisher
@@ -390,7 +382,7 @@ impl Dispatch {
             Ok(()) => {
                 QueueCounters::add(&self.counters.dead_lettered, 1);
                 warn!(
-                    queue = %self.queue,
+                    queue = %self.settings.name,
                     delivery_tag = ctx.delivery_tag(),
                     message_id = ctx.message_id(),
                     reason = reason.as_str(),
@@ -412,7 +404,7 @@ impl Dispatch {
     async fn publish_failed(&self, ctx: &Context, target: &str, error: PublishError) -> Settlement {
         QueueCounters::add(&self.counters.publish_failures, 1);
         error!(
-            queue = %self.queue,
+            queue = %self.settings.name,
             delivery_tag = ctx.delivery_tag(),
             message_id = ctx.message_id(),
             %error,
@@ -442,7 +434,7 @@ impl Dispatch {
     fn mark_route(&self, h: &mut lapin::types::FieldTable, ctx: &Context) {
         headers::set_text(h, headers::ORIGINAL_EXCHANGE, ctx.exchange());
         headers::set_text(h, headers::ORIGINAL_ROUTING_KEY, ctx.routing_key());
-        headers::set_text(h, headers::ORIGINAL_QUEUE, &self.queue);
+        headers::set_text(h, headers::ORIGINAL_QUEUE, &self.settings.name);
     }
 }
 

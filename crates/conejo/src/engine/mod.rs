@@ -1,9 +1,29 @@
-//! The running core: connection generations, each queue's consumer, the hand-over to
-//! workers, the dispatch of outcomes and the settlement of deliveries.
+//! The running core, on the handler runtime. Its files follow a delivery's way, each using
+//! only those after it:
+//!
+//! - `supervisor`: connection generations — connect, declare, run every queue, reconnect;
+//! - `run`: one queue's life in a generation — consume a channel, reopen it when lost;
+//! - `consumer`: consuming one channel — slots, deliveries, channel rotation, stopping;
+//! - `channel`: opening a queue's channel, with its settle task and dispatch;
+//! - `queue`: a registered queue, and what outlives its channels;
+//! - `worker`: the hand-over to the workers that run the pipeline;
+//! - `dispatch`: one delivery — poison check, pipeline, outcome, retry copy or dead letter;
+//! - `publish`: the confirmed publishes of retry copies and dead letters;
+//! - `topology`: what conejo declares, through the broker boundary;
+//! - `settle`: the settle task, which acks on the connection runtime (coalesced).
+//!
+//! May use: `broker`, `handler`, `service`, `config`, `observe` (counters and status, passed
+//! in), `hooks`.
 
 pub(crate) mod backoff;
-pub(crate) mod consumer;
-pub(crate) mod dispatch;
-pub(crate) mod publish;
-pub(crate) mod settle;
+mod channel;
+pub(crate) mod check;
+mod consumer;
+mod dispatch;
+mod publish;
+pub(crate) mod queue;
+mod run;
+mod settle;
 pub(crate) mod supervisor;
+mod topology;
+mod worker;

@@ -5,16 +5,13 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use lapin::{
-    BasicProperties, Confirmation,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::ShortString,
-};
+use lapin::BasicProperties;
 use tokio::sync::Mutex;
 
+use super::topology;
 use crate::{
-    broker::runtime::ConnectionRuntime,
-    config::topology::{self, Durability},
+    broker::{BrokerError, Channel, Confirmed, Connection},
+    config::topology::{Durability, wait_queue_name},
 };
 
 /// How long a publish may wait for its confirm.
@@ -36,29 +33,26 @@ pub(crate) enum PublishError {
     Nacked,
     /// The channel or connection failed, or the confirm did not come in time.
     #[error(transparent)]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
 }
 
 /// One connection's publishing channel (confirm mode), reopened after a channel error (the
 /// broker closes a channel that publishes to a missing exchange), and the wait queues
 /// declared so far.
 pub(crate) struct Publisher {
-    /// The connection channels are opened on.
-    connection: Arc<lapin::Connection>,
-    /// Where every lapin call runs.
-    runtime: Arc<ConnectionRuntime>,
+    /// The connection channels are opened on, and where the calls run.
+    connection: Connection,
     /// The confirm-mode channel; `None` until first used or after it failed.
-    channel: Arc<Mutex<Option<lapin::Channel>>>,
+    channel: Arc<Mutex<Option<Channel>>>,
     /// Wait queues already declared on this connection (their names). Held across a
     /// declaration, so that deliveries failing together declare a new wait queue once.
     declared: Mutex<HashSet<String>>,
 }
 
 impl Publisher {
-    pub(crate) fn new(connection: Arc<lapin::Connection>, runtime: Arc<ConnectionRuntime>) -> Self {
+    pub(crate) fn new(connection: Connection) -> Self {
         Publisher {
             connection,
-            runtime,
             channel: Arc::default(),
             declared: Mutex::default(),
         }
@@ -73,40 +67,31 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let slot = Arc::clone(&self.channel);
-        let connection = Arc::clone(&self.connection);
-        let exchange = ShortString::from(exchange);
-        let routing_key = ShortString::from(routing_key);
+        let connection = self.connection.clone();
+        let exchange = exchange.to_owned();
+        let routing_key = routing_key.to_owned();
         let publish = async move {
             let channel = confirm_channel(&slot, &connection).await?;
-            let options = BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            };
             let result = async {
                 channel
-                    .basic_publish(exchange, routing_key, options, &body, properties)
+                    .publish(&exchange, &routing_key, true, &body, properties)
                     .await?
                     .await
             }
             .await;
-            if result.is_err() && !channel.status().connected() {
+            if result.is_err() && !channel.is_open() {
                 slot.lock().await.take();
             }
             result
         };
-        let confirmation = self
-            .runtime
+        let confirmed = self
+            .connection
             .run_within(CONFIRM_TIMEOUT, "publish", publish)
             .await?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-                Err(PublishError::Returned {
-                    code: returned.reply_code,
-                    text: returned.reply_text.to_string(),
-                })
-            }
-            Confirmation::Nack(None) | Confirmation::NotRequested => Err(PublishError::Nacked),
+        match confirmed {
+            Confirmed::Ack => Ok(()),
+            Confirmed::Returned { code, text } => Err(PublishError::Returned { code, text }),
+            Confirmed::Nack | Confirmed::NotRequested => Err(PublishError::Nacked),
         }
     }
 
@@ -122,21 +107,21 @@ impl Publisher {
         queue: &str,
         ttl_ms: u32,
         durability: Durability,
-    ) -> Result<(), lapin::Error> {
-        let name = topology::wait_queue_name(queue, ttl_ms);
+    ) -> Result<(), BrokerError> {
+        let name = wait_queue_name(queue, ttl_ms);
         let mut declared = self.declared.lock().await;
         if declared.contains(&name) {
             return Ok(());
         }
-        let connection = Arc::clone(&self.connection);
+        let connection = self.connection.clone();
         let queue = queue.to_owned();
         // A channel of its own: a refused declaration closes the channel it was made on.
-        self.runtime
+        self.connection
             .run_within(CONFIRM_TIMEOUT, "declare wait queue", async move {
-                let channel = connection.create_channel().await?;
+                let channel = connection.open_channel().await?;
                 let declared =
                     topology::declare_wait_queue(&channel, &queue, ttl_ms, durability).await;
-                let _ = channel.close(200, ShortString::from("declared")).await;
+                let _ = channel.close("declared").await;
                 declared
             })
             .await?;
@@ -147,19 +132,17 @@ impl Publisher {
 
 /// The live confirm channel, opened (and put in confirm mode) when there is none.
 async fn confirm_channel(
-    slot: &Mutex<Option<lapin::Channel>>,
-    connection: &lapin::Connection,
-) -> Result<lapin::Channel, lapin::Error> {
+    slot: &Mutex<Option<Channel>>,
+    connection: &Connection,
+) -> Result<Channel, BrokerError> {
     let mut slot = slot.lock().await;
     if let Some(channel) = slot.as_ref()
-        && channel.status().connected()
+        && channel.is_open()
     {
         return Ok(channel.clone());
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let channel = connection.open_channel().await?;
+    channel.confirm_select().await?;
     *slot = Some(channel.clone());
     Ok(channel)
 }

@@ -14,60 +14,51 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::{
+    backoff::Backoff,
+    channel::{self, Channel, Generation, Opening},
+    check::CheckReport,
+    publish::Publisher,
+    queue::Queue,
+    run::{self, End},
+    topology,
+};
 use crate::{
-    AmqpUrl, Error, Exchange,
-    app::check::CheckReport,
-    broker::connection::Connection,
-    broker::runtime::ConnectionRuntime,
-    broker::tls::TlsSetup,
-    engine::backoff::Backoff,
-    engine::consumer::{End, Generation, Opening, Queue, Timing},
-    engine::publish::Publisher,
-    observe::stats::Stats,
-    observe::status::{ConnectionState, StatusWriter},
-    observe::telemetry::{self, Observe},
+    Error,
+    broker::{Broker, Connection, Event},
+    config::service::ServiceConfig,
+    hooks::Hooks,
+    observe::{
+        self, Observe, QueueInfo,
+        stats::Stats,
+        status::{ConnectionState, StatusWriter},
+    },
 };
 
-/// How conejo connects and reconnects.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnectPolicy {
-    /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
-    pub(crate) timeout: Duration,
-    /// At startup, wait for the broker (true) or fail at the first refused attempt.
-    pub(crate) wait_for_broker: bool,
-    /// Back-off between reconnection attempts: initial delay and cap.
-    pub(crate) backoff: (Duration, Duration),
-}
-
-/// Everything a running service needs.
-pub(crate) struct Supervisor {
-    /// The broker's addresses, tried in turn.
-    pub(crate) urls: Vec<AmqpUrl>,
-    /// Shown by the broker.
-    pub(crate) connection_name: String,
-    /// The registered queues; they outlive connections.
-    pub(crate) queues: Vec<Arc<Queue>>,
-    /// Declared before the queues, on every connection.
-    pub(crate) exchanges: Vec<Exchange>,
-    /// Shutdown deadline and ack linger.
-    pub(crate) timing: Timing,
-    /// Connection attempts and back-off.
-    pub(crate) connect: ConnectPolicy,
+/// What the application holds of a service, before and while it runs: shared between
+/// [`Conejo`](crate::Conejo) and its supervisor.
+#[derive(Debug, Clone)]
+pub(crate) struct Handles {
     /// Fired by a signal or a [`ShutdownHandle`](crate::ShutdownHandle).
     pub(crate) shutdown: CancellationToken,
     /// What the application sees of the connection.
     pub(crate) status: Arc<StatusWriter>,
-    /// Test-only: lapin on the handler runtime (the hazard conejo exists to avoid).
-    pub(crate) shared_runtime: bool,
-    /// TLS material checked by `build()`, used by every connection attempt.
-    pub(crate) tls: TlsSetup,
     /// The queues' counters and the runtimes' lag gauges.
     pub(crate) stats: Stats,
+}
+
+/// A service while it runs: its configuration, as `build()` validated it, and its queues.
+pub(crate) struct Supervisor {
+    /// The broker's addresses, the connection's name and policy, exchanges, timing, TLS.
+    pub(crate) config: ServiceConfig,
+    /// The registered queues; they outlive connections.
+    pub(crate) queues: Vec<Arc<Queue>>,
+    /// Shutdown, status and counters, shared with the application.
+    pub(crate) handles: Handles,
     /// Metrics and the health server, as the builder asked.
     pub(crate) observe: Observe,
-    /// Test-only: where the connection runtime's handle goes, for a wedge.
-    #[cfg(feature = "test-util")]
-    pub(crate) wedge: crate::testing::RuntimeWedge,
+    /// Test-only knobs (feature `test-hooks`).
+    pub(crate) hooks: Hooks,
 }
 
 /// A connection that lived this long was healthy: when it is lost, reconnect at once. One
@@ -91,8 +82,8 @@ impl Supervisor {
         mut self,
         signal: impl Future<Output = ()> + Send,
     ) -> Result<(), Error> {
-        let shutdown = self.shutdown.clone();
-        let status = Arc::clone(&self.status);
+        let shutdown = self.handles.shutdown.clone();
+        let status = Arc::clone(&self.handles.status);
         let observe = std::mem::take(&mut self.observe);
         let supervise = self.supervise(observe);
         tokio::pin!(supervise, signal);
@@ -116,12 +107,19 @@ impl Supervisor {
     }
 
     async fn supervise(&self, observe: Observe) -> Result<(), Error> {
-        let runtime = Arc::new(self.connection_runtime()?);
+        let broker = self.broker()?;
         // Lag probes, metrics and the health server, for the service's whole life: dropped
         // (stopped) when this returns, before the connection runtime goes.
-        let _observing =
-            telemetry::start(observe, &runtime, &self.stats, &self.status, &self.queues);
-        let mut backoff = Backoff::new(self.connect.backoff.0, self.connect.backoff.1);
+        let _observing = observe::start(
+            observe,
+            broker.handle(),
+            &self.handles.stats,
+            &self.handles.status,
+            self.queue_infos(),
+        );
+        let connect = self.config.connect;
+        let urls = &self.config.urls;
+        let mut backoff = Backoff::new(connect.backoff.0, connect.backoff.1);
         let mut address = 0;
         // Failed attempts since the last connection: each address gets one per round, and
         // the back-off is between rounds.
@@ -129,31 +127,25 @@ impl Supervisor {
         let mut ever_connected = false;
         loop {
             let attempt = backoff.retries() + 1;
-            self.status.set_state(if ever_connected {
+            self.handles.status.set_state(if ever_connected {
                 ConnectionState::Reconnecting { attempt }
             } else {
                 ConnectionState::Connecting { attempt }
             });
-            let url = &self.urls[address % self.urls.len()];
+            let url = &urls[address % urls.len()];
             let opened = tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => {
+                () = self.handles.shutdown.cancelled() => {
                     info!("shutdown requested while connecting");
                     self.wait_for_orphans().await;
                     return Ok(());
                 }
-                opened = Connection::open(
-                    url,
-                    &self.connection_name,
-                    Arc::clone(&runtime),
-                    self.connect.timeout,
-                    &self.tls,
-                ) => opened,
+                opened = broker.connect(url, &self.config.connection_name, connect.timeout) => opened,
             };
             let connection = match opened {
                 Ok(connection) => {
                     failures = 0;
-                    Arc::new(connection)
+                    connection
                 }
                 // At startup, refused credentials or virtual host are configuration: no
                 // waiting fixes them. Once the service has run with them, a refusal (a node
@@ -163,11 +155,11 @@ impl Supervisor {
                 Err(error) => {
                     address += 1;
                     failures += 1;
-                    let round_over = failures % self.urls.len() == 0;
-                    if !ever_connected && !self.connect.wait_for_broker && round_over {
+                    let round_over = failures % urls.len() == 0;
+                    if !ever_connected && !connect.wait_for_broker && round_over {
                         return Err(error);
                     }
-                    let next = &self.urls[address % self.urls.len()];
+                    let next = &urls[address % urls.len()];
                     let delay = if round_over {
                         backoff.next_delay()
                     } else {
@@ -186,7 +178,7 @@ impl Supervisor {
                     }
                     tokio::select! {
                         biased;
-                        () = self.shutdown.cancelled() => {
+                        () = self.handles.shutdown.cancelled() => {
                             info!("shutdown requested while waiting for the broker");
                             self.wait_for_orphans().await;
                             return Ok(());
@@ -198,15 +190,13 @@ impl Supervisor {
             if ever_connected {
                 info!(%url, attempts = attempt, "reconnected");
             } else {
-                info!(%url, name = %self.connection_name, "connected");
+                info!(%url, name = %self.config.connection_name, "connected");
             }
-            self.status
+            self.handles
+                .status
                 .connected(url.redacted().to_owned(), ever_connected);
             let began = Instant::now();
-            match self
-                .generation(&connection, &runtime, !ever_connected)
-                .await
-            {
+            match self.generation(&connection, !ever_connected).await {
                 Ended::Shutdown(result) => return result,
                 Ended::Fatal(error) => return Err(error),
                 Ended::Lost(error) => {
@@ -218,7 +208,7 @@ impl Supervisor {
                         continue;
                     }
                     // Lost again soon after connecting: back off rather than loop.
-                    let delay = backoff.next_delay().max(self.connect.backoff.0);
+                    let delay = backoff.next_delay().max(connect.backoff.0);
                     warn!(
                         %error,
                         %url,
@@ -226,7 +216,7 @@ impl Supervisor {
                     );
                     tokio::select! {
                         biased;
-                        () = self.shutdown.cancelled() => {
+                        () = self.handles.shutdown.cancelled() => {
                             self.wait_for_orphans().await;
                             return Ok(());
                         }
@@ -238,21 +228,16 @@ impl Supervisor {
     }
 
     /// One connection's life: declare, consume every queue, until shutdown or loss.
-    async fn generation(
-        &self,
-        connection: &Arc<Connection>,
-        runtime: &Arc<ConnectionRuntime>,
-        first: bool,
-    ) -> Ended {
+    async fn generation(&self, connection: &Connection, first: bool) -> Ended {
         let lost = CancellationToken::new();
         let loss = Arc::new(Mutex::new(None));
         let watcher = tokio::spawn(watch_events(
-            Arc::clone(connection),
+            connection.clone(),
             lost.clone(),
             Arc::clone(&loss),
-            Arc::clone(&self.status),
+            Arc::clone(&self.handles.status),
         ));
-        let ended = self.run_generation(connection, runtime, first, &lost).await;
+        let ended = self.run_generation(connection, first, &lost).await;
         watcher.abort();
         match ended {
             Ended::Lost(reason) => {
@@ -265,8 +250,7 @@ impl Supervisor {
 
     async fn run_generation(
         &self,
-        connection: &Arc<Connection>,
-        runtime: &Arc<ConnectionRuntime>,
+        connection: &Connection,
         first: bool,
         lost: &CancellationToken,
     ) -> Ended {
@@ -280,17 +264,17 @@ impl Supervisor {
                 Ended::Lost(error.to_string())
             }
         };
-        if let Err(error) = connection.declare_exchanges(&self.exchanges).await {
+        if let Err(error) = topology::declare_exchanges(connection, &self.config.exchanges).await {
             return setup_failed(error).await;
         }
         let generation = Generation {
-            connection: Arc::clone(connection),
-            publisher: Arc::new(Publisher::new(connection.shared(), Arc::clone(runtime))),
-            shutdown: self.shutdown.clone(),
+            connection: connection.clone(),
+            publisher: Arc::new(Publisher::new(connection.clone())),
+            shutdown: self.handles.shutdown.clone(),
             lost: lost.clone(),
-            timing: self.timing,
-            status: Arc::clone(&self.status),
-            reopen: self.connect.backoff,
+            timing: self.config.timing,
+            status: Arc::clone(&self.handles.status),
+            reopen: self.config.connect.backoff,
         };
         // At startup every queue is set up before any is consumed, so a configuration
         // error stops the service at once. Later, each queue sets itself up (and retries).
@@ -300,14 +284,14 @@ impl Supervisor {
                 opened.push(None);
                 continue;
             }
-            match queue.open(&generation, Opening::Startup).await {
+            match Channel::open(queue, &generation, Opening::Startup).await {
                 Ok(channel) => opened.push(Some(channel)),
                 Err(error) => return setup_failed(error).await,
             }
         }
         let mut running = JoinSet::new();
         for (queue, channel) in self.queues.iter().zip(opened) {
-            running.spawn(Arc::clone(queue).run(channel, generation.clone()));
+            running.spawn(run::run(Arc::clone(queue), channel, generation.clone()));
         }
         let mut failure = None;
         let mut connection_lost = false;
@@ -320,14 +304,12 @@ impl Supervisor {
                 }
                 Err(join) => {
                     error!(%join, "a queue's consumer failed; shutting down");
-                    failure.get_or_insert(Error::Runtime(std::io::Error::other(format!(
-                        "queue consumer failed: {join}"
-                    ))));
-                    self.shutdown.cancel();
+                    failure.get_or_insert(Error::internal(format!("queue consumer: {join}")));
+                    self.handles.shutdown.cancel();
                 }
             }
         }
-        if (connection_lost || lost.is_cancelled()) && !self.shutdown.is_cancelled() {
+        if (connection_lost || lost.is_cancelled()) && !self.handles.shutdown.is_cancelled() {
             return Ended::Lost("the connection failed".to_owned());
         }
         close(connection).await;
@@ -338,18 +320,17 @@ impl Supervisor {
     /// with `wait_for_broker(false)`), then the exchanges and every queue's topology are
     /// declared by the code `run` uses, without consuming; then the connection is closed.
     pub(crate) async fn check(&self) -> Result<CheckReport, Error> {
-        let runtime = Arc::new(self.connection_runtime()?);
+        let broker = self.broker()?;
         let mut failure = None;
         let mut opened = None;
-        for url in &self.urls {
-            match Connection::open(
-                url,
-                &self.connection_name,
-                Arc::clone(&runtime),
-                self.connect.timeout,
-                &self.tls,
-            )
-            .await
+        for url in &self.config.urls {
+            match broker
+                .connect(
+                    url,
+                    &self.config.connection_name,
+                    self.config.connect.timeout,
+                )
+                .await
             {
                 Ok(connection) => {
                     opened = Some((url, connection));
@@ -367,10 +348,10 @@ impl Supervisor {
         };
         info!(%url, "check: connected");
         let checked = async {
-            connection.declare_exchanges(&self.exchanges).await?;
+            topology::declare_exchanges(&connection, &self.config.exchanges).await?;
             let mut queues = Vec::with_capacity(self.queues.len());
             for queue in &self.queues {
-                queues.push(queue.check(&connection).await?);
+                queues.push(channel::check(queue, &connection).await?);
             }
             Ok::<_, Error>(queues)
         }
@@ -378,27 +359,42 @@ impl Supervisor {
         close(&connection).await;
         Ok(CheckReport {
             address: url.redacted().to_owned(),
-            exchanges: self.exchanges.iter().map(|e| e.name.clone()).collect(),
+            exchanges: self
+                .config
+                .exchanges
+                .iter()
+                .map(|e| e.name().to_owned())
+                .collect(),
             queues: checked?,
         })
     }
 
     async fn wait_for_orphans(&self) {
         for queue in &self.queues {
-            queue.wait_for_orphans(self.timing.shutdown_timeout).await;
+            run::wait_for_orphans(queue, self.config.timing.shutdown_timeout).await;
         }
     }
 
-    fn connection_runtime(&self) -> Result<ConnectionRuntime, Error> {
-        #[cfg(feature = "test-util")]
-        if self.shared_runtime {
-            return Ok(ConnectionRuntime::shared());
-        }
-        debug_assert!(!self.shared_runtime);
-        let runtime = ConnectionRuntime::dedicated()?;
-        #[cfg(feature = "test-util")]
-        self.wedge.set(runtime.handle());
-        Ok(runtime)
+    /// The broker the service connects to, its tasks on their own runtime.
+    fn broker(&self) -> Result<Broker, Error> {
+        let broker = Broker::amqp(
+            self.config.tls.clone(),
+            !self.hooks.lapin_on_handler_runtime(),
+        )?;
+        self.hooks.runtime_started(broker.handle());
+        Ok(broker)
+    }
+
+    /// What the metrics read of each queue.
+    fn queue_infos(&self) -> Vec<QueueInfo> {
+        self.queues
+            .iter()
+            .map(|queue| QueueInfo {
+                name: Arc::clone(queue.name()),
+                prefetch: queue.settings.prefetch,
+                counters: Arc::clone(&queue.counters),
+            })
+            .collect()
     }
 }
 
@@ -406,35 +402,44 @@ impl Supervisor {
 /// broker blocking publishers after a resource alarm) is reported, never taken for a loss.
 /// A channel error while the connection lives is the channel's consumer's business.
 async fn watch_events(
-    connection: Arc<Connection>,
+    connection: Connection,
     lost: CancellationToken,
     loss: Arc<Mutex<Option<String>>>,
     status: Arc<StatusWriter>,
 ) {
-    let mut events = connection.lapin().events_listener();
+    let mut events = connection.events();
     while let Some(event) = events.next().await {
         match event {
-            lapin::Event::Error(error) if !connection.is_connected() => {
+            Event::Error(error) if !connection.is_connected() => {
                 *loss.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
                 lost.cancel();
                 return;
             }
-            lapin::Event::Error(error) => debug!(%error, "channel error"),
-            lapin::Event::ConnectionBlocked(reason) => {
+            Event::Error(error) => debug!(%error, "channel error"),
+            Event::Blocked(reason) => {
                 warn!(%reason, "the broker blocked the connection (resource alarm); consuming goes on");
                 status.set_blocked(Some(reason));
             }
-            lapin::Event::ConnectionUnblocked => {
+            Event::Unblocked => {
                 info!("the broker unblocked the connection");
                 status.set_blocked(None);
             }
-            _ => {}
+            Event::Other => {}
         }
     }
 }
 
+/// How long closing the connection may take before conejo gives up on it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn close(connection: &Connection) {
-    if let Err(error) = connection.close().await {
+    let on = connection.clone();
+    let closed = connection
+        .run_within(CLOSE_TIMEOUT, "connection.close", async move {
+            on.close("conejo shutting down").await
+        })
+        .await;
+    if let Err(error) = closed {
         warn!(%error, "connection close failed");
     }
 }

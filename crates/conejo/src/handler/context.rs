@@ -2,13 +2,14 @@
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use lapin::{
     BasicProperties,
     types::{AMQPValue, FieldTable, ShortString},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{handler::slot::Slot, headers};
+use crate::{broker::Incoming, handler::slot::Slot, headers};
 
 /// A delivery's metadata, given to the handler beside the decoded message.
 ///
@@ -72,15 +73,21 @@ impl Signals {
 }
 
 impl Context {
+    /// The context of a delivery as it came from the broker, and its body.
     pub(crate) fn from_delivery(
         queue: Arc<str>,
-        delivery: &mut lapin::message::Delivery,
+        delivery: Incoming,
         signals: Arc<Signals>,
         slot: Slot,
-    ) -> Self {
-        let properties = std::mem::take(&mut delivery.properties);
-        let mut exchange = std::mem::take(&mut delivery.exchange);
-        let mut routing_key = std::mem::take(&mut delivery.routing_key);
+    ) -> (Self, Bytes) {
+        let Incoming {
+            tag,
+            mut exchange,
+            mut routing_key,
+            redelivered,
+            properties,
+            body,
+        } = delivery;
         let mut attempt = 1;
         if let Some(found) = properties.headers() {
             attempt = headers::attempt(Some(found));
@@ -92,19 +99,20 @@ impl Context {
                 routing_key = ShortString::from(original);
             }
         }
-        Context {
+        let ctx = Context {
             inner: Arc::new(Inner {
                 queue,
-                delivery_tag: delivery.delivery_tag,
+                delivery_tag: tag,
                 exchange,
                 routing_key,
                 attempt,
-                redelivered: delivery.redelivered,
+                redelivered,
                 properties,
                 signals,
                 slot: Mutex::new(Some(slot)),
             }),
-        }
+        };
+        (ctx, body)
     }
 
     /// This context's own metadata, to change (tests' `with_*`): copied first if shared,

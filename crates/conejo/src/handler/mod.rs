@@ -12,9 +12,13 @@ use std::{
 use tracing::warn;
 
 pub(crate) mod context;
+pub(crate) mod error;
+mod function;
 pub(crate) mod message;
 pub(crate) mod outcome;
 pub(crate) mod slot;
+
+pub use self::function::{FnHandler, handler_fn};
 
 use crate::{Context, Decode, HandlerError};
 
@@ -70,12 +74,25 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &Context,
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 
-    /// The concurrency used when the queue's configuration does not set one: `None` for the
-    /// framework's default (16 for async handlers; the number of cores for [`Blocking`]).
+    /// True only for [`Blocking`]: its thread outlives a timeout, and its queue's defaults
+    /// (concurrency, prefetch) are a blocking handler's. Sealed: the argument's type cannot
+    /// be named outside conejo, so no other handler can claim to be blocking.
     #[doc(hidden)]
-    fn default_concurrency(&self) -> Option<usize> {
-        None
+    fn is_blocking(&self, _: sealed::Token) -> bool {
+        false
     }
+}
+
+mod sealed {
+    /// Only conejo can make one, so only conejo can call or override
+    /// [`Handler::is_blocking`](super::Handler::is_blocking).
+    #[derive(Debug, Clone, Copy)]
+    pub struct Token;
+}
+
+/// Whether `handler` is a [`Blocking`] one.
+pub(crate) fn is_blocking<H: Handler>(handler: &H) -> bool {
+    handler.is_blocking(sealed::Token)
 }
 
 /// A synchronous handler for CPU-heavy or blocking work (image processing, compression,
@@ -190,8 +207,8 @@ impl<H: BlockingHandler> Handler for Blocking<H> {
         }
     }
 
-    fn default_concurrency(&self) -> Option<usize> {
-        Some(std::thread::available_parallelism().map_or(2, usize::from))
+    fn is_blocking(&self, _: sealed::Token) -> bool {
+        true
     }
 }
 
@@ -212,99 +229,17 @@ impl Drop for Abandoned {
     }
 }
 
-/// A handler made of a function or closure: `|message, ctx| async move { … }`, registered
-/// like any [`Handler`]. The function receives the [`Context`] by value (a copy per message:
-/// implement [`Handler`] on a struct where that copy matters).
-///
-/// ```no_run
-/// use conejo::{Conejo, Context, HandlerError, Json, handler_fn};
-///
-/// #[derive(serde::Deserialize)]
-/// struct Order { id: u64 }
-///
-/// async fn store(Json(order): Json<Order>, ctx: Context) -> Result<(), HandlerError> {
-///     println!("order {} (attempt {})", order.id, ctx.attempt());
-///     Ok(())
-/// }
-///
-/// # async fn run() -> Result<(), conejo::Error> {
-/// Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
-///     .queue("orders", handler_fn(store))
-///     .queue("audit", handler_fn(|line: String, _ctx| async move {
-///         println!("{line}");
-///         Ok(())
-///     }))
-///     .build()?
-///     .run()
-///     .await
-/// # }
-/// ```
-pub fn handler_fn<M, F, Fut>(function: F) -> FnHandler<F, M>
-where
-    M: Decode,
-    F: Fn(M, Context) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-{
-    FnHandler {
-        function,
-        message: std::marker::PhantomData,
-    }
-}
-
-/// A [`Handler`] made by [`handler_fn`].
-pub struct FnHandler<F, M> {
-    /// The user's function.
-    function: F,
-    /// The message type the function takes.
-    message: std::marker::PhantomData<fn(M)>,
-}
-
-/// A function handler can serve several queues.
-impl<F: Clone, M> Clone for FnHandler<F, M> {
-    fn clone(&self) -> Self {
-        FnHandler {
-            function: self.function.clone(),
-            message: std::marker::PhantomData,
-        }
-    }
-}
-
-impl<F, M> std::fmt::Debug for FnHandler<F, M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FnHandler")
-            .field("message", &std::any::type_name::<M>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<M, F, Fut> Handler for FnHandler<F, M>
-where
-    M: Decode,
-    F: Fn(M, Context) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-{
-    type Message = M;
-
-    fn handle(
-        &self,
-        message: M,
-        ctx: &Context,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        (self.function)(message, ctx.clone())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
         Failure, Json,
-        service::{BoxService, Delivery, Registration, Service},
+        service::{BoxService, Delivery, Service, assemble},
     };
     use bytes::Bytes;
 
     fn erase<H: Handler>(handler: H) -> BoxService {
-        Registration::new(handler).assemble(&[], None)
+        BoxService::new(assemble(handler, &[], None))
     }
 
     struct Doubler;
@@ -352,10 +287,7 @@ mod tests {
             Err(Failure::Panic(message)) => assert_eq!(message, "zero"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
-        assert_eq!(
-            Registration::new(Doubler).default_concurrency,
-            crate::service::DEFAULT_ASYNC_CONCURRENCY
-        );
+        assert!(!is_blocking(&Doubler));
     }
 
     #[tokio::test]
@@ -414,10 +346,7 @@ mod tests {
             Err(Failure::Panic(message)) => assert_eq!(message, "blocking panic"),
             other => panic!("expected a panic failure, got {other:?}"),
         }
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        let registration = Registration::new(Blocking::new(Burner));
-        assert_eq!(registration.default_concurrency, cores);
-        assert!(registration.blocking);
-        assert!(!Registration::new(Doubler).blocking);
+        assert!(is_blocking(&Blocking::new(Burner)));
+        assert!(!is_blocking(&Doubler));
     }
 }

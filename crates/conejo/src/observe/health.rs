@@ -30,8 +30,7 @@ use tracing::{error, info};
 
 use crate::{
     ConnectionState, Error, Stats, Status,
-    broker::runtime::ConnectionRuntime,
-    observe::telemetry::metrics_export::{HANDLER_DURATION, Telemetry},
+    observe::telemetry::{HANDLER_DURATION, Telemetry},
 };
 
 /// `/livez` fails when the connection runtime's recent lag exceeds this: a runtime that
@@ -94,7 +93,7 @@ pub(crate) struct Health {
 /// Serves the routes on the connection runtime until `stop` fires.
 pub(crate) fn serve(
     listener: HealthListener,
-    runtime: &ConnectionRuntime,
+    runtime: &tokio::runtime::Handle,
     health: Health,
     stop: CancellationToken,
 ) {

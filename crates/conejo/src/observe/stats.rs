@@ -14,6 +14,18 @@ use tokio_util::task::TaskTracker;
 
 use crate::observe::lag::LagGauge;
 
+/// What the metrics read of one queue.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) struct QueueInfo {
+    /// The queue's name (the `queue` label).
+    pub(crate) name: Arc<str>,
+    /// Its prefetch (a gauge).
+    pub(crate) prefetch: u16,
+    /// Its counters.
+    pub(crate) counters: Arc<QueueCounters>,
+}
+
 /// Live counters of one queue, updated by the consumer and the settle task.
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounters {
@@ -45,6 +57,25 @@ pub(crate) struct QueueCounters {
 impl QueueCounters {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Times `call` into the queue's handler-duration histogram, from its first poll until
+    /// it completes or is dropped (a timeout drops it: the histogram then records the
+    /// timeout). Before metrics are registered, `call` is polled without a clock read.
+    #[cfg(feature = "metrics")]
+    pub(crate) async fn timed<F: std::future::Future>(&self, call: F) -> F::Output {
+        let _timer = self.handler_duration.get().map(|histogram| Timer {
+            histogram,
+            started: std::time::Instant::now(),
+        });
+        call.await
+    }
+
+    /// Without the `metrics` feature: `call` itself, nothing measured.
+    #[cfg(not(feature = "metrics"))]
+    #[inline(always)]
+    pub(crate) fn timed<F: std::future::Future>(&self, call: F) -> F {
+        call
     }
 
     pub(crate) fn snapshot(&self) -> QueueStats {
@@ -208,5 +239,19 @@ impl Stats {
             .iter()
             .map(|(name, counters)| (name.clone(), counters.snapshot()))
             .collect()
+    }
+}
+
+/// Records a handler's duration when dropped.
+#[cfg(feature = "metrics")]
+struct Timer<'a> {
+    histogram: &'a metrics::Histogram,
+    started: std::time::Instant,
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.record(self.started.elapsed());
     }
 }

@@ -1,474 +1,330 @@
-//! What a running service tells the outside: the runtime-lag probes (always), metrics (feature
-//! `metrics`) and the health server (feature `health`), started and stopped together.
+//! conejo's metrics (feature `metrics`), registered once per service and set from its
+//! counters' snapshots.
 //!
 //! Metrics cost nothing per message: conejo already counts everything in per-queue atomics
-//! ([`QueueCounters`]), so a sampler copies those snapshots into the `metrics` handles once a
-//! second (and right before each scrape of `/metrics`). The one per-delivery measurement is
-//! the handler-duration histogram, through [`timed`].
+//! ([`QueueCounters`](super::stats::QueueCounters)), so a sampler copies those snapshots into
+//! the `metrics` handles once a second (and right before each scrape of `/metrics`). The one
+//! per-delivery measurement is the handler-duration histogram
+//! ([`QueueCounters::timed`](super::stats::QueueCounters::timed)).
 
-use std::{future::Future, sync::Arc};
+use std::sync::Arc;
 
-use tokio::task::AbortHandle;
-use tokio_util::sync::CancellationToken;
-
-use crate::{
-    Stats, broker::runtime::ConnectionRuntime, engine::consumer::Queue, observe::lag,
-    observe::stats::QueueCounters, observe::status::StatusWriter,
+use metrics::{
+    Counter, Gauge, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 
-/// What the builder asked for beyond the lag probes.
-#[derive(Debug, Default)]
-pub(crate) struct Observe {
-    /// The health server's socket, bound by `build()`.
-    #[cfg(feature = "health")]
-    pub(crate) health: Option<crate::observe::health::HealthListener>,
+use crate::{
+    ConnectionState, Stats, Status,
+    observe::stats::{QueueCounters, QueueInfo, QueueStats},
+};
+
+pub(crate) const DELIVERIES: &str = "conejo_deliveries_total";
+pub(crate) const ACKS: &str = "conejo_acks_total";
+pub(crate) const ACK_FRAMES: &str = "conejo_ack_frames_total";
+pub(crate) const ROTATIONS: &str = "conejo_channel_rotations_total";
+pub(crate) const OUTCOMES: &str = "conejo_outcomes_total";
+pub(crate) const FAILURES: &str = "conejo_failures_total";
+pub(crate) const ANOMALIES: &str = "conejo_anomalies_total";
+pub(crate) const IN_FLIGHT: &str = "conejo_in_flight";
+pub(crate) const PREFETCH: &str = "conejo_prefetch";
+pub(crate) const CONSUMING: &str = "conejo_consuming";
+pub(crate) const CONNECTION_STATE: &str = "conejo_connection_state";
+pub(crate) const CONNECTION_BLOCKED: &str = "conejo_connection_blocked";
+pub(crate) const RECONNECTS: &str = "conejo_reconnects_total";
+pub(crate) const CONNECTION_LAG: &str = "conejo_connection_runtime_lag_seconds";
+pub(crate) const HANDLER_LAG: &str = "conejo_handler_runtime_lag_seconds";
+pub(crate) const HANDLER_DURATION: &str = "conejo_handler_duration_seconds";
+
+/// The `outcome` label's values, in [`outcomes`] order.
+const OUTCOME_KINDS: [&str; 4] = ["acked", "retried", "dead_lettered", "requeued"];
+/// The `failure` label's values, as [`Failure::kind`](crate::Failure::kind) names them.
+const FAILURE_KINDS: [&str; 4] = ["handler", "decode", "panic", "timeout"];
+/// The `anomaly` label's values, in [`anomalies`] order.
+const ANOMALY_KINDS: [&str; 6] = [
+    "abandoned",
+    "poison",
+    "unsettled",
+    "publish_failure",
+    "ack_failure",
+    "late_settlement",
+];
+/// The `state` label's values.
+const STATES: [&str; 5] = ["idle", "connecting", "connected", "reconnecting", "stopped"];
+
+/// One queue's handles.
+struct QueueMetrics {
+    counters: Arc<QueueCounters>,
+    deliveries: Counter,
+    acks: Counter,
+    ack_frames: Counter,
+    rotations: Counter,
+    /// By [`OUTCOME_KINDS`].
+    outcomes: [Counter; 4],
+    /// By [`FAILURE_KINDS`].
+    failures: [Counter; 4],
+    /// By [`ANOMALY_KINDS`].
+    anomalies: [Counter; 6],
+    in_flight: Gauge,
+    consuming: Gauge,
+    /// The queue's name, to ask the status whether it consumes.
+    name: Arc<str>,
 }
 
-/// The running probes, sampler and health server; dropping it stops them all.
-#[derive(Debug)]
-pub(crate) struct Observing {
-    /// Probe and sampler tasks.
-    tasks: Vec<AbortHandle>,
-    /// Stops the health server gracefully.
-    stop: CancellationToken,
+/// Every handle of a service, set by [`sample`](Self::sample).
+pub(crate) struct Telemetry {
+    queues: Vec<QueueMetrics>,
+    stats: Stats,
+    status: Status,
+    /// By [`STATES`].
+    states: [Gauge; 5],
+    blocked: Gauge,
+    reconnects: Counter,
+    connection_lag: Gauge,
+    handler_lag: Gauge,
 }
 
-impl Drop for Observing {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.tasks.iter().for_each(AbortHandle::abort);
-    }
-}
-
-/// Starts the lag probes — one on the connection runtime, one on the current (handler)
-/// runtime — and, with the features, the metrics sampler and the health server.
-///
-/// Called from the supervisor, on the handler runtime, once the connection runtime exists
-/// and before the first connection attempt, so probes answer while conejo connects.
-pub(crate) fn start(
-    observe: Observe,
-    runtime: &ConnectionRuntime,
-    stats: &Stats,
-    status: &StatusWriter,
-    queues: &[Arc<Queue>],
-) -> Observing {
-    let lags = stats.lags();
-    let mut tasks = Vec::with_capacity(3);
-    tasks.push(
-        runtime
-            .spawn(lag::probe(Arc::clone(&lags.connection)))
-            .abort_handle(),
-    );
-    tasks.push(tokio::spawn(lag::probe(Arc::clone(&lags.handler))).abort_handle());
-    let stop = CancellationToken::new();
-    #[cfg(feature = "metrics")]
-    {
-        #[cfg(feature = "health")]
-        let (recorder, health) = match observe.health {
-            Some(listener) => {
-                let recorder = crate::observe::health::prometheus_recorder();
-                (Some(recorder), Some(listener))
-            }
-            None => (None, None),
-        };
-        #[cfg(not(feature = "health"))]
-        let recorder: Option<metrics::NoopRecorder> = {
-            let _ = observe;
-            None
-        };
-        let telemetry = Arc::new(metrics_export::Telemetry::register(
-            recorder.as_ref().map(|r| r as &dyn metrics::Recorder),
-            stats.clone(),
-            status.subscribe(),
-            queues,
-        ));
-        // On the connection runtime, like the lag probe: the gauges (the handler runtime's
-        // lag above all) keep being updated while handlers hog the handler runtime, which is
-        // when they matter. A few atomic loads per queue once a second.
-        tasks.push(
-            runtime
-                .spawn(Arc::clone(&telemetry).sample_every_second())
-                .abort_handle(),
-        );
-        #[cfg(feature = "health")]
-        if let (Some(listener), Some(recorder)) = (health, recorder) {
-            crate::observe::health::serve(
-                listener,
-                runtime,
-                crate::observe::health::Health {
-                    status: status.subscribe(),
-                    stats: stats.clone(),
-                    telemetry,
-                    prometheus: recorder.handle(),
-                },
-                stop.clone(),
-            );
-        }
-    }
-    #[cfg(not(feature = "metrics"))]
-    let _ = (observe, status, queues);
-    Observing { tasks, stop }
-}
-
-/// Times `call` into the queue's handler-duration histogram, from its first poll until it
-/// completes or is dropped (a timeout drops it: the histogram then records the timeout).
-/// Without the `metrics` feature, or before metrics are registered, `call` is returned as is
-/// or polled without a clock read.
-#[cfg(feature = "metrics")]
-pub(crate) async fn timed<F: Future>(counters: &QueueCounters, call: F) -> F::Output {
-    let _timer = counters
-        .handler_duration
-        .get()
-        .map(|histogram| metrics_export::Timer {
-            histogram,
-            started: std::time::Instant::now(),
-        });
-    call.await
-}
-
-/// Without the `metrics` feature: `call` itself, nothing measured.
-#[cfg(not(feature = "metrics"))]
-#[inline(always)]
-pub(crate) fn timed<F: Future>(_counters: &QueueCounters, call: F) -> F {
-    call
-}
-
-#[cfg(feature = "metrics")]
-pub(crate) mod metrics_export {
-    //! conejo's metrics, registered once per service, set from its counters' snapshots.
-
-    use std::{sync::Arc, time::Instant};
-
-    use metrics::{
-        Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge,
-        describe_histogram, gauge, histogram,
-    };
-
-    use crate::{
-        ConnectionState, Stats, Status,
-        engine::consumer::Queue,
-        observe::stats::{QueueCounters, QueueStats},
-    };
-
-    pub(crate) const DELIVERIES: &str = "conejo_deliveries_total";
-    pub(crate) const ACKS: &str = "conejo_acks_total";
-    pub(crate) const ACK_FRAMES: &str = "conejo_ack_frames_total";
-    pub(crate) const ROTATIONS: &str = "conejo_channel_rotations_total";
-    pub(crate) const OUTCOMES: &str = "conejo_outcomes_total";
-    pub(crate) const FAILURES: &str = "conejo_failures_total";
-    pub(crate) const ANOMALIES: &str = "conejo_anomalies_total";
-    pub(crate) const IN_FLIGHT: &str = "conejo_in_flight";
-    pub(crate) const PREFETCH: &str = "conejo_prefetch";
-    pub(crate) const CONSUMING: &str = "conejo_consuming";
-    pub(crate) const CONNECTION_STATE: &str = "conejo_connection_state";
-    pub(crate) const CONNECTION_BLOCKED: &str = "conejo_connection_blocked";
-    pub(crate) const RECONNECTS: &str = "conejo_reconnects_total";
-    pub(crate) const CONNECTION_LAG: &str = "conejo_connection_runtime_lag_seconds";
-    pub(crate) const HANDLER_LAG: &str = "conejo_handler_runtime_lag_seconds";
-    pub(crate) const HANDLER_DURATION: &str = "conejo_handler_duration_seconds";
-
-    /// The `outcome` label's values, in [`outcomes`] order.
-    const OUTCOME_KINDS: [&str; 4] = ["acked", "retried", "dead_lettered", "requeued"];
-    /// The `failure` label's values, as [`Failure::kind`](crate::Failure::kind) names them.
-    const FAILURE_KINDS: [&str; 4] = ["handler", "decode", "panic", "timeout"];
-    /// The `anomaly` label's values, in [`anomalies`] order.
-    const ANOMALY_KINDS: [&str; 6] = [
-        "abandoned",
-        "poison",
-        "unsettled",
-        "publish_failure",
-        "ack_failure",
-        "late_settlement",
-    ];
-    /// The `state` label's values.
-    const STATES: [&str; 5] = ["idle", "connecting", "connected", "reconnecting", "stopped"];
-
-    /// Records a handler's duration when dropped.
-    pub(crate) struct Timer<'a> {
-        pub(crate) histogram: &'a Histogram,
-        pub(crate) started: Instant,
-    }
-
-    impl Drop for Timer<'_> {
-        fn drop(&mut self) {
-            self.histogram.record(self.started.elapsed());
-        }
-    }
-
-    /// One queue's handles.
-    struct QueueMetrics {
-        counters: Arc<QueueCounters>,
-        deliveries: Counter,
-        acks: Counter,
-        ack_frames: Counter,
-        rotations: Counter,
-        /// By [`OUTCOME_KINDS`].
-        outcomes: [Counter; 4],
-        /// By [`FAILURE_KINDS`].
-        failures: [Counter; 4],
-        /// By [`ANOMALY_KINDS`].
-        anomalies: [Counter; 6],
-        in_flight: Gauge,
-        consuming: Gauge,
-        /// The queue's name, to ask the status whether it consumes.
-        name: Arc<str>,
-    }
-
-    /// Every handle of a service, set by [`sample`](Self::sample).
-    pub(crate) struct Telemetry {
-        queues: Vec<QueueMetrics>,
+impl Telemetry {
+    /// Registers conejo's metrics with `recorder`, or with the global recorder (the
+    /// application's, if it installed one before `run`) when `None`.
+    pub(crate) fn register(
+        recorder: Option<&dyn metrics::Recorder>,
         stats: Stats,
         status: Status,
-        /// By [`STATES`].
-        states: [Gauge; 5],
-        blocked: Gauge,
-        reconnects: Counter,
-        connection_lag: Gauge,
-        handler_lag: Gauge,
-    }
-
-    impl Telemetry {
-        /// Registers conejo's metrics with `recorder`, or with the global recorder (the
-        /// application's, if it installed one before `run`) when `None`.
-        pub(crate) fn register(
-            recorder: Option<&dyn metrics::Recorder>,
-            stats: Stats,
-            status: Status,
-            queues: &[Arc<Queue>],
-        ) -> Self {
-            let build = || {
-                describe();
-                let queues = queues
-                    .iter()
-                    .map(|queue| {
-                        let name = queue.name.to_string();
-                        let counters = Arc::clone(queue.counters());
-                        // A service is run once: the histogram is set once.
-                        let _ = counters
-                            .handler_duration
-                            .set(histogram!(HANDLER_DURATION, "queue" => name.clone()));
-                        gauge!(PREFETCH, "queue" => name.clone()).set(queue.prefetch());
-                        QueueMetrics {
-                            counters,
-                            deliveries: counter!(DELIVERIES, "queue" => name.clone()),
-                            acks: counter!(ACKS, "queue" => name.clone()),
-                            ack_frames: counter!(ACK_FRAMES, "queue" => name.clone()),
-                            rotations: counter!(ROTATIONS, "queue" => name.clone()),
-                            outcomes: OUTCOME_KINDS.map(|outcome| {
-                                counter!(OUTCOMES, "queue" => name.clone(), "outcome" => outcome)
-                            }),
-                            failures: FAILURE_KINDS.map(|failure| {
-                                counter!(FAILURES, "queue" => name.clone(), "failure" => failure)
-                            }),
-                            anomalies: ANOMALY_KINDS.map(|anomaly| {
-                                counter!(ANOMALIES, "queue" => name.clone(), "anomaly" => anomaly)
-                            }),
-                            in_flight: gauge!(IN_FLIGHT, "queue" => name.clone()),
-                            consuming: gauge!(CONSUMING, "queue" => name),
-                            name: Arc::clone(&queue.name),
-                        }
-                    })
-                    .collect();
-                Telemetry {
-                    queues,
-                    stats,
-                    status,
-                    states: STATES.map(|state| gauge!(CONNECTION_STATE, "state" => state)),
-                    blocked: gauge!(CONNECTION_BLOCKED),
-                    reconnects: counter!(RECONNECTS),
-                    connection_lag: gauge!(CONNECTION_LAG),
-                    handler_lag: gauge!(HANDLER_LAG),
-                }
-            };
-            let telemetry = match recorder {
-                Some(recorder) => metrics::with_local_recorder(recorder, build),
-                None => build(),
-            };
-            telemetry.sample();
-            telemetry
-        }
-
-        /// Copies the counters' and the status' current values into the handles.
-        pub(crate) fn sample(&self) {
-            for queue in &self.queues {
-                let stats = queue.counters.snapshot();
-                queue.deliveries.absolute(stats.delivered);
-                queue.acks.absolute(stats.acked);
-                queue.ack_frames.absolute(stats.ack_frames);
-                queue.rotations.absolute(stats.rotations);
-                for (counter, value) in queue.outcomes.iter().zip(outcomes(&stats)) {
-                    counter.absolute(value);
-                }
-                let failures = [
-                    stats.handler_errors,
-                    stats.decode_failures,
-                    stats.panics,
-                    stats.timeouts,
-                ];
-                for (counter, value) in queue.failures.iter().zip(failures) {
-                    counter.absolute(value);
-                }
-                for (counter, value) in queue.anomalies.iter().zip(anomalies(&stats)) {
-                    counter.absolute(value);
-                }
-                queue.in_flight.set(stats.in_flight as f64);
-                let consuming = self.status.is_consuming(&queue.name).unwrap_or(false);
-                queue.consuming.set(if consuming { 1.0 } else { 0.0 });
+        queues: &[QueueInfo],
+    ) -> Self {
+        let build = || {
+            describe();
+            let queues = queues
+                .iter()
+                .map(|queue| {
+                    let name = queue.name.to_string();
+                    let counters = Arc::clone(&queue.counters);
+                    // A service is run once: the histogram is set once.
+                    let _ = counters
+                        .handler_duration
+                        .set(histogram!(HANDLER_DURATION, "queue" => name.clone()));
+                    gauge!(PREFETCH, "queue" => name.clone()).set(queue.prefetch);
+                    QueueMetrics {
+                        counters,
+                        deliveries: counter!(DELIVERIES, "queue" => name.clone()),
+                        acks: counter!(ACKS, "queue" => name.clone()),
+                        ack_frames: counter!(ACK_FRAMES, "queue" => name.clone()),
+                        rotations: counter!(ROTATIONS, "queue" => name.clone()),
+                        outcomes: OUTCOME_KINDS.map(|outcome| {
+                            counter!(OUTCOMES, "queue" => name.clone(), "outcome" => outcome)
+                        }),
+                        failures: FAILURE_KINDS.map(|failure| {
+                            counter!(FAILURES, "queue" => name.clone(), "failure" => failure)
+                        }),
+                        anomalies: ANOMALY_KINDS.map(|anomaly| {
+                            counter!(ANOMALIES, "queue" => name.clone(), "anomaly" => anomaly)
+                        }),
+                        in_flight: gauge!(IN_FLIGHT, "queue" => name.clone()),
+                        consuming: gauge!(CONSUMING, "queue" => name),
+                        name: Arc::clone(&queue.name),
+                    }
+                })
+                .collect();
+            Telemetry {
+                queues,
+                stats,
+                status,
+                states: STATES.map(|state| gauge!(CONNECTION_STATE, "state" => state)),
+                blocked: gauge!(CONNECTION_BLOCKED),
+                reconnects: counter!(RECONNECTS),
+                connection_lag: gauge!(CONNECTION_LAG),
+                handler_lag: gauge!(HANDLER_LAG),
             }
-            let current = state_index(self.status.state());
-            for (index, gauge) in self.states.iter().enumerate() {
-                gauge.set(if index == current { 1.0 } else { 0.0 });
+        };
+        let telemetry = match recorder {
+            Some(recorder) => metrics::with_local_recorder(recorder, build),
+            None => build(),
+        };
+        telemetry.sample();
+        telemetry
+    }
+
+    /// Copies the counters' and the status' current values into the handles.
+    pub(crate) fn sample(&self) {
+        for queue in &self.queues {
+            let stats = queue.counters.snapshot();
+            queue.deliveries.absolute(stats.delivered);
+            queue.acks.absolute(stats.acked);
+            queue.ack_frames.absolute(stats.ack_frames);
+            queue.rotations.absolute(stats.rotations);
+            for (counter, value) in queue.outcomes.iter().zip(outcomes(&stats)) {
+                counter.absolute(value);
             }
-            self.blocked.set(if self.status.blocked().is_some() {
-                1.0
-            } else {
-                0.0
-            });
-            self.reconnects.absolute(self.status.reconnects());
-            self.connection_lag
-                .set(self.stats.connection_runtime_lag().as_secs_f64());
-            self.handler_lag
-                .set(self.stats.handler_runtime_lag().as_secs_f64());
-        }
-
-        /// Samples once a second, until aborted.
-        pub(crate) async fn sample_every_second(self: Arc<Self>) {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                self.sample();
+            let failures = [
+                stats.handler_errors,
+                stats.decode_failures,
+                stats.panics,
+                stats.timeouts,
+            ];
+            for (counter, value) in queue.failures.iter().zip(failures) {
+                counter.absolute(value);
             }
+            for (counter, value) in queue.anomalies.iter().zip(anomalies(&stats)) {
+                counter.absolute(value);
+            }
+            queue.in_flight.set(stats.in_flight as f64);
+            let consuming = self.status.is_consuming(&queue.name).unwrap_or(false);
+            queue.consuming.set(if consuming { 1.0 } else { 0.0 });
+        }
+        let current = state_index(self.status.state());
+        for (index, gauge) in self.states.iter().enumerate() {
+            gauge.set(if index == current { 1.0 } else { 0.0 });
+        }
+        self.blocked.set(if self.status.blocked().is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        self.reconnects.absolute(self.status.reconnects());
+        self.connection_lag
+            .set(self.stats.connection_runtime_lag().as_secs_f64());
+        self.handler_lag
+            .set(self.stats.handler_runtime_lag().as_secs_f64());
+    }
+
+    /// Samples once a second, until aborted.
+    pub(crate) async fn sample_every_second(self: Arc<Self>) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.sample();
         }
     }
+}
 
-    /// Deliveries by how they were settled: acked as done (handled, or acked by the failure
-    /// policy), retried, dead-lettered, requeued. A retry or dead letter is acked too, once
-    /// its copy is confirmed: it counts under its own kind only, so the four add up to the
-    /// deliveries settled.
-    fn outcomes(stats: &QueueStats) -> [u64; 4] {
-        [
-            stats
-                .acked
-                .saturating_sub(stats.retried)
-                .saturating_sub(stats.dead_lettered),
-            stats.retried,
-            stats.dead_lettered,
-            stats.requeued,
-        ]
+/// Deliveries by how they were settled: acked as done (handled, or acked by the failure
+/// policy), retried, dead-lettered, requeued. A retry or dead letter is acked too, once
+/// its copy is confirmed: it counts under its own kind only, so the four add up to the
+/// deliveries settled.
+fn outcomes(stats: &QueueStats) -> [u64; 4] {
+    [
+        stats
+            .acked
+            .saturating_sub(stats.retried)
+            .saturating_sub(stats.dead_lettered),
+        stats.retried,
+        stats.dead_lettered,
+        stats.requeued,
+    ]
+}
+
+fn state_index(state: ConnectionState) -> usize {
+    match state {
+        ConnectionState::Idle => 0,
+        ConnectionState::Connecting { .. } => 1,
+        ConnectionState::Connected => 2,
+        ConnectionState::Reconnecting { .. } => 3,
+        ConnectionState::Stopped => 4,
     }
+}
 
-    fn state_index(state: ConnectionState) -> usize {
-        match state {
-            ConnectionState::Idle => 0,
-            ConnectionState::Connecting { .. } => 1,
-            ConnectionState::Connected => 2,
-            ConnectionState::Reconnecting { .. } => 3,
-            ConnectionState::Stopped => 4,
-        }
-    }
+/// What should not happen in a healthy service, by [`ANOMALY_KINDS`]: blocking handlers
+/// abandoned at their timeout, poison messages, deliveries ended without a result, copies
+/// the broker did not confirm, acks that found their channel gone, results dropped after
+/// their message was given back.
+fn anomalies(stats: &QueueStats) -> [u64; 6] {
+    [
+        stats.abandoned,
+        stats.poison,
+        stats.unsettled,
+        stats.publish_failures,
+        stats.ack_failures,
+        stats.late_settlements,
+    ]
+}
 
-    /// What should not happen in a healthy service, by [`ANOMALY_KINDS`]: blocking handlers
-    /// abandoned at their timeout, poison messages, deliveries ended without a result, copies
-    /// the broker did not confirm, acks that found their channel gone, results dropped after
-    /// their message was given back.
-    fn anomalies(stats: &QueueStats) -> [u64; 6] {
-        [
-            stats.abandoned,
-            stats.poison,
-            stats.unsettled,
-            stats.publish_failures,
-            stats.ack_failures,
-            stats.late_settlements,
-        ]
-    }
+fn describe() {
+    describe_counter!(DELIVERIES, "Deliveries received from the broker.");
+    describe_counter!(
+        ACKS,
+        "Deliveries acknowledged (handled, or their retry copy or dead letter confirmed)."
+    );
+    describe_counter!(
+        ACK_FRAMES,
+        "basic.ack frames sent; acks / ack frames is the coalescing ratio."
+    );
+    describe_counter!(
+        ROTATIONS,
+        "Moves to a fresh channel because a long-running delivery held acks behind it."
+    );
+    describe_counter!(
+        OUTCOMES,
+        "Deliveries settled, by outcome: acked (done), retried, dead_lettered, requeued."
+    );
+    describe_counter!(
+        FAILURES,
+        "Failed deliveries, by failure: handler (error), decode, panic, timeout."
+    );
+    describe_counter!(
+        ANOMALIES,
+        "What a healthy service does not see, by anomaly: abandoned (blocking handler past its \
+         timeout), poison, unsettled (task ended without a result), publish_failure, \
+         ack_failure, late_settlement (result dropped: its message was given back)."
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        "Deliveries started and not yet settled (handler running, or copy being published)."
+    );
+    describe_gauge!(
+        PREFETCH,
+        "The queue's prefetch: unacknowledged messages the broker may push."
+    );
+    describe_gauge!(CONSUMING, "1 while the queue is being consumed.");
+    describe_gauge!(
+        CONNECTION_STATE,
+        "1 for the connection's current state (idle, connecting, connected, reconnecting, stopped)."
+    );
+    describe_gauge!(
+        CONNECTION_BLOCKED,
+        "1 while the broker blocks the connection (resource alarm)."
+    );
+    describe_counter!(RECONNECTS, "Connections re-established after a loss.");
+    describe_gauge!(
+        CONNECTION_LAG,
+        Unit::Seconds,
+        "Recent maximum lateness of a 100 ms timer on the connection runtime (lapin, heartbeats, acks)."
+    );
+    describe_gauge!(
+        HANDLER_LAG,
+        Unit::Seconds,
+        "Recent maximum lateness of a 100 ms timer on the handler runtime."
+    );
+    describe_histogram!(
+        HANDLER_DURATION,
+        Unit::Seconds,
+        "Time in the handler (decode included), up to its timeout."
+    );
+}
 
-    fn describe() {
-        describe_counter!(DELIVERIES, "Deliveries received from the broker.");
-        describe_counter!(
-            ACKS,
-            "Deliveries acknowledged (handled, or their retry copy or dead letter confirmed)."
-        );
-        describe_counter!(
-            ACK_FRAMES,
-            "basic.ack frames sent; acks / ack frames is the coalescing ratio."
-        );
-        describe_counter!(
-            ROTATIONS,
-            "Moves to a fresh channel because a long-running delivery held acks behind it."
-        );
-        describe_counter!(
-            OUTCOMES,
-            "Deliveries settled, by outcome: acked (done), retried, dead_lettered, requeued."
-        );
-        describe_counter!(
-            FAILURES,
-            "Failed deliveries, by failure: handler (error), decode, panic, timeout."
-        );
-        describe_counter!(
-            ANOMALIES,
-            "What a healthy service does not see, by anomaly: abandoned (blocking handler past its \
-             timeout), poison, unsettled (task ended without a result), publish_failure, \
-             ack_failure, late_settlement (result dropped: its message was given back)."
-        );
-        describe_gauge!(
-            IN_FLIGHT,
-            "Deliveries started and not yet settled (handler running, or copy being published)."
-        );
-        describe_gauge!(
-            PREFETCH,
-            "The queue's prefetch: unacknowledged messages the broker may push."
-        );
-        describe_gauge!(CONSUMING, "1 while the queue is being consumed.");
-        describe_gauge!(
-            CONNECTION_STATE,
-            "1 for the connection's current state (idle, connecting, connected, reconnecting, stopped)."
-        );
-        describe_gauge!(
-            CONNECTION_BLOCKED,
-            "1 while the broker blocks the connection (resource alarm)."
-        );
-        describe_counter!(RECONNECTS, "Connections re-established after a loss.");
-        describe_gauge!(
-            CONNECTION_LAG,
-            Unit::Seconds,
-            "Recent maximum lateness of a 100 ms timer on the connection runtime (lapin, heartbeats, acks)."
-        );
-        describe_gauge!(
-            HANDLER_LAG,
-            Unit::Seconds,
-            "Recent maximum lateness of a 100 ms timer on the handler runtime."
-        );
-        describe_histogram!(
-            HANDLER_DURATION,
-            Unit::Seconds,
-            "Time in the handler (decode included), up to its timeout."
-        );
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn outcomes_add_up_to_the_settled_deliveries() {
-            let stats = QueueStats {
-                acked: 50,
-                retried: 4,
-                dead_lettered: 1,
-                requeued: 2,
-                ..QueueStats::default()
-            };
-            let settled = outcomes(&stats);
-            assert_eq!(settled, [45, 4, 1, 2]);
-            assert_eq!(settled.iter().sum::<u64>(), stats.acked + stats.requeued);
-            // A retry counted before its ack went out: never an underflow.
-            let early = QueueStats {
-                acked: 3,
-                retried: 4,
-                ..QueueStats::default()
-            };
-            assert_eq!(outcomes(&early)[0], 0);
-        }
+    #[test]
+    fn outcomes_add_up_to_the_settled_deliveries() {
+        let stats = QueueStats {
+            acked: 50,
+            retried: 4,
+            dead_lettered: 1,
+            requeued: 2,
+            ..QueueStats::default()
+        };
+        let settled = outcomes(&stats);
+        assert_eq!(settled, [45, 4, 1, 2]);
+        assert_eq!(settled.iter().sum::<u64>(), stats.acked + stats.requeued);
+        // A retry counted before its ack went out: never an underflow.
+        let early = QueueStats {
+            acked: 3,
+            retried: 4,
+            ..QueueStats::default()
+        };
+        assert_eq!(outcomes(&early)[0], 0);
     }
 }

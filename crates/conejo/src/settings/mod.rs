@@ -75,7 +75,10 @@
 
 use std::{ffi::OsString, net::SocketAddr, path::Path, time::Duration};
 
-use crate::{AmqpUrl, Builder, Error, LogFormat, QueueConfig, broker::url::parse_list};
+use crate::{
+    AmqpUrl, Builder, Conejo, Error, LogFormat, QueueConfig, app::ApplySettings,
+    broker::url::parse_list,
+};
 
 /// The prefix of conejo's environment variables.
 pub const ENV_PREFIX: &str = "CONEJO_";
@@ -510,7 +513,7 @@ impl Settings {
                 self.connect_timeout = Some(
                     raw.duration_within(
                         Duration::from_nanos(1),
-                        crate::app::MAX_CONNECT_TIMEOUT,
+                        crate::config::service::MAX_CONNECT_TIMEOUT,
                         "1 ns and 10 min",
                     )
                     .map_err(invalid)?,
@@ -521,7 +524,7 @@ impl Settings {
                 self.shutdown_timeout = Some(
                     raw.duration_within(
                         Duration::from_nanos(1),
-                        crate::app::MAX_SHUTDOWN_TIMEOUT,
+                        crate::config::service::MAX_SHUTDOWN_TIMEOUT,
                         "1 ns and 24 h",
                     )
                     .map_err(invalid)?,
@@ -642,21 +645,21 @@ impl Settings {
     /// Applies these settings onto `builder` (called by `build()`, so that the settings win
     /// over the code whatever the order of the calls). A queue setting must tune a
     /// registered queue.
-    pub(crate) fn apply_to(&self, builder: &mut Builder) -> Result<(), Error> {
+    fn apply(&self, builder: &mut Builder) -> Result<(), Error> {
         if let Some(urls) = &self.urls {
-            builder.urls = Ok(urls.clone());
+            builder.given.urls = Ok(urls.clone());
         }
         if let Some(name) = &self.connection_name {
-            builder.connection_name = Some(name.clone());
+            builder.given.connection_name = Some(name.clone());
         }
         if let Some(timeout) = self.connect_timeout {
-            builder.connect.timeout = timeout;
+            builder.config.connect.timeout = timeout;
         }
         if let Some(wait) = self.wait_for_broker {
-            builder.connect.wait_for_broker = wait;
+            builder.config.connect.wait_for_broker = wait;
         }
         if let Some(timeout) = self.shutdown_timeout {
-            builder.timing.shutdown_timeout = timeout;
+            builder.config.timing.shutdown_timeout = timeout;
         }
         #[cfg(feature = "health")]
         if let Some(address) = self.health_addr {
@@ -812,6 +815,52 @@ fn dotted(path: &[&str]) -> String {
         })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+impl ApplySettings for Settings {
+    fn apply_to(&self, builder: &mut Builder) -> Result<(), Error> {
+        self.apply(builder)
+    }
+}
+
+impl Builder {
+    /// Settings from a file and the environment ([`settings`](crate::settings)): applied by
+    /// [`build`](Self::build) over what the code set, whatever the order of the calls, and
+    /// checked there: a queue setting must name a registered queue. Replaces settings given
+    /// before.
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn settings(mut self, settings: &crate::settings::Settings) -> Self {
+        self.settings = Some(Box::new(settings.clone()));
+        self
+    }
+}
+
+impl Conejo {
+    /// Starts building a service configured by `settings` (from a file and the environment,
+    /// see [`settings`](crate::settings)): it connects to their `url`, or to
+    /// [`DEFAULT_URL`](crate::settings::DEFAULT_URL) when they name none. Same as
+    /// `Conejo::builder(url).settings(settings)`.
+    ///
+    /// ```no_run
+    /// # struct Orders;
+    /// # impl conejo::Handler for Orders {
+    /// #     type Message = Vec<u8>;
+    /// #     async fn handle(&self, _: Vec<u8>, _: &conejo::Context) -> Result<(), conejo::HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn run() -> Result<(), conejo::Error> {
+    /// use conejo::{Conejo, settings::Settings};
+    ///
+    /// // CONEJO_URL, CONEJO_QUEUES__ORDERS__CONCURRENCY=8, …
+    /// let settings = Settings::load(None)?;
+    /// Conejo::builder_from(&settings).queue("orders", Orders).build()?.run().await
+    /// # }
+    /// ```
+    #[cfg(feature = "config")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+    pub fn builder_from(settings: &crate::settings::Settings) -> Builder {
+        Conejo::builder(crate::settings::DEFAULT_URL).settings(settings)
+    }
 }
 
 #[cfg(test)]

@@ -48,10 +48,10 @@ impl ConnectionRuntime {
         })
     }
 
-    /// The naive setup: lapin on the application's own runtime. Only for the tests that
-    /// prove why conejo does not do this.
-    #[cfg(feature = "test-util")]
-    pub(crate) fn shared() -> Self {
+    /// lapin on the current runtime: for the operator's tools (`admin`), which run no
+    /// handlers; and, through the hazard hook, for the tests that prove why a service must
+    /// not do this.
+    pub(crate) fn current() -> Self {
         ConnectionRuntime {
             handle: Handle::current(),
             stop: None,
@@ -70,41 +70,6 @@ impl ConnectionRuntime {
         F::Output: Send + 'static,
     {
         self.handle.spawn(future)
-    }
-
-    /// As [`run`](Self::run), but gives up after `limit`: a broker that stopped answering
-    /// must not hang a shutdown.
-    pub(crate) async fn run_within<F, T>(
-        &self,
-        limit: std::time::Duration,
-        what: &str,
-        future: F,
-    ) -> Result<T, lapin::Error>
-    where
-        F: Future<Output = Result<T, lapin::Error>> + Send + 'static,
-        T: Send + 'static,
-    {
-        match tokio::time::timeout(limit, self.run(future)).await {
-            Ok(result) => result,
-            Err(_) => Err(lapin::Error::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("{what}: no answer from the broker within {limit:?}"),
-            ))),
-        }
-    }
-
-    /// Runs a lapin operation on the connection runtime and waits for it from the caller's.
-    pub(crate) async fn run<F, T>(&self, future: F) -> Result<T, lapin::Error>
-    where
-        F: Future<Output = Result<T, lapin::Error>> + Send + 'static,
-        T: Send + 'static,
-    {
-        match self.spawn(future).await {
-            Ok(result) => result,
-            Err(join) => Err(lapin::Error::from(std::io::Error::other(format!(
-                "connection runtime task failed: {join}"
-            )))),
-        }
     }
 }
 

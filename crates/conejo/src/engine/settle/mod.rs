@@ -17,15 +17,15 @@ use std::{
     time::Duration,
 };
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::{
     sync::{Notify, mpsc, oneshot},
     time::Instant,
 };
 use tracing::{debug, error, warn};
 
+use self::tracker::{AckTracker, Action, Refused, Settlement};
 use crate::{
-    engine::settle::tracker::{AckTracker, Action, Refused, Settlement},
+    broker::{BrokerError, Channel},
     observe::stats::QueueCounters,
 };
 
@@ -144,31 +144,20 @@ pub(crate) trait AckSink: Send + Sync + 'static {
     /// the future is first polled; the future resolves once it was written. (lapin's
     /// `basic_ack` and `basic_nack` queue their frame before their first `.await`.) The
     /// settle task relies on this to queue many frames before waiting for any.
-    fn send(&self, action: Action) -> impl Future<Output = Result<(), lapin::Error>> + Send;
+    fn send(&self, action: Action) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
 
-impl AckSink for lapin::Channel {
-    async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+impl AckSink for Channel {
+    async fn send(&self, action: Action) -> Result<(), BrokerError> {
         match action {
-            Action::Ack { tag, multiple, .. } => {
-                self.basic_ack(tag, BasicAckOptions { multiple }).await
-            }
-            Action::Requeue { tag, multiple, .. } => {
-                self.basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple,
-                        requeue: true,
-                    },
-                )
-                .await
-            }
+            Action::Ack { tag, multiple, .. } => self.ack(tag, multiple).await,
+            Action::Requeue { tag, multiple, .. } => self.nack(tag, multiple, true).await,
         }
     }
 }
 
 /// The settle task's state.
-pub(crate) struct SettleTask<S = lapin::Channel> {
+pub(crate) struct SettleTask<S = Channel> {
     shared: Arc<Shared>,
     control: mpsc::UnboundedReceiver<Control>,
     /// The channel that delivered the messages; the only one acks may go to.
@@ -414,12 +403,12 @@ impl<S: AckSink> SettleTask<S> {
 
 /// Sends every action through `sink`, queuing all the frames (each future polled once, in
 /// order) before waiting for them to be written; the result of each, in order.
-async fn send_in_order<S: AckSink>(sink: &S, actions: &[Action]) -> Vec<Result<(), lapin::Error>> {
+async fn send_in_order<S: AckSink>(sink: &S, actions: &[Action]) -> Vec<Result<(), BrokerError>> {
     if let [action] = actions {
         return vec![sink.send(*action).await];
     }
     let mut frames: Vec<Pin<Box<_>>> = actions.iter().map(|&a| Box::pin(sink.send(a))).collect();
-    let mut results: Vec<Option<Result<(), lapin::Error>>> = actions.iter().map(|_| None).collect();
+    let mut results: Vec<Option<Result<(), BrokerError>>> = actions.iter().map(|_| None).collect();
     // Frames below `first` are all written: a wake-up polls only what may still be waiting.
     let mut first = 0;
     std::future::poll_fn(|cx| {
@@ -467,7 +456,7 @@ mod tests {
     struct Recorder(Arc<Mutex<Vec<(Duration, Action)>>>, Option<Instant>);
 
     impl AckSink for Recorder {
-        async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+        async fn send(&self, action: Action) -> Result<(), BrokerError> {
             let at = self.1.map_or(Duration::ZERO, |start| start.elapsed());
             self.0.lock().unwrap().push((at, action));
             Ok(())
@@ -676,7 +665,7 @@ mod tests {
     }
 
     impl AckSink for Gated {
-        async fn send(&self, action: Action) -> Result<(), lapin::Error> {
+        async fn send(&self, action: Action) -> Result<(), BrokerError> {
             self.queued.lock().unwrap().push(action);
             let _written = self.gate.acquire().await;
             Ok(())
