@@ -23,6 +23,16 @@
 //! wait queue or the dead-letter exchange → settle task (connection runtime) → `basic.ack`,
 //! or `basic.nack` (requeue) to give a message back.
 //!
+//! ## The map
+//! The crate is grouped by concern, and a delivery goes one way through it:
+//! `broker` (the broker boundary: lapin on the connection runtime) → `engine` (consumer →
+//! worker → dispatch → settle) → [`service`] (your layers, decoding, the [`Handler`] in
+//! `handler`) → `engine` (outcome, ack) → `broker`. `config` holds what a service is
+//! configured with, `observe` what it tells the outside, `app` the [`Builder`] and [`Conejo`].
+//! Each folder's module overview says what it may use, and a test of the crate's own source
+//! (`tests/architecture.rs`) keeps it so, with no import cycle. The repository's
+//! `ARCHITECTURE.md` is the full map.
+//!
 //! ## Acknowledgements and failures
 //! - A message is acknowledged only after its handler returned `Ok`, or after the broker
 //!   confirmed its retry copy or dead letter: at-least-once delivery, a duplicate at worst,
@@ -90,6 +100,8 @@
 //! - `health` (implies `metrics`): `Builder::health` serves `/livez`, `/readyz` and
 //!   `/metrics` (Prometheus text) over HTTP, from the connection runtime.
 //! - `test-util`: broker-free helpers for handler tests.
+//! - `test-hooks`: not for services — knobs that recreate the hazards conejo prevents, for
+//!   conejo's own tests.
 //!
 //! ## Observability
 //! Without any feature, [`Conejo::stats`] gives per-queue counters and the lag of both
@@ -183,6 +195,9 @@ pub use handler::error::HandlerError;
 pub use handler::message::{Decode, DecodeError, Json};
 pub use handler::outcome::{Failure, Outcome};
 pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub use hooks::RuntimeWedge;
 #[cfg(any(feature = "config", feature = "logging"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "config", feature = "logging"))))]
 pub use log_format::LogFormat;

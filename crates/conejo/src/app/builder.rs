@@ -228,16 +228,16 @@ impl Builder {
     /// Serves health and metrics endpoints over HTTP on `address` for the service's whole
     /// life (feature `health`):
     /// - `GET /livez` — liveness: 200 while the connection runtime (lapin, heartbeats, acks)
-    ///   answers and keeps time ([`Stats::connection_runtime_lag`] at most 5 s); 503
+    ///   answers and keeps time ([`Stats::connection_runtime_lag`](crate::Stats::connection_runtime_lag) at most 5 s); 503
     ///   otherwise. The server runs on that runtime, so a wedged one does not answer at all:
     ///   the probe's own timeout is the other bound. Busy handlers never fail it.
-    /// - `GET /readyz` — readiness: 200 when [`Status::is_ready`] (connected, not blocked,
+    /// - `GET /readyz` — readiness: 200 when [`Status::is_ready`](crate::Status::is_ready) (connected, not blocked,
     ///   every queue consumed); 503 with one line per missing piece otherwise.
     /// - `GET /metrics` — conejo's metrics in the Prometheus text format (see the README's
     ///   "Observability" section for the names), sampled at the scrape.
     ///
     /// [`build`](Self::build) binds the address, so a port in use is a startup error
-    /// ([`Error::Health`]); port 0 picks a free one ([`Conejo::health_addr`] tells which).
+    /// ([`Error::Health`](crate::Error::Health)); port 0 picks a free one ([`Conejo::health_addr`](crate::Conejo::health_addr) tells which).
     /// Bind `127.0.0.1` to keep the endpoints on the machine; in a container probed by an
     /// orchestrator, bind `0.0.0.0`.
     ///

@@ -84,7 +84,7 @@ impl Conejo {
         }
     }
 
-    /// The address the health server is bound to (see [`Builder::health`]): the real port
+    /// The address the health server is bound to (see [`Builder::health`](crate::Builder::health)): the real port
     /// when port 0 was asked. `None` without a health server.
     ///
     /// ```
@@ -127,14 +127,14 @@ impl Conejo {
     /// down gracefully. Returns `Ok(())` after a clean shutdown — also when the signal comes
     /// while conejo is still connecting or reconnecting.
     ///
-    /// A lost connection is re-established (see [`Builder::reconnect_delay`]), a channel
+    /// A lost connection is re-established (see [`Builder::reconnect_delay`](crate::Builder::reconnect_delay)), a channel
     /// closed by the broker is reopened, a consumer cancelled by the broker is consumed
     /// again: none of these ends `run`.
     ///
     /// # Errors
     /// Startup failures (refused credentials, a missing passive queue or dead-letter
     /// exchange, a declaration conflict; an unreachable broker with
-    /// [`wait_for_broker(false)`](Builder::wait_for_broker)); in-flight work is still given
+    /// [`wait_for_broker(false)`](crate::Builder::wait_for_broker)); in-flight work is still given
     /// back before returning.
     pub async fn run(self) -> Result<(), Error> {
         self.run_until(signal::terminate()).await
@@ -143,7 +143,7 @@ impl Conejo {
     /// Runs until `signal` completes (or a [`ShutdownHandle`] fires), then shuts down
     /// gracefully: stop consuming (`basic.cancel`), give back at once the messages prefetched
     /// but not started (requeued), let in-flight handlers finish and ack them — up to the
-    /// [shutdown timeout](Builder::shutdown_timeout), after which unfinished messages are
+    /// [shutdown timeout](crate::Builder::shutdown_timeout), after which unfinished messages are
     /// requeued — then close channels and the connection.
     ///
     /// # Errors
@@ -183,7 +183,7 @@ impl Conejo {
     ///
     /// # Errors
     /// As [`run`](Self::run) at startup: [`Error::Connect`] when no address answers within
-    /// the [connect timeout](Builder::connect_timeout), refused credentials,
+    /// the [connect timeout](crate::Builder::connect_timeout), refused credentials,
     /// [`Error::QueueNotFound`], [`Error::DeadLetterExchangeNotFound`], [`Error::Topology`]
     /// and [`Error::QueueSetup`] (e.g. a queue that exists with other arguments).
     pub async fn check(self) -> Result<CheckReport, Error> {

@@ -1,5 +1,17 @@
-//! What a service is configured with: queues, retries, exchanges and the names of what
-//! conejo declares.
+//! What a service is configured with, and what `build()` resolves it into:
+//!
+//! - `service`: the service's own settings (addresses, connection, timing, exchanges),
+//!   validated once — the struct that runs;
+//! - `queue`: [`QueueConfig`](crate::QueueConfig), and each queue's settings resolved once
+//!   (`ResolvedQueue`);
+//! - `retry`: [`RetryPolicy`](crate::RetryPolicy);
+//! - `topology`: [`Exchange`](crate::Exchange), bindings, dead-letter routes, and the names
+//!   and arguments of the queues conejo declares.
+//!
+//! Pure data and validation: nothing here talks to a broker.
+//!
+//! May use: `broker` (addresses, TLS, declaration flags), `handler`, `service`, `error`,
+//! `headers`.
 
 pub(crate) mod queue;
 pub(crate) mod retry;

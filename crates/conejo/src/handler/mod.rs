@@ -1,4 +1,10 @@
-//! The handler traits users implement, and the blocking bridge.
+//! What users implement and what their handlers see: the [`Handler`] and
+//! [`BlockingHandler`] traits and the blocking bridge ([`Blocking`]), handlers made of
+//! functions (`function`), the message types (`message`: [`Decode`], [`Json`](crate::Json)),
+//! a delivery's [`Context`] (`context`), failures and outcomes (`outcome`), the per-message
+//! [`HandlerError`] (`error`), and the concurrency slot a delivery holds (`slot`).
+//!
+//! May use: `broker` (a delivery arrives as its `Incoming`), `headers`, `error`.
 
 use std::{
     future::Future,
