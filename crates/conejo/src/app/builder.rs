@@ -270,6 +270,14 @@ impl Builder {
         self.health((std::net::Ipv4Addr::LOCALHOST, port))
     }
 
+    /// Connects to the in-memory broker `memory` instead of RabbitMQ.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn memory(mut self, memory: &crate::broker::memory::Memory) -> Self {
+        self.config.memory = Some(memory.clone());
+        self
+    }
+
     /// **Do not use in services.** Runs lapin (its heartbeat and internal RPC) on the
     /// application's runtime instead of conejo's dedicated one — the setup that loses its
     /// connection when handlers hog the runtime. Exists so tests can show that hazard.

@@ -22,6 +22,9 @@
 //! May use: `error` (and nothing of conejo's engine, handlers or configuration).
 
 pub(crate) mod amqp;
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(not(test), allow(dead_code))] // until the test harness uses all of it
+pub(crate) mod memory;
 pub(crate) mod tls;
 pub(crate) mod url;
 
@@ -53,6 +56,9 @@ pub(crate) type BrokerError = lapin::Error;
 pub(crate) enum Broker {
     /// RabbitMQ over AMQP 0-9-1, through lapin.
     Amqp(amqp::Amqp),
+    /// The in-memory broker of tests.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::Memory),
 }
 
 /// One open connection. Cheap to clone.
@@ -60,6 +66,9 @@ pub(crate) enum Broker {
 pub(crate) enum Connection {
     /// A lapin connection.
     Amqp(amqp::AmqpConnection),
+    /// A connection to the in-memory broker.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::MemoryConnection),
 }
 
 /// One open channel. Cheap to clone: clones are the same channel.
@@ -67,24 +76,36 @@ pub(crate) enum Connection {
 pub(crate) enum Channel {
     /// A lapin channel.
     Amqp(lapin::Channel),
+    /// A channel of the in-memory broker.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::MemoryChannel),
 }
 
 /// A consumer's stream of deliveries; ends after the consumer is cancelled.
 pub(crate) enum Deliveries {
     /// A lapin consumer.
     Amqp(lapin::Consumer),
+    /// A consumer of the in-memory broker.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::MemoryDeliveries),
 }
 
 /// The broker's answer to one publish on a channel in confirm mode.
 pub(crate) enum Confirm {
     /// lapin's publisher confirm.
     Amqp(lapin::PublisherConfirm),
+    /// The in-memory broker's confirm.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::MemoryConfirm),
 }
 
 /// A connection's events, as a stream.
 pub(crate) enum Events {
     /// lapin's events listener.
     Amqp(Pin<Box<dyn Stream<Item = lapin::Event> + Send>>),
+    /// The in-memory broker's events.
+    #[cfg(any(test, feature = "test-util"))]
+    Memory(memory::MemoryEvents),
 }
 
 /// A delivery as it comes from the broker, before conejo makes a [`Context`](crate::Context)
@@ -202,6 +223,8 @@ impl Broker {
     pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
         match self {
             Broker::Amqp(amqp) => amqp.handle(),
+            #[cfg(any(test, feature = "test-util"))]
+            Broker::Memory(memory) => memory.handle(),
         }
     }
 
@@ -214,6 +237,11 @@ impl Broker {
     ) -> Result<Connection, Error> {
         match self {
             Broker::Amqp(amqp) => amqp.connect(url, name, timeout).await.map(Connection::Amqp),
+            #[cfg(any(test, feature = "test-util"))]
+            Broker::Memory(memory) => memory
+                .connect(url, name, timeout)
+                .await
+                .map(Connection::Memory),
         }
     }
 }
@@ -223,6 +251,8 @@ impl Connection {
     pub(crate) fn is_connected(&self) -> bool {
         match self {
             Connection::Amqp(c) => c.is_connected(),
+            #[cfg(any(test, feature = "test-util"))]
+            Connection::Memory(c) => c.is_connected(),
         }
     }
 
@@ -234,6 +264,8 @@ impl Connection {
     {
         match self {
             Connection::Amqp(c) => c.runtime().spawn(future),
+            #[cfg(any(test, feature = "test-util"))]
+            Connection::Memory(c) => c.handle().spawn(future),
         }
     }
 
@@ -272,6 +304,8 @@ impl Connection {
     pub(crate) async fn open_channel(&self) -> Result<Channel, BrokerError> {
         match self {
             Connection::Amqp(c) => c.lapin().create_channel().await.map(Channel::Amqp),
+            #[cfg(any(test, feature = "test-util"))]
+            Connection::Memory(c) => c.open_channel().await.map(Channel::Memory),
         }
     }
 
@@ -279,6 +313,8 @@ impl Connection {
     pub(crate) fn events(&self) -> Events {
         match self {
             Connection::Amqp(c) => Events::Amqp(Box::pin(c.lapin().events_listener())),
+            #[cfg(any(test, feature = "test-util"))]
+            Connection::Memory(c) => Events::Memory(c.events()),
         }
     }
 
@@ -291,6 +327,8 @@ impl Connection {
                 }
                 c.lapin().close(200, ShortString::from(text)).await
             }
+            #[cfg(any(test, feature = "test-util"))]
+            Connection::Memory(c) => c.close().await,
         }
     }
 }
@@ -300,6 +338,8 @@ impl Channel {
     pub(crate) fn is_open(&self) -> bool {
         match self {
             Channel::Amqp(c) => c.status().connected(),
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.is_open(),
         }
     }
 
@@ -308,6 +348,8 @@ impl Channel {
     pub(crate) async fn qos(&self, prefetch: u16) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::qos(c, prefetch).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.qos(prefetch).await,
         }
     }
 
@@ -321,6 +363,8 @@ impl Channel {
     ) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::declare_exchange(c, name, kind, options, arguments).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.declare_exchange(name, kind, options, arguments).await,
         }
     }
 
@@ -333,6 +377,8 @@ impl Channel {
     ) -> Result<QueueState, BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::declare_queue(c, name, options, arguments).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.declare_queue(name, options, arguments).await,
         }
     }
 
@@ -346,6 +392,8 @@ impl Channel {
     ) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::bind_queue(c, queue, exchange, routing_key, arguments).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.bind_queue(queue, exchange, routing_key, arguments).await,
         }
     }
 
@@ -360,6 +408,8 @@ impl Channel {
             Channel::Amqp(c) => amqp::consume(c, queue, tag, options)
                 .await
                 .map(Deliveries::Amqp),
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.consume(queue, tag, options).await.map(Deliveries::Memory),
         }
     }
 
@@ -368,6 +418,8 @@ impl Channel {
     pub(crate) async fn cancel(&self, tag: &str) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::cancel(c, tag).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.cancel(tag).await,
         }
     }
 
@@ -377,6 +429,8 @@ impl Channel {
     pub(crate) async fn ack(&self, tag: u64, multiple: bool) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::ack(c, tag, multiple).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.ack(tag, multiple).await,
         }
     }
 
@@ -389,6 +443,8 @@ impl Channel {
     ) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::nack(c, tag, multiple, requeue).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.nack(tag, multiple, requeue).await,
         }
     }
 
@@ -396,6 +452,8 @@ impl Channel {
     pub(crate) async fn confirm_select(&self) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::confirm_select(c).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.confirm_select().await,
         }
     }
 
@@ -415,6 +473,11 @@ impl Channel {
                     .await
                     .map(Confirm::Amqp)
             }
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c
+                .publish(exchange, routing_key, mandatory, body, properties)
+                .await
+                .map(Confirm::Memory),
         }
     }
 
@@ -423,6 +486,8 @@ impl Channel {
     pub(crate) async fn get(&self, queue: &str) -> Result<Option<Got>, BrokerError> {
         match self {
             Channel::Amqp(c) => amqp::get(c, queue).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.get(queue).await,
         }
     }
 
@@ -431,6 +496,8 @@ impl Channel {
     pub(crate) async fn close(&self, text: &str) -> Result<(), BrokerError> {
         match self {
             Channel::Amqp(c) => c.close(200, ShortString::from(text)).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.close().await,
         }
     }
 }
@@ -440,6 +507,8 @@ impl Deliveries {
     pub(crate) fn tag(&self) -> String {
         match self {
             Deliveries::Amqp(consumer) => consumer.tag().to_string(),
+            #[cfg(any(test, feature = "test-util"))]
+            Deliveries::Memory(deliveries) => deliveries.tag().to_owned(),
         }
     }
 }
@@ -452,6 +521,8 @@ impl Stream for Deliveries {
             Deliveries::Amqp(consumer) => Pin::new(consumer)
                 .poll_next(cx)
                 .map(|next| next.map(|delivery| delivery.map(amqp::incoming))),
+            #[cfg(any(test, feature = "test-util"))]
+            Deliveries::Memory(deliveries) => Pin::new(deliveries).poll_next(cx),
         }
     }
 }
@@ -464,6 +535,8 @@ impl Future for Confirm {
             Confirm::Amqp(confirm) => Pin::new(confirm)
                 .poll(cx)
                 .map(|confirmation| confirmation.map(amqp::confirmed)),
+            #[cfg(any(test, feature = "test-util"))]
+            Confirm::Memory(confirm) => Pin::new(confirm).poll(cx),
         }
     }
 }
@@ -477,6 +550,8 @@ impl Stream for Events {
                 .as_mut()
                 .poll_next(cx)
                 .map(|next| next.map(amqp::event)),
+            #[cfg(any(test, feature = "test-util"))]
+            Events::Memory(events) => Pin::new(events).poll_next(cx),
         }
     }
 }

@@ -78,6 +78,9 @@ pub(crate) struct ServiceConfig {
     pub(crate) connect: ConnectPolicy,
     /// The TLS material read from the files, used by every connection attempt.
     pub(crate) tls: TlsSetup,
+    /// The in-memory broker to connect to instead of RabbitMQ (tests).
+    #[cfg(any(test, feature = "test-util"))]
+    pub(crate) memory: Option<crate::broker::memory::Memory>,
 }
 
 /// What the builder is given that `build()` must still parse or read.
@@ -110,6 +113,8 @@ impl ServiceConfig {
                 backoff: DEFAULT_RECONNECT_DELAY,
             },
             tls: TlsSetup::default(),
+            #[cfg(any(test, feature = "test-util"))]
+            memory: None,
         }
     }
 

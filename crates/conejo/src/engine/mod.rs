@@ -27,3 +27,6 @@ mod settle;
 pub(crate) mod supervisor;
 mod topology;
 mod worker;
+
+#[cfg(test)]
+mod tests;

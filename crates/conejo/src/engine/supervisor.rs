@@ -377,6 +377,10 @@ impl Supervisor {
 
     /// The broker the service connects to, its tasks on their own runtime.
     fn broker(&self) -> Result<Broker, Error> {
+        #[cfg(any(test, feature = "test-util"))]
+        if let Some(memory) = &self.config.memory {
+            return Ok(Broker::Memory(memory.clone()));
+        }
         let broker = Broker::amqp(
             self.config.tls.clone(),
             !self.hooks.lapin_on_handler_runtime(),

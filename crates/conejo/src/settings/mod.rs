@@ -104,8 +104,6 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const KEYS: &str = "url, connection_name, connect_timeout, wait_for_broker, shutdown_timeout, \
                     log_format, log_level, health_addr, queues.<queue>.…";
 
-/// The keys of a queue, for error messages.
-
 /// Settings loaded from a TOML file and the environment; see the [module](self) for the keys.
 ///
 /// Every field is optional: what is not set keeps the value the code gave the builder.

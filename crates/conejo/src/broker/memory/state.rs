@@ -1,0 +1,984 @@
+//! The in-memory broker's state and its rules: what RabbitMQ does with exchanges, queues,
+//! consumers, acknowledgements, expiry and dead-lettering, and what it refuses.
+//!
+//! Everything happens under one lock, synchronously: an operation changes the state, then
+//! [`State::deliver`] pushes what the change made deliverable to the consumers' streams.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use lapin::{
+    BasicProperties, ExchangeKind,
+    types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
+};
+use tokio::{sync::mpsc, time::Instant};
+
+use super::route;
+use crate::broker::{
+    BrokerError, ConsumeOptions, Event, ExchangeOptions, Incoming, QueueOptions, QueueState,
+};
+
+pub(super) type ConnId = u64;
+pub(super) type ChanId = u64;
+
+/// A message as the broker holds it.
+#[derive(Debug, Clone)]
+pub(super) struct Message {
+    /// The exchange it was published to.
+    pub(super) exchange: ShortString,
+    /// Its routing key.
+    pub(super) routing_key: ShortString,
+    /// Its properties and headers.
+    pub(super) properties: BasicProperties,
+    /// Its body.
+    pub(super) body: Bytes,
+    /// Delivered before without being settled.
+    pub(super) redelivered: bool,
+    /// Deliveries without a settlement so far (a quorum queue's `x-delivery-count`).
+    pub(super) returns: u32,
+    /// When it expires in its queue (`x-message-ttl`, or the message's `expiration`).
+    pub(super) expires: Option<Instant>,
+}
+
+/// Why a message is dead-lettered, as RabbitMQ writes it in `x-death`.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DeathReason {
+    Rejected,
+    Expired,
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// An exchange and its bindings.
+#[derive(Debug)]
+pub(super) struct Exchange {
+    pub(super) kind: ExchangeKind,
+    pub(super) options: ExchangeOptions,
+    pub(super) arguments: FieldTable,
+    /// (queue, routing key, arguments).
+    pub(super) bindings: Vec<(String, String, FieldTable)>,
+}
+
+/// A queue.
+#[derive(Debug)]
+pub(super) struct Queue {
+    pub(super) options: QueueOptions,
+    pub(super) arguments: FieldTable,
+    /// Messages ready, in order.
+    pub(super) ready: VecDeque<Message>,
+    /// Its consumers, in the order they are served (round robin).
+    pub(super) consumers: VecDeque<ConsumerKey>,
+    /// The connection that declared it, if exclusive.
+    pub(super) owner: Option<ConnId>,
+    /// Messages delivered and not yet settled.
+    pub(super) unacked: usize,
+    /// Messages ever published to it (for tests' counts).
+    pub(super) published: u64,
+}
+
+impl Queue {
+    fn argument(&self, name: &str) -> Option<&AMQPValue> {
+        self.arguments.inner().get(name)
+    }
+
+    fn text_argument(&self, name: &str) -> Option<String> {
+        match self.argument(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    fn int_argument(&self, name: &str) -> Option<i64> {
+        int(self.argument(name)?)
+    }
+
+    pub(super) fn is_quorum(&self) -> bool {
+        self.text_argument("x-queue-type").as_deref() == Some("quorum")
+    }
+
+    fn ttl(&self) -> Option<Duration> {
+        self.int_argument("x-message-ttl")
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis)
+    }
+
+    /// (exchange, routing key) dead letters go to, if the queue has a dead-letter exchange.
+    fn dead_letter_target(&self) -> Option<(String, Option<String>)> {
+        let exchange = self.text_argument("x-dead-letter-exchange")?;
+        Some((exchange, self.text_argument("x-dead-letter-routing-key")))
+    }
+
+    fn delivery_limit(&self) -> Option<u32> {
+        if !self.is_quorum() {
+            return None;
+        }
+        self.int_argument("x-delivery-limit")
+            .and_then(|n| u32::try_from(n).ok())
+    }
+}
+
+/// A consumer, by channel and tag.
+pub(super) type ConsumerKey = (ChanId, String);
+
+/// A consumer: where its deliveries go.
+#[derive(Debug)]
+pub(super) struct Consumer {
+    pub(super) queue: String,
+    pub(super) sender: mpsc::UnboundedSender<Result<Incoming, BrokerError>>,
+    /// Unsettled deliveries to this consumer.
+    pub(super) unacked: usize,
+    pub(super) options: ConsumeOptions,
+}
+
+/// A delivery on a channel, not yet settled.
+#[derive(Debug)]
+pub(super) struct Unacked {
+    pub(super) queue: String,
+    pub(super) message: Message,
+    /// The consumer it went to (`None` for a `basic.get`).
+    pub(super) consumer: Option<String>,
+}
+
+/// A channel.
+#[derive(Debug, Default)]
+pub(super) struct Channel {
+    pub(super) connection: ConnId,
+    pub(super) open: bool,
+    /// `basic.qos` prefetch per consumer; 0 is unlimited.
+    pub(super) prefetch: u16,
+    pub(super) confirm: bool,
+    pub(super) next_tag: u64,
+    pub(super) unacked: BTreeMap<u64, Unacked>,
+    pub(super) consumers: HashMap<String, Consumer>,
+}
+
+/// A connection.
+#[derive(Debug)]
+pub(super) struct Connection {
+    pub(super) name: String,
+    pub(super) open: bool,
+    pub(super) channels: HashSet<ChanId>,
+    /// Listeners of its events.
+    pub(super) events: Vec<mpsc::UnboundedSender<Event>>,
+    /// Set while the broker blocks it (a resource alarm): its publishes wait.
+    pub(super) blocked: Option<String>,
+    /// Why it was closed, once it is.
+    pub(super) closed_because: Option<BrokerError>,
+}
+
+/// Faults to inject, armed by tests.
+#[derive(Debug, Default)]
+pub(super) struct Faults {
+    /// Connection attempts to refuse, with the error to refuse them with.
+    pub(super) refuse_connections: Option<(u32, BrokerError)>,
+    /// Publishes to nack (confirm mode) before confirming again.
+    pub(super) nack_publishes: u32,
+}
+
+/// A publish waiting for its blocked connection.
+pub(super) type Parked = Box<dyn FnOnce(&mut State) + Send>;
+
+/// The whole broker.
+pub(super) struct State {
+    pub(super) exchanges: HashMap<String, Exchange>,
+    pub(super) queues: HashMap<String, Queue>,
+    pub(super) connections: HashMap<ConnId, Connection>,
+    pub(super) channels: HashMap<ChanId, Channel>,
+    pub(super) next_id: u64,
+    pub(super) faults: Faults,
+    /// Publishes waiting while their connection is blocked: (connection, work).
+    pub(super) parked: Vec<(ConnId, Parked)>,
+    /// The earliest expiry of any ready message, for the expiry task.
+    pub(super) next_expiry: Option<Instant>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        let mut exchanges = HashMap::new();
+        for (name, kind) in [
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+        ] {
+            exchanges.insert(
+                name.to_owned(),
+                Exchange {
+                    kind,
+                    options: ExchangeOptions {
+                        durable: true,
+                        ..ExchangeOptions::default()
+                    },
+                    arguments: FieldTable::default(),
+                    bindings: Vec::new(),
+                },
+            );
+        }
+        State {
+            exchanges,
+            queues: HashMap::new(),
+            connections: HashMap::new(),
+            channels: HashMap::new(),
+            next_id: 1,
+            faults: Faults::default(),
+            parked: Vec::new(),
+            next_expiry: None,
+        }
+    }
+}
+
+/// A protocol error with RabbitMQ's reply code and text.
+pub(super) fn amqp_error(code: u16, text: String) -> BrokerError {
+    match lapin::protocol::AMQPError::from_id(code, ShortString::from(text.clone())) {
+        Some(error) => BrokerError::from(lapin::ErrorKind::ProtocolError(error)),
+        None => crate::broker::other(text),
+    }
+}
+
+fn int(value: &AMQPValue) -> Option<i64> {
+    match *value {
+        AMQPValue::ShortShortInt(n) => Some(n.into()),
+        AMQPValue::ShortShortUInt(n) => Some(n.into()),
+        AMQPValue::ShortInt(n) => Some(n.into()),
+        AMQPValue::ShortUInt(n) => Some(n.into()),
+        AMQPValue::LongInt(n) => Some(n.into()),
+        AMQPValue::LongUInt(n) => Some(n.into()),
+        AMQPValue::LongLongInt(n) => Some(n),
+        _ => None,
+    }
+}
+
+impl State {
+    pub(super) fn id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The open channel `id`, or the error for using a closed one.
+    pub(super) fn channel(&mut self, id: ChanId) -> Result<&mut Channel, BrokerError> {
+        match self.channels.get_mut(&id) {
+            Some(channel) if channel.open => Ok(channel),
+            _ => Err(crate::broker::other(format!("channel {id} is closed"))),
+        }
+    }
+
+    /// Closes `channel` on the broker's side for `error` (a soft error: 404, 406…): its
+    /// consumers' streams yield the error and end, its unacked messages go back.
+    pub(super) fn channel_error(&mut self, channel: ChanId, error: BrokerError) -> BrokerError {
+        let connection = self.channels.get(&channel).map(|c| c.connection);
+        self.close_channel(channel, Some(&error));
+        if let Some(connection) = connection.and_then(|c| self.connections.get(&c)) {
+            for listener in &connection.events {
+                let _ = listener.send(Event::Error(error.clone()));
+            }
+        }
+        error
+    }
+
+    /// Closes a channel: requeues what it holds unacked, ends its consumers' streams (with
+    /// `error` when the broker closed it).
+    pub(super) fn close_channel(&mut self, id: ChanId, error: Option<&BrokerError>) {
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return;
+        };
+        if !channel.open {
+            return;
+        }
+        channel.open = false;
+        let unacked = std::mem::take(&mut channel.unacked);
+        let consumers = std::mem::take(&mut channel.consumers);
+        let connection = channel.connection;
+        for (tag, consumer) in consumers {
+            if let Some(error) = error {
+                let _ = consumer.sender.send(Err(error.clone()));
+            }
+            if let Some(queue) = self.queues.get_mut(&consumer.queue) {
+                queue.consumers.retain(|key| key != &(id, tag.clone()));
+            }
+        }
+        self.requeue_all(unacked);
+        if let Some(connection) = self.connections.get_mut(&connection) {
+            connection.channels.remove(&id);
+        }
+        self.deliver();
+    }
+
+    /// Closes a connection: every channel, then the exclusive queues it declared.
+    pub(super) fn close_connection(&mut self, id: ConnId, error: Option<BrokerError>) {
+        let Some(connection) = self.connections.get_mut(&id) else {
+            return;
+        };
+        if !connection.open {
+            return;
+        }
+        connection.open = false;
+        connection.closed_because = error.clone();
+        let channels: Vec<ChanId> = connection.channels.iter().copied().collect();
+        let listeners = std::mem::take(&mut connection.events);
+        for channel in channels {
+            self.close_channel(channel, error.as_ref());
+        }
+        self.queues.retain(|_, queue| queue.owner != Some(id));
+        self.parked.retain(|(connection, _)| *connection != id);
+        if let Some(error) = error {
+            for listener in listeners {
+                let _ = listener.send(Event::Error(error.clone()));
+            }
+        }
+        self.deliver();
+    }
+
+    /// Puts deliveries back in their queues, at the front in delivery order, marked
+    /// redelivered (RabbitMQ requeues to about where they were).
+    fn requeue_all(&mut self, unacked: BTreeMap<u64, Unacked>) {
+        for (_, delivery) in unacked.into_iter().rev() {
+            self.requeue(delivery);
+        }
+    }
+
+    fn requeue(&mut self, delivery: Unacked) {
+        let Unacked {
+            queue, mut message, ..
+        } = delivery;
+        message.redelivered = true;
+        message.returns += 1;
+        let Some(target) = self.queues.get_mut(&queue) else {
+            return;
+        };
+        target.unacked = target.unacked.saturating_sub(1);
+        if let Some(limit) = target.delivery_limit()
+            && message.returns > limit
+        {
+            self.dead_letter(&queue, message, DeathReason::DeliveryLimit);
+            return;
+        }
+        target.ready.push_front(message);
+    }
+
+    pub(super) fn declare_exchange(
+        &mut self,
+        channel: ChanId,
+        name: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+        arguments: FieldTable,
+    ) -> Result<(), BrokerError> {
+        self.channel(channel)?;
+        if let Some(existing) = self.exchanges.get(name) {
+            if !options.passive
+                && (existing.kind != kind
+                    || existing.options.durable != options.durable
+                    || existing.arguments != arguments)
+            {
+                let text = format!(
+                    "PRECONDITION_FAILED - inequivalent arg 'type' or 'durable' for exchange '{name}' in vhost '/'"
+                );
+                return Err(self.channel_error(channel, amqp_error(406, text)));
+            }
+            return Ok(());
+        }
+        if options.passive {
+            let text = format!("NOT_FOUND - no exchange '{name}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        }
+        if name.is_empty() || name.starts_with("amq.") {
+            let text =
+                format!("ACCESS_REFUSED - exchange name '{name}' contains reserved prefix 'amq.*'");
+            return Err(self.channel_error(channel, amqp_error(403, text)));
+        }
+        self.exchanges.insert(
+            name.to_owned(),
+            Exchange {
+                kind,
+                options,
+                arguments,
+                bindings: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn declare_queue(
+        &mut self,
+        channel: ChanId,
+        name: &str,
+        options: QueueOptions,
+        arguments: FieldTable,
+    ) -> Result<QueueState, BrokerError> {
+        let connection = self.channel(channel)?.connection;
+        if let Some(existing) = self.queues.get(name) {
+            if existing.owner.is_some_and(|owner| owner != connection) {
+                let text = format!(
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' in vhost '/'"
+                );
+                return Err(self.channel_error(channel, amqp_error(405, text)));
+            }
+            if !options.passive {
+                if existing.options.durable != options.durable {
+                    let text = format!(
+                        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{name}' in vhost '/'"
+                    );
+                    return Err(self.channel_error(channel, amqp_error(406, text)));
+                }
+                for (key, value) in arguments.inner() {
+                    if existing.arguments.inner().get(key) != Some(value) {
+                        let text = format!(
+                            "PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}' in vhost '/'"
+                        );
+                        return Err(self.channel_error(channel, amqp_error(406, text)));
+                    }
+                }
+            }
+            return Ok(QueueState {
+                messages: u32::try_from(existing.ready.len()).unwrap_or(u32::MAX),
+                consumers: u32::try_from(existing.consumers.len()).unwrap_or(u32::MAX),
+            });
+        }
+        if options.passive {
+            let text = format!("NOT_FOUND - no queue '{name}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        }
+        let queue = Queue {
+            options,
+            arguments,
+            ready: VecDeque::new(),
+            consumers: VecDeque::new(),
+            owner: options.exclusive.then_some(connection),
+            unacked: 0,
+            published: 0,
+        };
+        if queue.is_quorum() && (!options.durable || options.exclusive || options.auto_delete) {
+            let text = format!(
+                "PRECONDITION_FAILED - invalid property 'auto-delete', 'exclusive' or 'durable' for queue '{name}' in vhost '/'"
+            );
+            return Err(self.channel_error(channel, amqp_error(406, text)));
+        }
+        self.queues.insert(name.to_owned(), queue);
+        Ok(QueueState {
+            messages: 0,
+            consumers: 0,
+        })
+    }
+
+    pub(super) fn bind_queue(
+        &mut self,
+        channel: ChanId,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> Result<(), BrokerError> {
+        self.channel(channel)?;
+        if !self.queues.contains_key(queue) {
+            let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        }
+        let Some(target) = self.exchanges.get_mut(exchange) else {
+            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        };
+        let binding = (queue.to_owned(), routing_key.to_owned(), arguments);
+        if !target.bindings.contains(&binding) {
+            target.bindings.push(binding);
+        }
+        Ok(())
+    }
+
+    /// Deletes a queue (a test's, or an operator's): its consumers are cancelled by the
+    /// broker (their streams end), its messages are gone.
+    pub(super) fn delete_queue(&mut self, name: &str) -> bool {
+        let Some(queue) = self.queues.remove(name) else {
+            return false;
+        };
+        for (channel, tag) in queue.consumers {
+            if let Some(channel) = self.channels.get_mut(&channel) {
+                // Dropping the sender ends the stream: what lapin does on a broker-side
+                // basic.cancel.
+                channel.consumers.remove(&tag);
+            }
+        }
+        for exchange in self.exchanges.values_mut() {
+            exchange.bindings.retain(|(queue, _, _)| queue != name);
+        }
+        true
+    }
+
+    pub(super) fn consume(
+        &mut self,
+        channel: ChanId,
+        queue: &str,
+        tag: &str,
+        options: ConsumeOptions,
+        sender: mpsc::UnboundedSender<Result<Incoming, BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        self.channel(channel)?;
+        let Some(target) = self.queues.get(queue) else {
+            let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        };
+        let exclusive_taken = target.consumers.iter().any(|key| {
+            self.channels
+                .get(&key.0)
+                .and_then(|c| c.consumers.get(&key.1))
+                .is_some_and(|c| c.options.exclusive)
+        });
+        if exclusive_taken || (options.exclusive && !target.consumers.is_empty()) {
+            let text = format!("ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use");
+            return Err(self.channel_error(channel, amqp_error(403, text)));
+        }
+        let open = self.channel(channel)?;
+        if open.consumers.contains_key(tag) {
+            let text = format!("NOT_ALLOWED - attempt to reuse consumer tag '{tag}'");
+            return Err(self.channel_error(channel, amqp_error(530, text)));
+        }
+        open.consumers.insert(
+            tag.to_owned(),
+            Consumer {
+                queue: queue.to_owned(),
+                sender,
+                unacked: 0,
+                options,
+            },
+        );
+        if let Some(target) = self.queues.get_mut(queue) {
+            target.consumers.push_back((channel, tag.to_owned()));
+        }
+        self.deliver();
+        Ok(())
+    }
+
+    pub(super) fn cancel(&mut self, channel: ChanId, tag: &str) -> Result<(), BrokerError> {
+        let open = self.channel(channel)?;
+        if let Some(consumer) = open.consumers.remove(tag)
+            && let Some(queue) = self.queues.get_mut(&consumer.queue)
+        {
+            queue
+                .consumers
+                .retain(|key| key != &(channel, tag.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Settles `tag` (and, with `multiple`, every earlier unsettled one) on `channel`.
+    /// `requeue` gives them back; `ack` false without requeue dead-letters (or drops) them.
+    pub(super) fn settle(
+        &mut self,
+        channel: ChanId,
+        tag: u64,
+        multiple: bool,
+        ack: bool,
+        requeue: bool,
+    ) -> Result<(), BrokerError> {
+        let open = self.channel(channel)?;
+        let tags: Vec<u64> = if multiple {
+            open.unacked.range(..=tag).map(|(&t, _)| t).collect()
+        } else if open.unacked.contains_key(&tag) {
+            vec![tag]
+        } else {
+            Vec::new()
+        };
+        if tags.is_empty() && !(multiple && tag == 0) {
+            let text = format!("PRECONDITION_FAILED - unknown delivery tag {tag}");
+            return Err(self.channel_error(channel, amqp_error(406, text)));
+        }
+        let mut settled = Vec::with_capacity(tags.len());
+        for tag in tags {
+            if let Some(delivery) = open.unacked.remove(&tag) {
+                if let Some(consumer) = delivery
+                    .consumer
+                    .as_ref()
+                    .and_then(|c| open.consumers.get_mut(c))
+                {
+                    consumer.unacked = consumer.unacked.saturating_sub(1);
+                }
+                settled.push(delivery);
+            }
+        }
+        for delivery in settled {
+            if requeue {
+                self.requeue(delivery);
+                continue;
+            }
+            if let Some(queue) = self.queues.get_mut(&delivery.queue) {
+                queue.unacked = queue.unacked.saturating_sub(1);
+            }
+            if !ack {
+                self.dead_letter(&delivery.queue, delivery.message, DeathReason::Rejected);
+            }
+        }
+        self.deliver();
+        Ok(())
+    }
+
+    /// Routes a published message; returns whether any queue took it. A missing exchange is
+    /// the broker's 404, which closes the channel.
+    pub(super) fn publish(
+        &mut self,
+        channel: Option<ChanId>,
+        exchange: &str,
+        routing_key: &str,
+        body: Bytes,
+        properties: BasicProperties,
+    ) -> Result<bool, BrokerError> {
+        let queues = match self.route(exchange, routing_key, &properties) {
+            Some(queues) => queues,
+            None => {
+                let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
+                let error = amqp_error(404, text);
+                return Err(match channel {
+                    Some(channel) => self.channel_error(channel, error),
+                    None => error,
+                });
+            }
+        };
+        let message = Message {
+            exchange: ShortString::from(exchange),
+            routing_key: ShortString::from(routing_key),
+            properties,
+            body,
+            redelivered: false,
+            returns: 0,
+            expires: None,
+        };
+        let routed = !queues.is_empty();
+        for queue in queues {
+            self.enqueue(&queue, message.clone());
+        }
+        self.deliver();
+        Ok(routed)
+    }
+
+    /// The queues `exchange` routes the message to; `None` when the exchange does not exist.
+    fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: &BasicProperties,
+    ) -> Option<Vec<String>> {
+        if exchange.is_empty() {
+            return Some(
+                self.queues
+                    .contains_key(routing_key)
+                    .then(|| routing_key.to_owned())
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        let target = self.exchanges.get(exchange)?;
+        let mut queues: Vec<String> = Vec::new();
+        for (queue, key, arguments) in &target.bindings {
+            let matches = match &target.kind {
+                ExchangeKind::Direct => key == routing_key,
+                ExchangeKind::Fanout => true,
+                ExchangeKind::Topic => route::topic_matches(key, routing_key),
+                ExchangeKind::Headers => route::headers_match(arguments, properties.headers()),
+                ExchangeKind::Custom(_) => false,
+            };
+            if matches && !queues.contains(queue) {
+                queues.push(queue.clone());
+            }
+        }
+        Some(queues)
+    }
+
+    /// Puts a message at the end of `queue`, with its expiry.
+    fn enqueue(&mut self, queue: &str, mut message: Message) {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return;
+        };
+        let per_message = message
+            .properties
+            .expiration()
+            .as_ref()
+            .and_then(|ms| ms.as_str().parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let ttl = match (target.ttl(), per_message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        message.expires = ttl.map(|ttl| Instant::now() + ttl);
+        if let Some(at) = message.expires {
+            self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
+        }
+        target.published += 1;
+        target.ready.push_back(message);
+    }
+
+    /// Dead-letters `message` from `queue` (to its dead-letter exchange, with `x-death`), or
+    /// drops it when the queue has none.
+    fn dead_letter(&mut self, queue: &str, message: Message, reason: DeathReason) {
+        let Some(target) = self.queues.get(queue) else {
+            return;
+        };
+        let Some((exchange, routing_key)) = target.dead_letter_target() else {
+            return;
+        };
+        let routing_key = routing_key.unwrap_or_else(|| message.routing_key.to_string());
+        let mut headers = message.properties.headers().clone().unwrap_or_default();
+        record_death(&mut headers, queue, reason, &message);
+        // A dead letter loses its own expiration, as with RabbitMQ.
+        let properties = strip_expiration(message.properties.clone().with_headers(headers));
+        let _ = self.publish(None, &exchange, &routing_key, message.body, properties);
+    }
+
+    /// Dead-letters (or drops) every ready message that expired, from the head of each
+    /// queue, as RabbitMQ does; returns the next expiry still pending.
+    pub(super) fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        let mut next: Option<Instant> = None;
+        for name in names {
+            while let Some(queue) = self.queues.get_mut(&name)
+                && queue
+                    .ready
+                    .front()
+                    .and_then(|m| m.expires)
+                    .is_some_and(|at| at <= now)
+            {
+                let message = queue.ready.pop_front().expect("a front message");
+                self.dead_letter(&name, message, DeathReason::Expired);
+            }
+            if let Some(queue) = self.queues.get(&name) {
+                for at in queue.ready.iter().filter_map(|m| m.expires) {
+                    next = Some(next.map_or(at, |n: Instant| n.min(at)));
+                }
+            }
+        }
+        self.next_expiry = next;
+        self.deliver();
+        next
+    }
+
+    /// Pushes ready messages to consumers with room in their prefetch, round robin.
+    pub(super) fn deliver(&mut self) {
+        let names: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.ready.is_empty() && !q.consumers.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            while let Some(queue) = self.queues.get_mut(&name)
+                && !queue.ready.is_empty()
+            {
+                // The next consumer with room, in turn.
+                let mut chosen = None;
+                for _ in 0..queue.consumers.len() {
+                    let key = queue.consumers.pop_front().expect("a consumer");
+                    queue.consumers.push_back(key.clone());
+                    let room = self.channels.get(&key.0).is_some_and(|channel| {
+                        channel.open
+                            && channel.consumers.get(&key.1).is_some_and(|consumer| {
+                                channel.prefetch == 0
+                                    || consumer.unacked < usize::from(channel.prefetch)
+                            })
+                    });
+                    if room {
+                        chosen = Some(key);
+                        break;
+                    }
+                }
+                let Some((channel_id, tag)) = chosen else {
+                    break;
+                };
+                let queue = self.queues.get_mut(&name).expect("the queue");
+                let mut message = queue.ready.pop_front().expect("a ready message");
+                queue.unacked += 1;
+                let quorum = queue.is_quorum();
+                let channel = self.channels.get_mut(&channel_id).expect("the channel");
+                channel.next_tag += 1;
+                let tag_number = channel.next_tag;
+                let consumer = channel.consumers.get_mut(&tag).expect("the consumer");
+                consumer.unacked += 1;
+                let mut properties = message.properties.clone();
+                if quorum && message.returns > 0 {
+                    let mut headers = properties.headers().clone().unwrap_or_default();
+                    headers.insert(
+                        ShortString::from("x-delivery-count"),
+                        AMQPValue::LongLongInt(i64::from(message.returns)),
+                    );
+                    properties = properties.with_headers(headers);
+                }
+                let incoming = Incoming {
+                    tag: tag_number,
+                    exchange: message.exchange.clone(),
+                    routing_key: message.routing_key.clone(),
+                    redelivered: message.redelivered,
+                    properties,
+                    body: message.body.clone(),
+                };
+                let sent = consumer.sender.send(Ok(incoming)).is_ok();
+                message.expires = None;
+                channel.unacked.insert(
+                    tag_number,
+                    Unacked {
+                        queue: name.clone(),
+                        message,
+                        consumer: Some(tag.clone()),
+                    },
+                );
+                if !sent {
+                    // The stream is gone: the consumer is, for the broker, cancelled.
+                    channel.consumers.remove(&tag);
+                    if let Some(queue) = self.queues.get_mut(&name) {
+                        queue
+                            .consumers
+                            .retain(|key| key != &(channel_id, tag.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `basic.get`: the next ready message of `queue`, unacked on `channel`.
+    pub(super) fn get(
+        &mut self,
+        channel: ChanId,
+        queue: &str,
+    ) -> Result<Option<(Incoming, u32)>, BrokerError> {
+        self.channel(channel)?;
+        let Some(target) = self.queues.get_mut(queue) else {
+            let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        };
+        let Some(message) = target.ready.pop_front() else {
+            return Ok(None);
+        };
+        target.unacked += 1;
+        let remaining = u32::try_from(target.ready.len()).unwrap_or(u32::MAX);
+        let open = self.channel(channel)?;
+        open.next_tag += 1;
+        let tag = open.next_tag;
+        let incoming = Incoming {
+            tag,
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            redelivered: message.redelivered,
+            properties: message.properties.clone(),
+            body: message.body.clone(),
+        };
+        open.unacked.insert(
+            tag,
+            Unacked {
+                queue: queue.to_owned(),
+                message,
+                consumer: None,
+            },
+        );
+        Ok(Some((incoming, remaining)))
+    }
+}
+
+/// The message's properties without an `expiration` (dead letters lose theirs).
+fn strip_expiration(properties: BasicProperties) -> BasicProperties {
+    let mut stripped = BasicProperties::default();
+    macro_rules! copy {
+        ($($getter:ident => $setter:ident),* $(,)?) => {
+            $( if let Some(value) = properties.$getter().clone() { stripped = stripped.$setter(value); } )*
+        };
+    }
+    copy!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        user_id => with_user_id,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    stripped
+}
+
+/// Adds (or counts) `queue`'s entry in the message's `x-death` header, as RabbitMQ does.
+fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, message: &Message) {
+    let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(array)) => array.as_slice().to_vec(),
+        _ => Vec::new(),
+    };
+    let same = |entry: &FieldTable| {
+        text_of(entry.inner().get("queue")) == Some(queue.to_owned())
+            && text_of(entry.inner().get("reason")) == Some(reason.as_str().to_owned())
+    };
+    let position = deaths.iter().position(|entry| match entry {
+        AMQPValue::FieldTable(table) => same(table),
+        _ => false,
+    });
+    let mut entry = match position.map(|i| deaths.remove(i)) {
+        Some(AMQPValue::FieldTable(table)) => table,
+        _ => {
+            let mut table = FieldTable::default();
+            table.insert(
+                ShortString::from("queue"),
+                AMQPValue::LongString(LongString::from(queue)),
+            );
+            table.insert(
+                ShortString::from("reason"),
+                AMQPValue::LongString(LongString::from(reason.as_str())),
+            );
+            table.insert(
+                ShortString::from("exchange"),
+                AMQPValue::LongString(LongString::from(message.exchange.as_str())),
+            );
+            table.insert(
+                ShortString::from("routing-keys"),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
+                    LongString::from(message.routing_key.as_str()),
+                )])),
+            );
+            table.insert(ShortString::from("count"), AMQPValue::LongLongInt(0));
+            table
+        }
+    };
+    let count = entry.inner().get("count").and_then(int).unwrap_or(0) + 1;
+    entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    entry.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+    deaths.insert(0, AMQPValue::FieldTable(entry));
+    headers.insert(
+        ShortString::from("x-death"),
+        AMQPValue::FieldArray(FieldArray::from(deaths)),
+    );
+    if !headers.contains_key("x-first-death-queue") {
+        headers.insert(
+            ShortString::from("x-first-death-queue"),
+            AMQPValue::LongString(LongString::from(queue)),
+        );
+        headers.insert(
+            ShortString::from("x-first-death-reason"),
+            AMQPValue::LongString(LongString::from(reason.as_str())),
+        );
+        headers.insert(
+            ShortString::from("x-first-death-exchange"),
+            AMQPValue::LongString(LongString::from(message.exchange.as_str())),
+        );
+    }
+}
+
+fn text_of(value: Option<&AMQPValue>) -> Option<String> {
+    match value? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
