@@ -545,11 +545,14 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
     broker.publish_bytes(&queue, b"running").await?;
     service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
-    // The handler sleeps 2 s; meanwhile the queue is deleted, the broker cancels the
-    // consumer, and conejo declares the queue again and consumes it.
+    // The first call runs until it is released; meanwhile the queue is deleted, the broker
+    // cancels the consumer, and conejo declares the queue again and consumes it.
     broker.delete_queue(&queue).await?;
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
     broker.publish_bytes(&queue, b"after").await?;
+    // Only now does the first call end (on its old channel), and the second with it.
+    assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
+    handler.release(2);
     let stats = service
         .wait_for(&queue, WAIT, |s| s.acked == 2 && s.in_flight == 0)
         .await?;
