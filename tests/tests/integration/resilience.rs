@@ -1,4 +1,4 @@
-//! Connection resilience, proven by fault injection: broker nodes this test binary starts
+//! Connection resilience, proven by fault injection: broker nodes the test process starts
 //! itself (restarted, killed, clustered), a TCP proxy that stalls the network, a channel the
 //! broker closes, a consumer process killed mid-stream. Every test is bounded in time and
 //! prints what it measured; "nothing lost" is checked against what the broker confirmed.

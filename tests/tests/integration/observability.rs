@@ -3,7 +3,7 @@
 //! of a handler runtime blocked by a handler while the connection runtime keeps time.
 //!
 //! Every test reads the endpoints over HTTP with a raw `GET` (no HTTP client dependency).
-//! The binary is in nextest's `heavy` group: one test stalls a runtime and measures lags,
+//! The module is in nextest's `heavy` group: one test stalls a runtime and measures lags,
 //! another starts and stops a private broker node.
 
 use std::{
