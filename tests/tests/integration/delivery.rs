@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use conejo::{
     Conejo, Context, Error, Handler, HandlerError, Json, Outcome, QueueConfig, RetryPolicy,
 };
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
 use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -50,11 +50,6 @@ impl Handler for Recorder {
     }
 }
 
-fn config() -> QueueConfig {
-    // The support library declares test queues non-durable.
-    QueueConfig::new().durable(false)
-}
-
 #[tokio::test]
 async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
     init_tracing();
@@ -73,7 +68,7 @@ async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
     let recorder = Recorder::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, recorder.clone(), config().concurrency(4))
+            .queue_with(&queue, recorder.clone(), queue_config().concurrency(4))
             .build()?,
     );
     service.wait_for(&queue, WAIT, |s| s.acked == 50).await?;
@@ -134,7 +129,8 @@ async fn a_failed_message_comes_back_as_its_next_attempt() -> anyhow::Result<()>
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().retry(RetryPolicy::default().initial_delay(Duration::from_millis(50))),
+                queue_config()
+                    .retry(RetryPolicy::default().initial_delay(Duration::from_millis(50))),
             )
             .build()?,
     );
@@ -185,7 +181,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
     let handler = Picky::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config().concurrency(1))
+            .queue_with(&queue, handler.clone(), queue_config().concurrency(1))
             .build()?,
     );
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
@@ -286,7 +282,7 @@ async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
             .queue_with(
                 &queue,
                 Recorder::default(),
-                config().on_failure(|failure, _ctx| match failure {
+                queue_config().on_failure(|failure, _ctx| match failure {
                     conejo::Failure::Decode(_) => Outcome::Ack,
                     other => other.default_outcome(),
                 }),
@@ -356,7 +352,7 @@ async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().concurrency(64).prefetch(100),
+                queue_config().concurrency(64).prefetch(100),
             )
             .build()?,
     );
@@ -408,7 +404,7 @@ async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
     let recorder = Recorder::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, recorder.clone(), config())
+            .queue_with(&queue, recorder.clone(), queue_config())
             .build()?,
     );
     service.wait_for(&queue, WAIT, |s| s.acked == 10).await?;
@@ -485,7 +481,7 @@ async fn failing_fast_still_tries_every_address_once() -> anyhow::Result<()> {
     let service = RunningService::spawn(
         Conejo::builder(format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url()))
             .wait_for_broker(false)
-            .queue_with(&queue, recorder.clone(), config())
+            .queue_with(&queue, recorder.clone(), queue_config())
             .build()?,
     );
     let order = Order {
@@ -539,7 +535,7 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), config())
+            .queue_with(&queue, handler.clone(), queue_config())
             .build()?,
     );
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
@@ -581,7 +577,7 @@ async fn a_deleted_queue_is_declared_and_consumed_again() -> anyhow::Result<()> 
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, recorder.clone(), config())
+            .queue_with(&queue, recorder.clone(), queue_config())
             .build()?,
     );
     broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
@@ -622,7 +618,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
             .connection_name(&name)
             // acks linger long, so some are waiting when the connection goes
             .ack_linger(Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), config().concurrency(4))
+            .queue_with(&queue, handler.clone(), queue_config().concurrency(4))
             .build()?,
     );
     let status = service.status().clone();
@@ -659,7 +655,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     let duplicates: u32 = handled.values().map(|n| n - 1).sum();
     eprintln!("reconnected; {duplicates} duplicates; {stats:?}");
     // at most the unacked window (the prefetch) comes back twice
-    let window = u32::from(config().concurrency(4).effective_prefetch());
+    let window = u32::from(queue_config().concurrency(4).effective_prefetch());
     assert!(
         duplicates <= window,
         "{duplicates} duplicates, window {window}"
@@ -745,7 +741,7 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
         Conejo::builder(amqp_url())
             .connection_name(&name)
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), config())
+            .queue_with(&queue, handler.clone(), queue_config())
             .build()?,
     );
     let status = service.status().clone();
@@ -823,7 +819,7 @@ async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> 
                         Ok(())
                     }
                 }),
-                config().concurrency(1),
+                queue_config().concurrency(1),
             )
             .build()?,
     );
@@ -862,7 +858,7 @@ async fn the_concurrency_is_reached_and_never_exceeded() -> anyhow::Result<()> {
     });
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler, config().concurrency(8).prefetch(40))
+            .queue_with(&queue, handler, queue_config().concurrency(8).prefetch(40))
             .build()?,
     );
     service.wait_for(&queue, WAIT, |s| s.acked == 40).await?;
@@ -928,7 +924,7 @@ async fn behind_a_long_delivery(
             .queue_with(
                 queue,
                 handler.clone(),
-                config().concurrency(16).prefetch(100),
+                queue_config().concurrency(16).prefetch(100),
             )
             .build()?,
     );

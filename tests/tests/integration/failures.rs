@@ -10,7 +10,7 @@ use conejo::{
     Blocking, BlockingHandler, Conejo, Context, Error, Exchange, Failure, Handler, HandlerError,
     Json, Outcome, QueueConfig, RetryPolicy, types::BasicProperties,
 };
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
 use lapin::ExchangeKind;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -71,11 +71,6 @@ impl Handler for Scripted {
     }
 }
 
-fn config() -> QueueConfig {
-    // The support library declares test queues non-durable.
-    QueueConfig::new().durable(false)
-}
-
 /// No jitter, so that observed delays can be compared with the policy.
 fn fast_retries(attempts: u32) -> RetryPolicy {
     RetryPolicy::default()
@@ -108,7 +103,7 @@ async fn fails_twice_then_succeeds_after_the_policys_delays_holding_no_slot() ->
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().concurrency(1).retry(fast_retries(5)),
+                queue_config().concurrency(1).retry(fast_retries(5)),
             )
             .build()?,
     );
@@ -176,7 +171,11 @@ async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons
     let started = std::time::SystemTime::now();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
+            .queue_with(
+                &queue,
+                handler.clone(),
+                queue_config().retry(fast_retries(3)),
+            )
             .build()?,
     );
     let dlq = format!("{queue}.dlq");
@@ -270,7 +269,7 @@ async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> any
         .await?;
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, Orders, config().concurrency(1))
+            .queue_with(&queue, Orders, queue_config().concurrency(1))
             .build()?,
     );
     let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3).await?;
@@ -331,7 +330,7 @@ async fn panics_outside_the_handler_still_settle_and_the_queue_goes_on() -> anyh
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().concurrency(1).on_failure(|failure, _| {
+                queue_config().concurrency(1).on_failure(|failure, _| {
                     if failure.to_string().contains("policy will panic") {
                         panic!("a failure policy with a bug");
                     }
@@ -384,7 +383,7 @@ async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
             .queue_with(
                 &queue,
                 Hangs,
-                config()
+                queue_config()
                     .timeout(Duration::from_millis(300))
                     .retry(RetryPolicy::none()),
             )
@@ -450,7 +449,7 @@ async fn a_hanging_blocking_handler_is_abandoned_but_keeps_its_slot() -> anyhow:
             .queue_with(
                 &queue,
                 Blocking::new(handler.clone()),
-                config()
+                queue_config()
                     .concurrency(1)
                     .timeout(Duration::from_millis(200))
                     .retry(RetryPolicy::none()),
@@ -491,7 +490,7 @@ async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<(
         .queue_with(
             &queue,
             Scripted::new(|_, _| Ok(())),
-            config().dead_letter_exchange(&exchange),
+            queue_config().dead_letter_exchange(&exchange),
         )
         .build()?
         .run_until(std::future::pending())
@@ -535,7 +534,7 @@ async fn dead_letters_go_to_the_users_exchange_with_its_routing_key() -> anyhow:
             .queue_with(
                 &queue,
                 Scripted::new(|_, _| Err(HandlerError::reject("bad input"))),
-                config()
+                queue_config()
                     .dead_letter_exchange(&exchange)
                     .dead_letter_routing_key("parked"),
             )
@@ -574,7 +573,7 @@ async fn retry_after_overrides_the_backoff() -> anyhow::Result<()> {
                 &queue,
                 handler.clone(),
                 // the policy alone would wait a minute
-                config().retry(RetryPolicy::default().initial_delay(Duration::from_secs(60))),
+                queue_config().retry(RetryPolicy::default().initial_delay(Duration::from_secs(60))),
             )
             .build()?,
     );
@@ -604,7 +603,7 @@ async fn exchanges_and_bindings_from_the_builder_route_to_the_queue() -> anyhow:
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().bind(&exchange, "order.created.*"),
+                queue_config().bind(&exchange, "order.created.*"),
             )
             .build()?,
     );
@@ -677,7 +676,7 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     }
     let first = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, Slow, config().concurrency(1).prefetch(10))
+            .queue_with(&queue, Slow, queue_config().concurrency(1).prefetch(10))
             .build()?,
     );
     first.wait_for(&queue, WAIT, |s| s.delivered >= 1).await?;
@@ -692,7 +691,7 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     let handler = Scripted::new(|_, _| Ok(()));
     let second = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config())
+            .queue_with(&queue, handler.clone(), queue_config())
             .build()?,
     );
     let expected = usize::try_from(given_back)?;
@@ -750,7 +749,7 @@ async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().retry(
+                queue_config().retry(
                     RetryPolicy::default()
                         .initial_delay(Duration::from_millis(100))
                         .jitter(0.1),
@@ -820,7 +819,7 @@ async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Res
     let handler = Buggy::default();
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config())
+            .queue_with(&queue, handler.clone(), queue_config())
             .build()?,
     );
     for n in 0..3 {
@@ -882,7 +881,7 @@ async fn a_task_that_dies_without_a_result_gives_its_message_back() -> anyhow::R
             .queue_with(
                 &queue,
                 handler.clone(),
-                config().concurrency(1).poison_limit(Some(2)),
+                queue_config().concurrency(1).poison_limit(Some(2)),
             )
             .build()?,
     );
@@ -989,7 +988,11 @@ async fn a_wait_queue_deleted_while_running_is_declared_again() -> anyhow::Resul
     });
     let service = RunningService::spawn(
         Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
+            .queue_with(
+                &queue,
+                handler.clone(),
+                queue_config().retry(fast_retries(3)),
+            )
             .build()?,
     );
     broker.publish_bytes(&queue, b"first").await?;

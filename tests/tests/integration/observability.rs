@@ -17,8 +17,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use conejo::{Conejo, Context, Error, Handler, HandlerError, QueueConfig, RetryPolicy};
-use conejo_tests::{Broker, PrivateNode, RunningService, amqp_url, init_tracing, unique_name};
+use conejo::{Conejo, Context, Error, Handler, HandlerError, RetryPolicy};
+use conejo_tests::{
+    Broker, PrivateNode, RunningService, amqp_url, init_tracing, queue_config, unique_name,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -128,11 +130,6 @@ fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> anyhow::Res
         .with_context(|| format!("no sample {name} {labels:?}"))
 }
 
-fn config() -> QueueConfig {
-    // The support library declares test queues non-durable.
-    QueueConfig::new().durable(false)
-}
-
 /// Fails "0", "10" and "20" on every attempt (retried once, then dead-lettered), rejects
 /// "30"; counts its calls.
 #[derive(Clone, Default)]
@@ -176,7 +173,11 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
         .initial_delay(Duration::from_millis(100))
         .jitter(0.0);
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, handler.clone(), config().retry(retry).prefetch(20))
+        .queue_with(
+            &queue,
+            handler.clone(),
+            queue_config().retry(retry).prefetch(20),
+        )
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -287,7 +288,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     init_tracing();
     // Nothing listens on port 1: conejo keeps trying, alive and not ready.
     let conejo = Conejo::builder("amqp://guest:guest@127.0.0.1:1/%2f")
-        .queue_with("never", Picky::default(), config())
+        .queue_with("never", Picky::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -310,7 +311,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     let queue = unique_name("vanishing");
     broker.declare_queue(&queue).await?;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Picky::default(), config().passive())
+        .queue_with(&queue, Picky::default(), queue_config().passive())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -339,7 +340,7 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() -> anyhow::Resul
     broker.declare_queue(&queue).await?;
     drop(broker);
     let conejo = Conejo::builder(node.amqp_url())
-        .queue_with(&queue, Picky::default(), config())
+        .queue_with(&queue, Picky::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -395,7 +396,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
         .enable_all()
         .build()?;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Sleepy, config().concurrency(1))
+        .queue_with(&queue, Sleepy, queue_config().concurrency(1))
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -487,7 +488,7 @@ async fn livez_fails_while_the_connection_runtime_is_wedged_and_recovers() -> an
     let queue = unique_name("wedged");
     broker.declare_queue(&queue).await?;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Picky::default(), config())
+        .queue_with(&queue, Picky::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
