@@ -8,8 +8,17 @@
 //! its own; `.config/nextest.toml` runs the tests of the modules marked *heavy* one at a time
 //! (they start private broker nodes, stall runtimes or kill processes), by module path.
 
-// Messages in, outcomes out: acks, retries, rejects, decode failures and panics.
+// Messages in, outcomes out: acks, retries, rejects, decode failures and panics, acks of
+// out-of-order completions, the concurrency bound.
 mod delivery;
+// A service that cannot start: a missing or conflicting queue, a missing dead-letter
+// exchange, an unreachable broker, refused credentials.
+mod startup;
+// A queue's channel: a consumer the broker cancels, a queue moved off a channel held up
+// by a long delivery.
+mod channels;
+// A connection the broker closes, and a handler that ignores the loss.
+mod connections;
 // What the failures become: broker-held retries with backoff, dead letters and their
 // headers, timeouts, panics outside the handler, topology from the builder.
 mod failures;
@@ -17,7 +26,7 @@ mod failures;
 mod middleware;
 // Settings from a file and the environment, and `Conejo::check`.
 mod config;
-// Graceful shutdown from a signal and from a deadline (heavy).
+// Graceful shutdown: from a signal, a deadline, a handler that asks for it (heavy).
 mod shutdown;
 // Crash loops: a message that kills the process is dead-lettered as poison (heavy).
 mod poison;
@@ -38,3 +47,6 @@ mod admin;
 mod support_selftest;
 // The support library's private nodes, cluster and TCP proxy (heavy).
 mod support_nodes;
+
+// The test handlers, and their order message, that more than one module uses.
+mod handlers;

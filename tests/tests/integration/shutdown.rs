@@ -1,11 +1,11 @@
 //! Graceful shutdown, from the outside (a real process and SIGTERM) and from the inside (a
-//! shutdown handle and a deadline that runs out).
+//! shutdown handle and a deadline that runs out, a handler that asks for it).
 
 use std::{
     collections::BTreeSet,
     process::Stdio,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::Context as _;
 use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Broker, RunningService, TcpProxy, amqp_url, init_tracing, unique_name};
+use conejo_tests::{
+    Broker, RunningService, TcpProxy, amqp_url, init_tracing, queue_config, unique_name,
+};
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -23,6 +25,8 @@ const TOTAL: usize = 20;
 const CONCURRENCY: usize = 4;
 const PREFETCH: usize = 10;
 const HANDLER: Duration = Duration::from_secs(3);
+/// How long a test waits for a service to stop by itself.
+const WAIT: Duration = Duration::from_secs(20);
 
 struct Fixture {
     child: Child,
@@ -223,6 +227,42 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
     let q = stats.queue(&queue).unwrap();
     assert_eq!((q.acked, q.late_settlements), (0, 2), "{q:?}");
     assert_eq!(broker.message_count(&queue).await?, 6);
+    broker.delete_consumed_queue(&queue).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> {
+    init_tracing();
+    let broker = Broker::connect().await?;
+    let queue = unique_name("fn-handler");
+    broker.declare_queue(&queue).await?;
+    broker.publish_bytes(&queue, b"hello").await?;
+    broker.publish_bytes(&queue, b"stop").await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let service = RunningService::spawn(
+        Conejo::builder(amqp_url())
+            .queue_with(
+                &queue,
+                conejo::handler_fn(move |text: String, ctx: Context| {
+                    let sink = Arc::clone(&sink);
+                    async move {
+                        if text == "stop" {
+                            ctx.request_shutdown();
+                        }
+                        sink.lock().unwrap().push(text);
+                        Ok(())
+                    }
+                }),
+                queue_config().concurrency(1),
+            )
+            .build()?,
+    );
+    // The service stops by itself, cleanly, after acking both.
+    service.join(WAIT).await??;
+    assert_eq!(*seen.lock().unwrap(), vec!["hello", "stop"]);
+    assert_eq!(broker.message_count(&queue).await?, 0);
     broker.delete_consumed_queue(&queue).await?;
     Ok(())
 }
