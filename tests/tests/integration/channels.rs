@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use conejo::{Conejo, Context, Handler, HandlerError, Json};
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
+use conejo_tests::{RunningService, Scenario, amqp_url, queue_config};
 
 use crate::handlers::{Order, Recorder, Stubborn, publish_orders};
 
@@ -25,30 +25,27 @@ const WAIT: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -> anyhow::Result<()>
 {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("cancelled");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("cancelled").await?;
+    let Scenario { broker, queue } = &scenario;
     let handler = Stubborn::default();
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), queue_config())
-            .build()?,
-    );
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
-    broker.publish_bytes(&queue, b"running").await?;
-    service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
+            .queue_with(queue, handler.clone(), queue_config()),
+    )?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
+    broker.publish_bytes(queue, b"running").await?;
+    service.wait_for(queue, WAIT, |s| s.in_flight == 1).await?;
     // The first call runs until it is released; meanwhile the queue is deleted, the broker
     // cancels the consumer, and conejo declares the queue again and consumes it.
-    broker.delete_queue(&queue).await?;
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
-    broker.publish_bytes(&queue, b"after").await?;
+    broker.delete_queue(queue).await?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
+    broker.publish_bytes(queue, b"after").await?;
     // Only now does the first call end (on its old channel), and the second with it.
     assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
     handler.release(2);
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.acked == 2 && s.in_flight == 0)
+        .wait_for(queue, WAIT, |s| s.acked == 2 && s.in_flight == 0)
         .await?;
     eprintln!("{stats:?}");
     assert_eq!(
@@ -60,43 +57,38 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
     assert_eq!(service.status().reconnects(), 0);
     assert!(!service.is_finished());
     service.stop().await??;
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_deleted_queue_is_declared_and_consumed_again() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("deleted");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("deleted").await?;
+    let Scenario { broker, queue } = &scenario;
     let recorder = Recorder::default();
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, recorder.clone(), queue_config())
-            .build()?,
-    );
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
-    broker.delete_queue(&queue).await?;
+            .queue_with(queue, recorder.clone(), queue_config()),
+    )?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
+    broker.delete_queue(queue).await?;
     // The broker cancels the consumer; conejo declares the queue again and consumes it.
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
     broker
         .publish_json(
-            &queue,
+            queue,
             &Order {
                 id: 1,
                 sku: "S".into(),
             },
         )
         .await?;
-    service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
+    service.wait_for(queue, WAIT, |s| s.acked == 1).await?;
     assert!(!service.is_finished());
     service.stop().await??;
     assert_eq!(recorder.seen().len(), 1);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Order 0 runs until `release` fires or shutdown starts; every other order returns at once.
@@ -125,21 +117,16 @@ impl Handler for OneLong {
 /// arrive: the service, consuming (acks of the 200 went one frame each, as the protocol
 /// requires), and what was measured then.
 async fn behind_a_long_delivery(
-    broker: &Broker,
-    queue: &str,
+    scenario: &Scenario,
     handler: &OneLong,
 ) -> anyhow::Result<(RunningService, conejo::QueueStats)> {
-    broker.declare_queue(queue).await?;
+    let Scenario { broker, queue } = scenario;
     publish_orders(broker, queue, 0..201).await?;
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                queue,
-                handler.clone(),
-                queue_config().concurrency(16).prefetch(100),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(16).prefetch(100),
+    ))?;
     let before = service.wait_for(queue, WAIT, |s| s.acked == 200).await?;
     publish_orders(broker, queue, 201..5201).await?;
     let after = service.wait_for(queue, WAIT, |s| s.acked == 5200).await?;
@@ -165,11 +152,11 @@ async fn behind_a_long_delivery(
 
 /// Every order handled exactly once, none left on the broker, none failed.
 async fn all_handled_once(
-    broker: &Broker,
-    queue: &str,
+    scenario: &Scenario,
     handler: &OneLong,
     stats: &conejo::QueueStats,
 ) -> anyhow::Result<()> {
+    let Scenario { broker, queue } = scenario;
     assert_eq!(stats.acked, 5201, "{stats:?}");
     assert_eq!(
         stats.ack_failures + stats.requeued + stats.late_settlements,
@@ -186,16 +173,15 @@ async fn all_handled_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_delivery_moves_the_queue_to_a_fresh_channel_and_acks_on_the_old_one()
 -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("rotation");
+    let scenario = Scenario::new("rotation").await?;
+    let queue = &scenario.queue;
     let handler = OneLong::default();
-    let (service, _) = behind_a_long_delivery(&broker, &queue, &handler).await?;
+    let (service, _) = behind_a_long_delivery(&scenario, &handler).await?;
     // Order 0 ends: acked on the channel that delivered it, which then closes.
     handler.release.notify_one();
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 5201).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 5201).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while conejo_tests::rabbitmqctl_queue_unacked(&queue).await? != 0 {
+    while conejo_tests::rabbitmqctl_queue_unacked(queue).await? != 0 {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "order 0 still unacked"
@@ -203,25 +189,21 @@ async fn a_long_delivery_moves_the_queue_to_a_fresh_channel_and_acks_on_the_old_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     service.stop().await??;
-    all_handled_once(&broker, &queue, &handler, &stats).await?;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    all_handled_once(&scenario, &handler, &stats).await?;
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_the_deliveries_of_a_retired_channel_and_acks_them() -> anyhow::Result<()>
 {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("rotation-stop");
+    let scenario = Scenario::new("rotation-stop").await?;
     let handler = OneLong::default();
-    let (service, _) = behind_a_long_delivery(&broker, &queue, &handler).await?;
+    let (service, _) = behind_a_long_delivery(&scenario, &handler).await?;
     // Order 0 ends when shutdown starts; its ack goes out on its retired channel before the
     // connection closes.
     let stats = service.stats().clone();
     service.stop().await??;
-    let stats = stats.queue(&queue).context("queue stats")?;
-    all_handled_once(&broker, &queue, &handler, &stats).await?;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    let stats = stats.queue(&scenario.queue).context("queue stats")?;
+    all_handled_once(&scenario, &handler, &stats).await?;
+    scenario.cleanup().await
 }

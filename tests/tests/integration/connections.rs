@@ -8,7 +8,7 @@
 use std::{sync::atomic::Ordering, time::Duration};
 
 use conejo::Conejo;
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
+use conejo_tests::{Scenario, amqp_url, queue_config, unique_name};
 
 use crate::handlers::{Jittery, Stubborn, publish_orders};
 
@@ -16,31 +16,26 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("forced");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("forced").await?;
+    let Scenario { broker, queue } = &scenario;
     let name = unique_name("conn-forced");
     const N: u64 = 12_000;
-    publish_orders(&broker, &queue, 0..N).await?;
+    publish_orders(broker, queue, 0..N).await?;
     // 4 at a time, 0–3 ms each: about 1,500 messages a second, so the close (rabbitmqctl
     // takes a second or two to start) comes mid-stream
     let handler = Jittery::default();
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .connection_name(&name)
             // acks linger long, so some are waiting when the connection goes
             .ack_linger(Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), queue_config().concurrency(4))
-            .build()?,
-    );
+            .queue_with(queue, handler.clone(), queue_config().concurrency(4)),
+    )?;
     let status = service.status().clone();
     let connection = conejo_tests::wait_for_connection_present(&name, WAIT).await?;
-    service
-        .wait_for(&queue, WAIT, |s| s.acked >= N / 10)
-        .await?;
+    service.wait_for(queue, WAIT, |s| s.acked >= N / 10).await?;
     conejo_tests::rabbitmqctl_close_connection(&connection.name, "fault injection").await?;
-    let acked_before = service.stats().queue(&queue).unwrap().acked;
+    let acked_before = service.stats().queue(queue).unwrap().acked;
     anyhow::ensure!(
         acked_before < N,
         "the stream ended before the fault: nothing tested"
@@ -50,7 +45,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let handled = handler.handled.lock().unwrap().len() as u64;
-        if handled == N && broker.message_count(&queue).await? == 0 && status.is_ready() {
+        if handled == N && broker.message_count(queue).await? == 0 && status.is_ready() {
             break;
         }
         anyhow::ensure!(
@@ -62,7 +57,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     }
     assert!(!service.is_finished());
     assert_eq!(status.reconnects(), 1);
-    let stats = service.stats().queue(&queue).unwrap();
+    let stats = service.stats().queue(queue).unwrap();
     service.stop().await??;
     let handled = handler.handled.lock().unwrap().clone();
     let duplicates: u32 = handled.values().map(|n| n - 1).sum();
@@ -73,8 +68,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
         duplicates <= window,
         "{duplicates} duplicates, window {window}"
     );
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// A handler that ignores its context's signal keeps running across a connection loss: the
@@ -84,23 +78,20 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
 #[tokio::test]
 async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_dropped()
 -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("stubborn");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("stubborn").await?;
+    let Scenario { broker, queue } = &scenario;
     let name = unique_name("conn-stubborn");
     let handler = Stubborn::default();
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .connection_name(&name)
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
-            .queue_with(&queue, handler.clone(), queue_config())
-            .build()?,
-    );
+            .queue_with(queue, handler.clone(), queue_config()),
+    )?;
     let status = service.status().clone();
     let connection = conejo_tests::wait_for_connection_present(&name, WAIT).await?;
-    broker.publish_bytes(&queue, b"job").await?;
-    service.wait_for(&queue, WAIT, |s| s.in_flight == 1).await?;
+    broker.publish_bytes(queue, b"job").await?;
+    service.wait_for(queue, WAIT, |s| s.in_flight == 1).await?;
     conejo_tests::rabbitmqctl_close_connection(&connection.name, "fault injection").await?;
     // The redelivered copy starts on the new connection while the first call still runs:
     // the new generation does not wait for it.
@@ -109,9 +100,9 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "never redelivered: {:?}; {} on the broker, {} unacked",
-            service.stats().queue(&queue),
-            broker.message_count(&queue).await?,
-            conejo_tests::rabbitmqctl_queue_unacked(&queue).await?
+            service.stats().queue(queue),
+            broker.message_count(queue).await?,
+            conejo_tests::rabbitmqctl_queue_unacked(queue).await?
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -122,13 +113,13 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
     handler.release(1);
     handler.wait_finished(1).await?;
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.late_settlements + s.ack_failures == 1)
+        .wait_for(queue, WAIT, |s| s.late_settlements + s.ack_failures == 1)
         .await?;
     assert_eq!(stats.in_flight, 1, "{stats:?}");
     // Then the second is acked.
     handler.release(2);
     handler.wait_finished(2).await?;
-    let stats = service.wait_for(&queue, WAIT, |s| s.in_flight == 0).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.in_flight == 0).await?;
     eprintln!("{stats:?}");
     assert_eq!(stats.late_settlements + stats.ack_failures, 1, "{stats:?}");
     assert_eq!(handler.calls(), 2, "a third call: {stats:?}");
@@ -136,14 +127,13 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
     // The last ack may still linger a few milliseconds: poll the broker until it holds
     // nothing, ready or unacknowledged.
     let deadline = std::time::Instant::now() + WAIT;
-    while broker.message_count(&queue).await? != 0
-        || conejo_tests::rabbitmqctl_queue_unacked(&queue).await? != 0
+    while broker.message_count(queue).await? != 0
+        || conejo_tests::rabbitmqctl_queue_unacked(queue).await? != 0
     {
         anyhow::ensure!(std::time::Instant::now() < deadline, "left on the broker");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     service.stop().await??;
     assert_eq!(handler.calls(), 2);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }

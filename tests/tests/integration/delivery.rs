@@ -15,7 +15,7 @@ use std::{
 };
 
 use conejo::{Conejo, Context, Handler, HandlerError, Json, Outcome, RetryPolicy};
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
+use conejo_tests::{Scenario, amqp_url, queue_config};
 
 use crate::handlers::{Jittery, Order, Recorder, publish_orders};
 
@@ -23,29 +23,27 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("typed");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("typed").await?;
+    let Scenario { broker, queue } = &scenario;
     let mut ids = Vec::new();
     for n in 0..50 {
         let order = Order {
             id: n,
             sku: format!("SKU-{n}"),
         };
-        ids.push(broker.publish_json(&queue, &order).await?);
+        ids.push(broker.publish_json(queue, &order).await?);
     }
 
     let recorder = Recorder::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, recorder.clone(), queue_config().concurrency(4))
-            .build()?,
-    );
-    service.wait_for(&queue, WAIT, |s| s.acked == 50).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        recorder.clone(),
+        queue_config().concurrency(4),
+    ))?;
+    service.wait_for(queue, WAIT, |s| s.acked == 50).await?;
     service.stop().await??;
     // Nothing unacked, nothing ready: the broker holds no message of the queue.
-    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(broker.message_count(queue).await?, 0);
 
     let seen = recorder.seen();
     assert_eq!(seen.len(), 50, "each message handled exactly once");
@@ -54,8 +52,7 @@ async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
     ids.sort();
     assert_eq!(seen_ids, ids);
     assert!(seen.iter().all(|(_, redelivered, _)| !redelivered));
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Per message id: (attempt, redelivered) of each call.
@@ -87,37 +84,29 @@ impl Handler for FlakyOnce {
 
 #[tokio::test]
 async fn a_failed_message_comes_back_as_its_next_attempt() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("retry");
-    broker.declare_queue(&queue).await?;
-    let a = broker.publish_bytes(&queue, b"first").await?;
-    let b = broker.publish_bytes(&queue, b"second").await?;
+    let scenario = Scenario::new("retry").await?;
+    let Scenario { broker, queue } = &scenario;
+    let a = broker.publish_bytes(queue, b"first").await?;
+    let b = broker.publish_bytes(queue, b"second").await?;
 
     let handler = FlakyOnce::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                queue_config()
-                    .retry(RetryPolicy::default().initial_delay(Duration::from_millis(50))),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().retry(RetryPolicy::default().initial_delay(Duration::from_millis(50))),
+    ))?;
     // 2 failed deliveries acked once their retry copy was confirmed, 2 successes
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 4).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 4).await?;
     service.stop().await??;
     assert_eq!(stats.retried, 2);
     assert_eq!(stats.handler_errors, 2);
     assert_eq!(stats.dead_lettered, 0);
-    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(broker.message_count(queue).await?, 0);
     let attempts = handler.attempts.lock().unwrap().clone();
     // a retry is a new copy: counted by conejo, not redelivered by the broker
     assert_eq!(attempts[&a], vec![(1, false), (2, false)]);
     assert_eq!(attempts[&b], vec![(1, false), (2, false)]);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Rejects orders without a SKU, panics on id 13, accepts the rest.
@@ -143,29 +132,28 @@ impl Handler for Picky {
 
 #[tokio::test]
 async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("reject");
+    let scenario = Scenario::undeclared("reject").await?;
+    let Scenario { broker, queue } = &scenario;
     let dlq = format!("{queue}.dlq");
 
     // conejo declares the queue, and its dead-letter exchange and queue.
     let handler = Picky::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), queue_config().concurrency(1))
-            .build()?,
-    );
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(1),
+    ))?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
 
     let malformed = broker
-        .publish_bytes(&queue, b"{\"id\": 1, \"sku\": ")
+        .publish_bytes(queue, b"{\"id\": 1, \"sku\": ")
         .await?;
     let wrong_type = broker
-        .publish_bytes(&queue, br#"{"id": "one", "sku": "x"}"#)
+        .publish_bytes(queue, br#"{"id": "one", "sku": "x"}"#)
         .await?;
     let no_sku = broker
         .publish_json(
-            &queue,
+            queue,
             &Order {
                 id: 2,
                 sku: String::new(),
@@ -174,7 +162,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         .await?;
     let panics = broker
         .publish_json(
-            &queue,
+            queue,
             &Order {
                 id: 13,
                 sku: "X".into(),
@@ -183,7 +171,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         .await?;
     let good = broker
         .publish_json(
-            &queue,
+            queue,
             &Order {
                 id: 3,
                 sku: "Y".into(),
@@ -192,7 +180,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         .await?;
 
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.acked == 5 && s.dead_lettered == 4)
+        .wait_for(queue, WAIT, |s| s.acked == 5 && s.dead_lettered == 4)
         .await?;
     assert_eq!(stats.decode_failures, 2);
     assert_eq!(stats.panics, 1);
@@ -207,7 +195,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
     assert!(!service.is_finished());
     service.stop().await??;
 
-    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(broker.message_count(queue).await?, 0);
     broker.wait_for_count(&dlq, 4, WAIT).await?;
     let dead = broker.drain(&dlq).await?;
     let dead_ids: Vec<_> = dead.iter().filter_map(|m| m.message_id.clone()).collect();
@@ -235,61 +223,47 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
         Some("handler panicked: unlucky order")
     );
     assert!(!dead_ids.contains(&good));
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("policy");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"not json").await?;
+    let scenario = Scenario::new("policy").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"not json").await?;
 
     // Decode failures are acked (dropped) by this policy instead of dead-lettered.
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                Recorder::default(),
-                queue_config().on_failure(|failure, _ctx| match failure {
-                    conejo::Failure::Decode(_) => Outcome::Ack,
-                    other => other.default_outcome(),
-                }),
-            )
-            .build()?,
-    );
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        Recorder::default(),
+        queue_config().on_failure(|failure, _ctx| match failure {
+            conejo::Failure::Decode(_) => Outcome::Ack,
+            other => other.default_outcome(),
+        }),
+    ))?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 1).await?;
     service.stop().await??;
     assert_eq!((stats.decode_failures, stats.dead_lettered), (1, 0));
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("coalesce");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("coalesce").await?;
+    let Scenario { broker, queue } = &scenario;
     const N: u64 = 3000;
-    publish_orders(&broker, &queue, 0..N).await?;
-    broker.wait_for_count(&queue, N as u32, WAIT).await?;
+    publish_orders(broker, queue, 0..N).await?;
+    broker.wait_for_count(queue, N as u32, WAIT).await?;
 
     let handler = Jittery::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                queue_config().concurrency(64).prefetch(100),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(64).prefetch(100),
+    ))?;
     let stats = service
-        .wait_for(&queue, Duration::from_secs(60), |s| s.acked == N)
+        .wait_for(queue, Duration::from_secs(60), |s| s.acked == N)
         .await?;
     service.stop().await??;
     // A double or unknown ack would have closed the channel (PRECONDITION_FAILED) and
@@ -308,24 +282,21 @@ async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result
         stats.ack_frames * 25 >= N,
         "fewer frames than batches: {stats:?}"
     );
-    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(broker.message_count(queue).await?, 0);
     let handled = handler.handled.lock().unwrap().clone();
     assert_eq!(handled.len() as u64, N);
     assert!(handled.values().all(|&n| n == 1));
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("current-thread");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("current-thread").await?;
+    let Scenario { broker, queue } = &scenario;
     for id in 0..10 {
         broker
             .publish_json(
-                &queue,
+                queue,
                 &Order {
                     id,
                     sku: "S".into(),
@@ -334,28 +305,25 @@ async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
             .await?;
     }
     let recorder = Recorder::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, recorder.clone(), queue_config())
-            .build()?,
-    );
-    service.wait_for(&queue, WAIT, |s| s.acked == 10).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        recorder.clone(),
+        queue_config(),
+    ))?;
+    service.wait_for(queue, WAIT, |s| s.acked == 10).await?;
     service.stop().await??;
     assert_eq!(recorder.seen().len(), 10);
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 /// Workers start as the load needs them: a queue reaches its concurrency, never more.
 #[tokio::test]
 async fn the_concurrency_is_reached_and_never_exceeded() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("concurrency");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("concurrency").await?;
+    let Scenario { broker, queue } = &scenario;
     for n in 0..40 {
-        broker.publish_json(&queue, &n).await?;
+        broker.publish_json(queue, &n).await?;
     }
     let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -372,15 +340,14 @@ async fn the_concurrency_is_reached_and_never_exceeded() -> anyhow::Result<()> {
             Ok::<(), HandlerError>(())
         }
     });
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler, queue_config().concurrency(8).prefetch(40))
-            .build()?,
-    );
-    service.wait_for(&queue, WAIT, |s| s.acked == 40).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler,
+        queue_config().concurrency(8).prefetch(40),
+    ))?;
+    service.wait_for(queue, WAIT, |s| s.acked == 40).await?;
     service.stop().await??;
     assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 8);
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }

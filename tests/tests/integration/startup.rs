@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use conejo::{Conejo, Error, QueueConfig};
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, queue_config, unique_name};
+use conejo_tests::{Scenario, amqp_url, init_tracing, queue_config, unique_name};
 
 use crate::handlers::{Order, Recorder};
 
@@ -36,31 +36,27 @@ async fn a_missing_queue_declared_passive_is_a_clear_error() -> anyhow::Result<(
 
 #[tokio::test]
 async fn a_declaration_conflict_names_the_queue() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("conflict");
-    broker.declare_queue(&queue).await?; // non-durable
+    let scenario = Scenario::new("conflict").await?; // declared non-durable
+    let queue = &scenario.queue;
     let result = Conejo::builder(amqp_url())
-        .queue_with(&queue, Recorder::default(), QueueConfig::new()) // durable
+        .queue_with(queue, Recorder::default(), QueueConfig::new()) // durable
         .build()?
         .run_until(std::future::pending())
         .await;
     let err = result.expect_err("a durable declaration of a transient queue must fail");
     assert_eq!(err.queue(), Some(queue.as_str()));
     assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("no-dlx");
+    let scenario = Scenario::undeclared("no-dlx").await?;
+    let queue = &scenario.queue;
     let exchange = unique_name("missing-dlx");
     let result = Conejo::builder(amqp_url())
         .queue_with(
-            &queue,
+            queue,
             Recorder::default(),
             queue_config().dead_letter_exchange(&exchange),
         )
@@ -74,8 +70,7 @@ async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<(
         }) => assert_eq!((q, x), (queue.clone(), exchange)),
         other => panic!("expected DeadLetterExchangeNotFound, got {other:?}"),
     }
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
@@ -97,28 +92,23 @@ async fn an_unreachable_broker_is_an_error_without_the_password() -> anyhow::Res
 
 #[tokio::test]
 async fn failing_fast_still_tries_every_address_once() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("fail-fast-list");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("fail-fast-list").await?;
+    let Scenario { broker, queue } = &scenario;
     // The first address of the list has nothing listening: port 1 on loopback.
     let recorder = Recorder::default();
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url()))
             .wait_for_broker(false)
-            .queue_with(&queue, recorder.clone(), queue_config())
-            .build()?,
-    );
+            .queue_with(queue, recorder.clone(), queue_config()),
+    )?;
     let order = Order {
         id: 1,
         sku: "SKU-1".into(),
     };
-    broker.publish_json(&queue, &order).await?;
-    service.wait_for(&queue, WAIT, |s| s.acked == 1).await?;
+    broker.publish_json(queue, &order).await?;
+    service.wait_for(queue, WAIT, |s| s.acked == 1).await?;
     assert_eq!(recorder.seen().len(), 1);
-    service.stop().await??;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.finish(service).await
 }
 
 #[tokio::test]
