@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use conejo::{Conejo, Context, Handler, HandlerError, Json};
 use conejo_tests::{RunningService, Scenario, amqp_url, queue_config};
 
-use crate::handlers::{Order, Recorder, Stubborn, publish_orders};
+use crate::handlers::{HeldUntilReleased, Order, RecordsOrders, publish_orders};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -27,7 +27,7 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
 {
     let scenario = Scenario::new("cancelled").await?;
     let Scenario { broker, queue } = &scenario;
-    let handler = Stubborn::default();
+    let handler = HeldUntilReleased::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
@@ -65,7 +65,7 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
 async fn a_deleted_queue_is_declared_and_consumed_again() -> anyhow::Result<()> {
     let scenario = Scenario::new("deleted").await?;
     let Scenario { broker, queue } = &scenario;
-    let recorder = Recorder::default();
+    let recorder = RecordsOrders::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200))
@@ -93,12 +93,12 @@ async fn a_deleted_queue_is_declared_and_consumed_again() -> anyhow::Result<()> 
 
 /// Order 0 runs until `release` fires or shutdown starts; every other order returns at once.
 #[derive(Clone, Default)]
-struct OneLong {
+struct HoldsOrderZero {
     release: Arc<tokio::sync::Notify>,
     handled: Arc<Mutex<HashMap<u64, u32>>>,
 }
 
-impl Handler for OneLong {
+impl Handler for HoldsOrderZero {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
@@ -118,7 +118,7 @@ impl Handler for OneLong {
 /// requires), and what was measured then.
 async fn behind_a_long_delivery(
     scenario: &Scenario,
-    handler: &OneLong,
+    handler: &HoldsOrderZero,
 ) -> anyhow::Result<(RunningService, conejo::QueueStats)> {
     let Scenario { broker, queue } = scenario;
     publish_orders(broker, queue, 0..201).await?;
@@ -153,7 +153,7 @@ async fn behind_a_long_delivery(
 /// Every order handled exactly once, none left on the broker, none failed.
 async fn all_handled_once(
     scenario: &Scenario,
-    handler: &OneLong,
+    handler: &HoldsOrderZero,
     stats: &conejo::QueueStats,
 ) -> anyhow::Result<()> {
     let Scenario { broker, queue } = scenario;
@@ -175,7 +175,7 @@ async fn a_long_delivery_moves_the_queue_to_a_fresh_channel_and_acks_on_the_old_
 -> anyhow::Result<()> {
     let scenario = Scenario::new("rotation").await?;
     let queue = &scenario.queue;
-    let handler = OneLong::default();
+    let handler = HoldsOrderZero::default();
     let (service, _) = behind_a_long_delivery(&scenario, &handler).await?;
     // Order 0 ends: acked on the channel that delivered it, which then closes.
     handler.release.notify_one();
@@ -197,7 +197,7 @@ async fn a_long_delivery_moves_the_queue_to_a_fresh_channel_and_acks_on_the_old_
 async fn shutdown_waits_for_the_deliveries_of_a_retired_channel_and_acks_them() -> anyhow::Result<()>
 {
     let scenario = Scenario::new("rotation-stop").await?;
-    let handler = OneLong::default();
+    let handler = HoldsOrderZero::default();
     let (service, _) = behind_a_long_delivery(&scenario, &handler).await?;
     // Order 0 ends when shutdown starts; its ack goes out on its retired channel before the
     // connection closes.

@@ -11,27 +11,19 @@ use conejo_tests::{
 };
 use tokio::sync::Semaphore;
 
+use crate::handlers::AcksEverything;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Holds each message until the test hands out a permit.
 #[derive(Clone)]
-struct Gate(Arc<Semaphore>);
+struct WaitsForPermits(Arc<Semaphore>);
 
-impl Handler for Gate {
+impl Handler for WaitsForPermits {
     type Message = Vec<u8>;
 
     async fn handle(&self, _: Vec<u8>, _: &Context) -> Result<(), HandlerError> {
         self.0.acquire().await?.forget();
-        Ok(())
-    }
-}
-
-struct Noop;
-
-impl Handler for Noop {
-    type Message = Vec<u8>;
-
-    async fn handle(&self, _: Vec<u8>, _: &Context) -> Result<(), HandlerError> {
         Ok(())
     }
 }
@@ -73,7 +65,7 @@ async fn a_service_configured_by_file_and_environment_consumes_with_their_prefet
         ("HOME".to_owned(), "/ignored".to_owned()),
     ];
     let settings = settings::Settings::load_from(Some(&file.0), env)?;
-    let gate = Gate(Arc::new(Semaphore::new(0)));
+    let gate = WaitsForPermits(Arc::new(Semaphore::new(0)));
     let running = scenario.spawn(Conejo::builder_from(&settings).queue_with(
         queue,
         gate.clone(),
@@ -118,7 +110,7 @@ async fn check_declares_what_run_declares_and_consumes_nothing() -> anyhow::Resu
         .exchange(Exchange::topic(&exchange).durable(false).auto_delete(true))
         .queue_with(
             queue,
-            Noop,
+            AcksEverything,
             QueueConfig::new()
                 .durable(false)
                 .concurrency(3)
@@ -148,13 +140,13 @@ async fn check_declares_what_run_declares_and_consumes_nothing() -> anyhow::Resu
 
     // A queue that exists with other arguments fails the check as it would fail run.
     let err = Conejo::builder(amqp_url())
-        .queue_with(queue, Noop, queue_config().quorum())
+        .queue_with(queue, AcksEverything, queue_config().quorum())
         .build();
     assert!(err.is_err(), "a quorum queue must be durable"); // caught before connecting
     let err = Conejo::builder(amqp_url())
         .queue_with(
             queue,
-            Noop,
+            AcksEverything,
             QueueConfig::new()
                 .durable(false)
                 .argument("x-max-length", conejo::types::AMQPValue::LongInt(5)),
@@ -184,7 +176,7 @@ async fn check_fails_on_a_missing_dead_letter_exchange() -> anyhow::Result<()> {
     let err = Conejo::builder(amqp_url())
         .queue_with(
             queue,
-            Noop,
+            AcksEverything,
             QueueConfig::new()
                 .durable(false)
                 .dead_letter_exchange(&missing),
@@ -215,7 +207,7 @@ async fn check_fails_fast_when_the_broker_is_unreachable() -> anyhow::Result<()>
     let started = Instant::now();
     let err = Conejo::builder("amqp://guest:secret-pw@127.0.0.1:1/%2f,127.0.0.1:2")
         .connect_timeout(Duration::from_secs(5))
-        .queue("config.unreachable", Noop)
+        .queue("config.unreachable", AcksEverything)
         .build()?
         .check()
         .await

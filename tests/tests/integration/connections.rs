@@ -10,7 +10,7 @@ use std::{sync::atomic::Ordering, time::Duration};
 use conejo::Conejo;
 use conejo_tests::{Scenario, amqp_url, queue_config, unique_name};
 
-use crate::handlers::{Jittery, Stubborn, publish_orders};
+use crate::handlers::{FinishesOutOfOrder, HeldUntilReleased, publish_orders};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -23,7 +23,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_loses_nothing() -> an
     publish_orders(broker, queue, 0..N).await?;
     // 4 at a time, 0–3 ms each: about 1,500 messages a second, so the close (rabbitmqctl
     // takes a second or two to start) comes mid-stream
-    let handler = Jittery::default();
+    let handler = FinishesOutOfOrder::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .connection_name(&name)
@@ -81,7 +81,7 @@ async fn a_handler_ignoring_a_connection_loss_is_not_waited_for_and_its_result_d
     let scenario = Scenario::new("stubborn").await?;
     let Scenario { broker, queue } = &scenario;
     let name = unique_name("conn-stubborn");
-    let handler = Stubborn::default();
+    let handler = HeldUntilReleased::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .connection_name(&name)

@@ -17,7 +17,7 @@ use std::{
 use conejo::{Conejo, Context, Handler, HandlerError, Json, Outcome, RetryPolicy};
 use conejo_tests::{Scenario, amqp_url, queue_config};
 
-use crate::handlers::{Jittery, Order, Recorder, publish_orders};
+use crate::handlers::{FinishesOutOfOrder, Order, RecordsOrders, publish_orders};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -34,7 +34,7 @@ async fn typed_messages_are_handled_once_and_acked() -> anyhow::Result<()> {
         ids.push(broker.publish_json(queue, &order).await?);
     }
 
-    let recorder = Recorder::default();
+    let recorder = RecordsOrders::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         recorder.clone(),
@@ -60,11 +60,11 @@ type Attempts = HashMap<String, Vec<(u32, bool)>>;
 
 /// Fails the first attempt at every message (`?` on an error: retry), succeeds on the next.
 #[derive(Clone, Default)]
-struct FlakyOnce {
+struct FailsFirstAttempt {
     attempts: Arc<Mutex<Attempts>>,
 }
 
-impl Handler for FlakyOnce {
+impl Handler for FailsFirstAttempt {
     type Message = String;
 
     async fn handle(&self, _text: String, ctx: &Context) -> Result<(), HandlerError> {
@@ -89,7 +89,7 @@ async fn a_failed_message_comes_back_as_its_next_attempt() -> anyhow::Result<()>
     let a = broker.publish_bytes(queue, b"first").await?;
     let b = broker.publish_bytes(queue, b"second").await?;
 
-    let handler = FlakyOnce::default();
+    let handler = FailsFirstAttempt::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         handler.clone(),
@@ -111,11 +111,11 @@ async fn a_failed_message_comes_back_as_its_next_attempt() -> anyhow::Result<()>
 
 /// Rejects orders without a SKU, panics on id 13, accepts the rest.
 #[derive(Clone, Default)]
-struct Picky {
+struct RejectsOrPanics {
     accepted: Arc<AtomicU64>,
 }
 
-impl Handler for Picky {
+impl Handler for RejectsOrPanics {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
@@ -137,7 +137,7 @@ async fn rejects_malformed_payloads_and_panics_go_to_the_dead_letter_queue() -> 
     let dlq = format!("{queue}.dlq");
 
     // conejo declares the queue, and its dead-letter exchange and queue.
-    let handler = Picky::default();
+    let handler = RejectsOrPanics::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         handler.clone(),
@@ -235,7 +235,7 @@ async fn a_custom_failure_policy_decides_the_outcome() -> anyhow::Result<()> {
     // Decode failures are acked (dropped) by this policy instead of dead-lettered.
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
-        Recorder::default(),
+        RecordsOrders::default(),
         queue_config().on_failure(|failure, _ctx| match failure {
             conejo::Failure::Decode(_) => Outcome::Ack,
             other => other.default_outcome(),
@@ -256,7 +256,7 @@ async fn out_of_order_completions_are_all_acked_exactly_once() -> anyhow::Result
     publish_orders(broker, queue, 0..N).await?;
     broker.wait_for_count(queue, N as u32, WAIT).await?;
 
-    let handler = Jittery::default();
+    let handler = FinishesOutOfOrder::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         handler.clone(),
@@ -304,7 +304,7 @@ async fn works_on_a_current_thread_runtime() -> anyhow::Result<()> {
             )
             .await?;
     }
-    let recorder = Recorder::default();
+    let recorder = RecordsOrders::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         recorder.clone(),

@@ -235,8 +235,8 @@ async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> any
         #[allow(dead_code)]
         id: u64,
     }
-    struct Orders;
-    impl Handler for Orders {
+    struct AcksOrders;
+    impl Handler for AcksOrders {
         type Message = Json<Order>;
         async fn handle(&self, _: Json<Order>, _: &Context) -> Result<(), HandlerError> {
             Ok(())
@@ -255,7 +255,7 @@ async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> any
         .await?;
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
-        Orders,
+        AcksOrders,
         queue_config().concurrency(1),
     ))?;
     let stats = service.wait_for(queue, WAIT, |s| s.acked == 3).await?;
@@ -389,11 +389,11 @@ async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
 /// Sleeps (blocking its thread) for as many milliseconds as the body says, recording when it
 /// started and ended.
 #[derive(Clone, Default)]
-struct Sleepy {
+struct SleepsBodyMillis {
     spans: Arc<Mutex<Vec<(String, Instant, Instant)>>>,
 }
 
-impl BlockingHandler for Sleepy {
+impl BlockingHandler for SleepsBodyMillis {
     type Message = String;
 
     fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
@@ -414,7 +414,7 @@ async fn a_hanging_blocking_handler_is_abandoned_but_keeps_its_slot() -> anyhow:
     let Scenario { broker, queue } = &scenario;
     broker.publish_bytes(queue, b"1500").await?;
     broker.publish_bytes(queue, b"10").await?;
-    let handler = Sleepy::default();
+    let handler = SleepsBodyMillis::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url()).queue_with(
             queue,
@@ -591,8 +591,8 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
             .await?;
     }
     // First service: one slow handler at a time, the rest prefetched, then shut down.
-    struct Slow;
-    impl Handler for Slow {
+    struct Sleeps300Ms;
+    impl Handler for Sleeps300Ms {
         type Message = String;
         async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -601,7 +601,7 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     }
     let first = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
-        Slow,
+        Sleeps300Ms,
         queue_config().concurrency(1).prefetch(10),
     ))?;
     first.wait_for(queue, WAIT, |s| s.delivered >= 1).await?;
@@ -648,10 +648,10 @@ async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()
     broker.publish_many_bytes(queue, bodies).await?;
 
     #[derive(Clone, Default)]
-    struct Counting {
+    struct FailsEveryTenthTwice {
         handled: Arc<Mutex<Vec<u32>>>,
     }
-    impl Handler for Counting {
+    impl Handler for FailsEveryTenthTwice {
         type Message = String;
         async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
             let n: usize = body.parse()?;
@@ -662,7 +662,7 @@ async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()
             Ok(())
         }
     }
-    let handler = Counting {
+    let handler = FailsEveryTenthTwice {
         handled: Arc::new(Mutex::new(vec![0; N])),
     };
     let started = Instant::now();
@@ -720,10 +720,10 @@ async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Res
 
     /// Rejects everything until the bug is fixed.
     #[derive(Clone, Default)]
-    struct Buggy {
+    struct RejectsUntilFixed {
         fixed: Arc<AtomicBool>,
     }
-    impl Handler for Buggy {
+    impl Handler for RejectsUntilFixed {
         type Message = String;
         async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
             if self.fixed.load(Ordering::SeqCst) {
@@ -733,7 +733,7 @@ async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Res
             }
         }
     }
-    let handler = Buggy::default();
+    let handler = RejectsUntilFixed::default();
     let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
         queue,
         handler.clone(),

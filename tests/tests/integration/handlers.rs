@@ -13,28 +13,45 @@ use conejo::{Context, Handler, HandlerError, Json};
 use conejo_tests::Broker;
 use serde::{Deserialize, Serialize};
 
-/// How long [`Stubborn::wait_finished`] waits for a released call to end.
+/// How long [`HeldUntilReleased::wait_finished`] waits for a released call to end.
 const WAIT: Duration = Duration::from_secs(20);
 
+/// The message of the order tests: JSON, so that decoding is part of what they test.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub(crate) struct Order {
+    /// Names the order: the handlers record, hold or fail orders by id.
     pub(crate) id: u64,
+    /// Empty in the orders a handler is meant to reject.
     pub(crate) sku: String,
+}
+
+/// Acks whatever it is given, undecoded: for tests about something else than handling.
+pub(crate) struct AcksEverything;
+
+impl Handler for AcksEverything {
+    type Message = Vec<u8>;
+
+    async fn handle(&self, _: Vec<u8>, _: &Context) -> Result<(), HandlerError> {
+        Ok(())
+    }
 }
 
 /// Records every message it handles: (message id, redelivered), and the order ids.
 #[derive(Clone, Default)]
-pub(crate) struct Recorder {
+pub(crate) struct RecordsOrders {
+    /// (message id, redelivered, order id) of each call, in order: what the tests compare
+    /// with what they published.
     seen: Arc<Mutex<Vec<(String, bool, u64)>>>,
 }
 
-impl Recorder {
+impl RecordsOrders {
+    /// What it recorded so far.
     pub(crate) fn seen(&self) -> Vec<(String, bool, u64)> {
         self.seen.lock().unwrap().clone()
     }
 }
 
-impl Handler for Recorder {
+impl Handler for RecordsOrders {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
@@ -71,11 +88,12 @@ pub(crate) async fn publish_orders(
 /// would ack it too). Counted in deliveries, not time: however fast the machine, the hold
 /// covers about 150 acks, below the 256 that would move the queue to a fresh channel.
 #[derive(Clone, Default)]
-pub(crate) struct Jittery {
+pub(crate) struct FinishesOutOfOrder {
+    /// How many times each order was handled: exactly once each, or a duplicate count.
     pub(crate) handled: Arc<Mutex<HashMap<u64, u32>>>,
 }
 
-impl Handler for Jittery {
+impl Handler for FinishesOutOfOrder {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, _ctx: &Context) -> Result<(), HandlerError> {
@@ -105,31 +123,37 @@ impl Handler for Jittery {
 }
 
 /// Ignores its context's signal: call `n` runs until the test releases it (`release(n)`), at
-/// most [`STUBBORN_LIMIT`]. So the first call outlives its connection by construction, however
+/// most [`HELD_LIMIT`]. So the first call outlives its connection by construction, however
 /// long the fault injection takes to land (two `rabbitmqctl` runs: over 2 s on a cold machine,
 /// which is what made a fixed 2 s sleep end, and ack, before the close).
 #[derive(Clone, Default)]
-pub(crate) struct Stubborn {
+pub(crate) struct HeldUntilReleased {
+    /// When each call started: their number tells a redelivery has begun.
     pub(crate) calls: Arc<Mutex<Vec<std::time::Instant>>>,
+    /// Calls that returned: none until the test releases them.
     pub(crate) finished: Arc<AtomicU64>,
+    /// Wakes the held calls when [`HeldUntilReleased::release`] raises `releases`.
     released: Arc<tokio::sync::Notify>,
+    /// Calls up to this number (counted from 1) may return.
     releases: Arc<AtomicU64>,
 }
 
-/// Bounds a stubborn call whose test failed before releasing it.
-const STUBBORN_LIMIT: Duration = Duration::from_secs(60);
+/// Bounds a held call whose test failed before releasing it.
+const HELD_LIMIT: Duration = Duration::from_secs(60);
 
-impl Stubborn {
+impl HeldUntilReleased {
     /// Lets calls up to the `n`th (counted from 1) return.
     pub(crate) fn release(&self, n: u64) {
         self.releases.fetch_max(n, Ordering::SeqCst);
         self.released.notify_waiters();
     }
 
+    /// How many calls have started.
     pub(crate) fn calls(&self) -> usize {
         self.calls.lock().unwrap().len()
     }
 
+    /// Waits (at most 20 s) until `n` calls have returned.
     pub(crate) async fn wait_finished(&self, n: u64) -> anyhow::Result<()> {
         let deadline = std::time::Instant::now() + WAIT;
         while self.finished.load(Ordering::SeqCst) < n {
@@ -140,7 +164,7 @@ impl Stubborn {
     }
 }
 
-impl Handler for Stubborn {
+impl Handler for HeldUntilReleased {
     type Message = String;
 
     async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
@@ -158,7 +182,7 @@ impl Handler for Stubborn {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(STUBBORN_LIMIT, released).await;
+        let _ = tokio::time::timeout(HELD_LIMIT, released).await;
         self.finished.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

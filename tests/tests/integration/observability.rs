@@ -134,11 +134,11 @@ fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> anyhow::Res
 /// Fails "0", "10" and "20" on every attempt (retried once, then dead-lettered), rejects
 /// "30"; counts its calls.
 #[derive(Clone, Default)]
-struct Picky {
+struct MixedOutcomes {
     calls: Arc<AtomicU32>,
 }
 
-impl Handler for Picky {
+impl Handler for MixedOutcomes {
     type Message = String;
 
     async fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
@@ -166,7 +166,7 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
                 .await?;
         }
     }
-    let handler = Picky::default();
+    let handler = MixedOutcomes::default();
     let retry = RetryPolicy::default()
         .max_attempts(2)
         .initial_delay(Duration::from_millis(100))
@@ -286,7 +286,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     init_tracing();
     // Nothing listens on port 1: conejo keeps trying, alive and not ready.
     let conejo = Conejo::builder("amqp://guest:guest@127.0.0.1:1/%2f")
-        .queue_with("never", Picky::default(), queue_config())
+        .queue_with("never", MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -308,7 +308,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     let scenario = Scenario::new("vanishing").await?;
     let Scenario { broker, queue } = &scenario;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(queue, Picky::default(), queue_config().passive())
+        .queue_with(queue, MixedOutcomes::default(), queue_config().passive())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -335,7 +335,7 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() -> anyhow::Resul
     broker.declare_queue(&queue).await?;
     drop(broker);
     let conejo = Conejo::builder(node.amqp_url())
-        .queue_with(&queue, Picky::default(), queue_config())
+        .queue_with(&queue, MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -367,9 +367,9 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() -> anyhow::Resul
 }
 
 /// Blocks its thread — the mistake of calling blocking code from an async handler.
-struct Sleepy;
+struct BlocksItsThread;
 
-impl Handler for Sleepy {
+impl Handler for BlocksItsThread {
     type Message = String;
 
     async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
@@ -389,7 +389,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
         .enable_all()
         .build()?;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(queue, Sleepy, queue_config().concurrency(1))
+        .queue_with(queue, BlocksItsThread, queue_config().concurrency(1))
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -463,7 +463,7 @@ async fn a_health_address_in_use_is_a_startup_error_naming_it() -> anyhow::Resul
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let address = taken.local_addr()?;
     let error = Conejo::builder(amqp_url())
-        .queue("q", Picky::default())
+        .queue("q", MixedOutcomes::default())
         .health(address)
         .build()
         .err()
@@ -478,7 +478,7 @@ async fn livez_fails_while_the_connection_runtime_is_wedged_and_recovers() -> an
     let scenario = Scenario::new("wedged").await?;
     let queue = &scenario.queue;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(queue, Picky::default(), queue_config())
+        .queue_with(queue, MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;

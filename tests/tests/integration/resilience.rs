@@ -621,8 +621,8 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let alarm = Arc::new(std::sync::atomic::AtomicBool::new(false));
     #[derive(Clone)]
-    struct FailsOnce(Arc<Mutex<Vec<u32>>>, Arc<std::sync::atomic::AtomicBool>);
-    impl Handler for FailsOnce {
+    struct FailsFirstAttemptUnderAlarm(Arc<Mutex<Vec<u32>>>, Arc<std::sync::atomic::AtomicBool>);
+    impl Handler for FailsFirstAttemptUnderAlarm {
         type Message = String;
         async fn handle(&self, _: String, ctx: &Context) -> Result<(), HandlerError> {
             self.0.lock().unwrap().push(ctx.attempt());
@@ -640,7 +640,7 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
         Conejo::builder(format!("{}?heartbeat=2", node.amqp_url()))
             .queue_with(
                 &queue,
-                FailsOnce(Arc::clone(&attempts), Arc::clone(&alarm)),
+                FailsFirstAttemptUnderAlarm(Arc::clone(&attempts), Arc::clone(&alarm)),
                 QueueConfig::new()
                     .durable(false)
                     .retry(RetryPolicy::default().initial_delay(Duration::from_millis(100))),

@@ -150,11 +150,11 @@ async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() ->
 
 /// Sleeps far longer than the shutdown deadline.
 #[derive(Clone, Default)]
-struct Stubborn {
+struct SleepsPastTheDeadline {
     finished: Arc<AtomicU64>,
 }
 
-impl Handler for Stubborn {
+impl Handler for SleepsPastTheDeadline {
     type Message = Vec<u8>;
 
     async fn handle(&self, _body: Vec<u8>, _ctx: &Context) -> Result<(), HandlerError> {
@@ -174,7 +174,7 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
             .publish_bytes(queue, format!("slow {n}").as_bytes())
             .await?;
     }
-    let handler = Stubborn::default();
+    let handler = SleepsPastTheDeadline::default();
     let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .shutdown_timeout(Duration::from_millis(500))
@@ -207,7 +207,8 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
         .wait_for_count(queue, 6, Duration::from_secs(5))
         .await?;
 
-    // The stubborn handlers finish later; their results must not reach the broker.
+    // The handlers sleeping past the deadline finish later; their results must not reach
+    // the broker.
     let deadline = Instant::now() + Duration::from_secs(10);
     while handler.finished.load(Ordering::SeqCst) < 2 {
         anyhow::ensure!(

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use conejo::{Conejo, Error, QueueConfig};
 use conejo_tests::{Scenario, amqp_url, init_tracing, queue_config, unique_name};
 
-use crate::handlers::{Order, Recorder};
+use crate::handlers::{Order, RecordsOrders};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -21,7 +21,11 @@ async fn a_missing_queue_declared_passive_is_a_clear_error() -> anyhow::Result<(
     let name = unique_name("conn-missing");
     let result = Conejo::builder(amqp_url())
         .connection_name(&name)
-        .queue_with(&queue, Recorder::default(), QueueConfig::new().passive())
+        .queue_with(
+            &queue,
+            RecordsOrders::default(),
+            QueueConfig::new().passive(),
+        )
         .build()?
         .run_until(std::future::pending())
         .await;
@@ -39,7 +43,7 @@ async fn a_declaration_conflict_names_the_queue() -> anyhow::Result<()> {
     let scenario = Scenario::new("conflict").await?; // declared non-durable
     let queue = &scenario.queue;
     let result = Conejo::builder(amqp_url())
-        .queue_with(queue, Recorder::default(), QueueConfig::new()) // durable
+        .queue_with(queue, RecordsOrders::default(), QueueConfig::new()) // durable
         .build()?
         .run_until(std::future::pending())
         .await;
@@ -57,7 +61,7 @@ async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<(
     let result = Conejo::builder(amqp_url())
         .queue_with(
             queue,
-            Recorder::default(),
+            RecordsOrders::default(),
             queue_config().dead_letter_exchange(&exchange),
         )
         .build()?
@@ -78,7 +82,7 @@ async fn an_unreachable_broker_is_an_error_without_the_password() -> anyhow::Res
     // Port 1 on loopback: nothing listens there.
     let result = Conejo::builder("amqp://app:very-secret@127.0.0.1:1/%2f")
         .wait_for_broker(false)
-        .queue_with("q", Recorder::default(), QueueConfig::new())
+        .queue_with("q", RecordsOrders::default(), QueueConfig::new())
         .build()?
         .run_until(std::future::pending())
         .await;
@@ -95,7 +99,7 @@ async fn failing_fast_still_tries_every_address_once() -> anyhow::Result<()> {
     let scenario = Scenario::new("fail-fast-list").await?;
     let Scenario { broker, queue } = &scenario;
     // The first address of the list has nothing listening: port 1 on loopback.
-    let recorder = Recorder::default();
+    let recorder = RecordsOrders::default();
     let service = scenario.spawn(
         Conejo::builder(format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", amqp_url()))
             .wait_for_broker(false)
@@ -123,7 +127,7 @@ async fn refused_credentials_fail_at_once_even_when_waiting_for_the_broker() -> 
     let result = tokio::time::timeout(
         WAIT,
         Conejo::builder(&url)
-            .queue_with("q", Recorder::default(), QueueConfig::new())
+            .queue_with("q", RecordsOrders::default(), QueueConfig::new())
             .build()?
             .run_until(std::future::pending()),
     )
