@@ -41,7 +41,8 @@ async fn a_handler_running_through_a_consumer_cancel_is_acked_on_its_channel() -
     broker.delete_queue(queue).await?;
     broker.wait_for_consumer_count(queue, 1, WAIT).await?;
     broker.publish_bytes(queue, b"after").await?;
-    // Only now does the first call end (on its old channel), and the second with it.
+    // Only now may the calls return: the first on its old channel, the second ("after") on
+    // the new one.
     assert_eq!(handler.finished.load(Ordering::SeqCst), 0);
     handler.release(2);
     let stats = service

@@ -123,9 +123,10 @@ impl Handler for FinishesOutOfOrder {
 }
 
 /// Ignores its context's signal: call `n` runs until the test releases it (`release(n)`), at
-/// most [`HELD_LIMIT`]. So the first call outlives its connection by construction, however
-/// long the fault injection takes to land (two `rabbitmqctl` runs: over 2 s on a cold machine,
-/// which is what made a fixed 2 s sleep end, and ack, before the close).
+/// most [`HELD_LIMIT`]. So a call outlives what the test does meanwhile (its connection
+/// closed, its queue deleted) by construction, however long that takes to land (a forced
+/// close is two `rabbitmqctl` runs: over 2 s on a cold machine, which is what made a fixed
+/// 2 s sleep end, and ack, before the close).
 #[derive(Clone, Default)]
 pub(crate) struct HeldUntilReleased {
     /// When each call started: their number tells a redelivery has begun.
