@@ -10,6 +10,9 @@
 //!   of the client connections, through `rabbitmqctl`.
 //! * [`ConnectionWatch`] — a background thread that records, over time, which
 //!   broker-side connection carries a given `connection_name`.
+//! * [`Scenario`] — what most tests do first and last: a [`Broker`], a declared queue of the
+//!   test's own, a [`RunningService`] spawned from the builder the test writes, and the
+//!   clean-up; [`queue_config`] is the queue configuration that matches its queue.
 //!
 //! * [`bench`](mod@bench) — what the benchmarks and `conejo-cost` share: the message,
 //!   prefilling, the hand-written lapin consumers, conejo's counting no-op handler, and the
@@ -23,6 +26,7 @@ mod broker;
 mod node;
 mod proxy;
 mod rabbitmqctl;
+mod scenario;
 mod service;
 mod watch;
 
@@ -39,6 +43,7 @@ pub use rabbitmqctl::{
     rabbitmqctl_queue_names, rabbitmqctl_queue_unacked, wait_for_connection_absent,
     wait_for_connection_present,
 };
+pub use scenario::{Scenario, queue_config};
 pub use service::RunningService;
 pub use watch::{
     ConnectionWatch, DEFAULT_WATCH_INTERVAL, Observation, WatchReport, always_same_connection,

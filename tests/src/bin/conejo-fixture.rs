@@ -42,12 +42,12 @@ struct Args {
 }
 
 /// Sleeps, reporting start and end on stdout.
-struct Sleeper {
+struct SleepsAndReports {
     pause: Duration,
     abort_on: Option<Vec<u8>>,
 }
 
-impl Handler for Sleeper {
+impl Handler for SleepsAndReports {
     type Message = Vec<u8>;
 
     async fn handle(&self, body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
@@ -78,7 +78,7 @@ async fn main() -> ExitCode {
         .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms))
         .queue_with(
             &args.queue,
-            Sleeper {
+            SleepsAndReports {
                 pause: Duration::from_millis(args.handler_ms),
                 abort_on: args.abort_on.map(String::into_bytes),
             },

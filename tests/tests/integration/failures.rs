@@ -7,10 +7,12 @@ use std::{
 };
 
 use conejo::{
-    Blocking, BlockingHandler, Conejo, Context, Error, Exchange, Failure, Handler, HandlerError,
-    Json, Outcome, QueueConfig, RetryPolicy, types::BasicProperties,
+    Blocking, BlockingHandler, Conejo, Context, Exchange, Failure, Handler, HandlerError, Json,
+    Outcome, QueueConfig, RetryPolicy, types::BasicProperties,
 };
-use conejo_tests::{Broker, RunningService, amqp_url, init_tracing, unique_name};
+use conejo_tests::{
+    Broker, RunningService, Scenario, amqp_url, init_tracing, queue_config, unique_name,
+};
 use lapin::ExchangeKind;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -71,11 +73,6 @@ impl Handler for Scripted {
     }
 }
 
-fn config() -> QueueConfig {
-    // The support library declares test queues non-durable.
-    QueueConfig::new().durable(false)
-}
-
 /// No jitter, so that observed delays can be compared with the policy.
 fn fast_retries(attempts: u32) -> RetryPolicy {
     RetryPolicy::default()
@@ -88,14 +85,12 @@ fn fast_retries(attempts: u32) -> RetryPolicy {
 #[tokio::test]
 async fn fails_twice_then_succeeds_after_the_policys_delays_holding_no_slot() -> anyhow::Result<()>
 {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("flaky");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"flaky").await?;
+    let scenario = Scenario::new("flaky").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"flaky").await?;
     for n in 0..5 {
         broker
-            .publish_bytes(&queue, format!("quick-{n}").as_bytes())
+            .publish_bytes(queue, format!("quick-{n}").as_bytes())
             .await?;
     }
     let handler = Scripted::new(|body, attempt| match (body, attempt) {
@@ -103,17 +98,13 @@ async fn fails_twice_then_succeeds_after_the_policys_delays_holding_no_slot() ->
         _ => Ok(()),
     });
     // One at a time: if a waiting retry held the only slot, nothing else could run.
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                config().concurrency(1).retry(fast_retries(5)),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(1).retry(fast_retries(5)),
+    ))?;
     // 6 successes + 2 failed deliveries acked after their retry copies were confirmed
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 8).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 8).await?;
     service.stop().await??;
     assert_eq!((stats.retried, stats.dead_lettered), (2, 0), "{stats:?}");
 
@@ -146,18 +137,15 @@ async fn fails_twice_then_succeeds_after_the_policys_delays_holding_no_slot() ->
         quick_done < flaky[1].at,
         "a waiting retry held the only slot"
     );
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons()
 -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("doomed");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("doomed").await?;
+    let Scenario { broker, queue } = &scenario;
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
         "tenant".into(),
@@ -165,7 +153,7 @@ async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons
     );
     let id = broker
         .publish_with_properties(
-            &queue,
+            queue,
             b"doomed",
             BasicProperties::default()
                 .with_headers(headers)
@@ -174,14 +162,14 @@ async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons
         .await?;
     let handler = Scripted::new(|_, _| Err(HandlerError::retry("database unavailable")));
     let started = std::time::SystemTime::now();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().retry(fast_retries(3)),
+    ))?;
     let dlq = format!("{queue}.dlq");
     broker.wait_for_count(&dlq, 1, WAIT).await?;
-    let stats = service.stats().queue(&queue).unwrap();
+    let stats = service.stats().queue(queue).unwrap();
     service.stop().await??;
     assert_eq!(
         (stats.handler_errors, stats.retried, stats.dead_lettered),
@@ -234,24 +222,21 @@ async fn always_failing_is_dead_lettered_after_exactly_its_attempts_with_reasons
         m.header("x-death").is_none(),
         "the broker's own headers are not carried"
     );
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("xml");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("xml").await?;
+    let Scenario { broker, queue } = &scenario;
 
     #[derive(serde::Deserialize)]
     struct Order {
         #[allow(dead_code)]
         id: u64,
     }
-    struct Orders;
-    impl Handler for Orders {
+    struct AcksOrders;
+    impl Handler for AcksOrders {
         type Message = Json<Order>;
         async fn handle(&self, _: Json<Order>, _: &Context) -> Result<(), HandlerError> {
             Ok(())
@@ -259,21 +244,21 @@ async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> any
     }
     broker
         .publish_with_properties(
-            &queue,
+            queue,
             b"<order id='1'/>",
             BasicProperties::default().with_content_type("application/xml".into()),
         )
         .await?;
-    broker.publish_bytes(&queue, b"{\"id\": oops").await?;
+    broker.publish_bytes(queue, b"{\"id\": oops").await?;
     broker
-        .publish_json(&queue, &serde_json::json!({"id": 7}))
+        .publish_json(queue, &serde_json::json!({"id": 7}))
         .await?;
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, Orders, config().concurrency(1))
-            .build()?,
-    );
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        AcksOrders,
+        queue_config().concurrency(1),
+    ))?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 3).await?;
     service.stop().await??;
     assert_eq!(
         (stats.decode_failures, stats.dead_lettered, stats.retried),
@@ -296,8 +281,7 @@ async fn a_non_json_content_type_is_dead_lettered_on_its_first_delivery() -> any
         )
     );
     assert_eq!(dead[0].content_type.as_deref(), Some("application/xml"));
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// An error whose `Display` panics.
@@ -314,35 +298,29 @@ impl std::error::Error for Treacherous {}
 
 #[tokio::test]
 async fn panics_outside_the_handler_still_settle_and_the_queue_goes_on() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("treacherous");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("treacherous").await?;
+    let Scenario { broker, queue } = &scenario;
     for body in ["display", "policy", "fine"] {
-        broker.publish_bytes(&queue, body.as_bytes()).await?;
+        broker.publish_bytes(queue, body.as_bytes()).await?;
     }
     let handler = Scripted::new(|body, _| match body {
         "display" => Err(HandlerError::reject(Treacherous)),
         "policy" => Err(HandlerError::retry("the policy will panic on this one")),
         _ => Ok(()),
     });
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                config().concurrency(1).on_failure(|failure, _| {
-                    if failure.to_string().contains("policy will panic") {
-                        panic!("a failure policy with a bug");
-                    }
-                    failure.default_outcome()
-                }),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(1).on_failure(|failure, _| {
+            if failure.to_string().contains("policy will panic") {
+                panic!("a failure policy with a bug");
+            }
+            failure.default_outcome()
+        }),
+    ))?;
     // The policy formats every failure: for "display" it panics inside the policy too, then
     // again when conejo writes the error header.
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 3).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 3).await?;
     assert!(!service.is_finished());
     service.stop().await??;
     assert_eq!(
@@ -358,17 +336,14 @@ async fn panics_outside_the_handler_still_settle_and_the_queue_goes_on() -> anyh
         Some("handler failure (its error's Display panicked)")
     );
     assert_eq!(handler.calls_of("fine").len(), 1);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("hang");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"hang").await?;
+    let scenario = Scenario::new("hang").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"hang").await?;
 
     struct Hangs;
     impl Handler for Hangs {
@@ -379,22 +354,20 @@ async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                Hangs,
-                config()
-                    .timeout(Duration::from_millis(300))
-                    .retry(RetryPolicy::none()),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(
+        Conejo::builder(amqp_url()).queue_with(
+            queue,
+            Hangs,
+            queue_config()
+                .timeout(Duration::from_millis(300))
+                .retry(RetryPolicy::none()),
+        ),
+    )?;
     broker
         .wait_for_count(&format!("{queue}.dlq"), 1, WAIT)
         .await?;
     let elapsed = started.elapsed();
-    let stats = service.stats().queue(&queue).unwrap();
+    let stats = service.stats().queue(queue).unwrap();
     service.stop().await??;
     assert_eq!(
         (stats.timeouts, stats.abandoned, stats.dead_lettered),
@@ -410,18 +383,17 @@ async fn a_hanging_async_handler_is_cut_at_its_timeout() -> anyhow::Result<()> {
         dead[0].header_str("conejo-reason").as_deref(),
         Some("attempts-exhausted")
     );
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Sleeps (blocking its thread) for as many milliseconds as the body says, recording when it
 /// started and ended.
 #[derive(Clone, Default)]
-struct Sleepy {
+struct SleepsBodyMillis {
     spans: Arc<Mutex<Vec<(String, Instant, Instant)>>>,
 }
 
-impl BlockingHandler for Sleepy {
+impl BlockingHandler for SleepsBodyMillis {
     type Message = String;
 
     fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
@@ -438,26 +410,22 @@ impl BlockingHandler for Sleepy {
 
 #[tokio::test]
 async fn a_hanging_blocking_handler_is_abandoned_but_keeps_its_slot() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("hang-blocking");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"1500").await?;
-    broker.publish_bytes(&queue, b"10").await?;
-    let handler = Sleepy::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                Blocking::new(handler.clone()),
-                config()
-                    .concurrency(1)
-                    .timeout(Duration::from_millis(200))
-                    .retry(RetryPolicy::none()),
-            )
-            .build()?,
-    );
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    let scenario = Scenario::new("hang-blocking").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"1500").await?;
+    broker.publish_bytes(queue, b"10").await?;
+    let handler = SleepsBodyMillis::default();
+    let service = scenario.spawn(
+        Conejo::builder(amqp_url()).queue_with(
+            queue,
+            Blocking::new(handler.clone()),
+            queue_config()
+                .concurrency(1)
+                .timeout(Duration::from_millis(200))
+                .retry(RetryPolicy::none()),
+        ),
+    )?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 2).await?;
     // the abandoned thread's own end is recorded once it returns
     let deadline = Instant::now() + WAIT;
     while handler.spans.lock().unwrap().len() < 2 && Instant::now() < deadline {
@@ -477,41 +445,13 @@ async fn a_hanging_blocking_handler_is_abandoned_but_keeps_its_slot() -> anyhow:
     let quick = spans.iter().find(|s| s.0 == "10").expect("quick one ran");
     // concurrency 1 held: the next message started only once the abandoned thread returned
     assert!(quick.1 >= slow.2, "the concurrency bound was broken");
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_missing_dead_letter_exchange_is_a_startup_error() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("no-dlx");
-    let exchange = unique_name("missing-dlx");
-    let result = Conejo::builder(amqp_url())
-        .queue_with(
-            &queue,
-            Scripted::new(|_, _| Ok(())),
-            config().dead_letter_exchange(&exchange),
-        )
-        .build()?
-        .run_until(std::future::pending())
-        .await;
-    match result {
-        Err(Error::DeadLetterExchangeNotFound {
-            queue: q,
-            exchange: x,
-        }) => assert_eq!((q, x), (queue.clone(), exchange)),
-        other => panic!("expected DeadLetterExchangeNotFound, got {other:?}"),
-    }
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn dead_letters_go_to_the_users_exchange_with_its_routing_key() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("user-dlx");
+    let scenario = Scenario::new("user-dlx").await?;
+    let Scenario { broker, queue } = &scenario;
     let exchange = unique_name("errors");
     let parking = unique_name("parking");
     broker
@@ -528,19 +468,16 @@ async fn dead_letters_go_to_the_users_exchange_with_its_routing_key() -> anyhow:
             Default::default(),
         )
         .await?;
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"bad").await?;
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                Scripted::new(|_, _| Err(HandlerError::reject("bad input"))),
-                config()
-                    .dead_letter_exchange(&exchange)
-                    .dead_letter_routing_key("parked"),
-            )
-            .build()?,
-    );
+    broker.publish_bytes(queue, b"bad").await?;
+    let service = scenario.spawn(
+        Conejo::builder(amqp_url()).queue_with(
+            queue,
+            Scripted::new(|_, _| Err(HandlerError::reject("bad input"))),
+            queue_config()
+                .dead_letter_exchange(&exchange)
+                .dead_letter_routing_key("parked"),
+        ),
+    )?;
     broker.wait_for_count(&parking, 1, WAIT).await?;
     service.stop().await??;
     let dead = broker.drain(&parking).await?;
@@ -548,19 +485,16 @@ async fn dead_letters_go_to_the_users_exchange_with_its_routing_key() -> anyhow:
         dead[0].header_str("conejo-reason").as_deref(),
         Some("rejected")
     );
-    broker.delete_consumed_queue(&queue).await?;
     broker.delete_queue(&parking).await?;
     broker.delete_exchange(&exchange).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn retry_after_overrides_the_backoff() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("rate-limited");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"limited").await?;
+    let scenario = Scenario::new("rate-limited").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"limited").await?;
     let handler = Scripted::new(|_, attempt| match attempt {
         1 => Err(HandlerError::retry_after(
             "429 Too Many Requests",
@@ -568,17 +502,13 @@ async fn retry_after_overrides_the_backoff() -> anyhow::Result<()> {
         )),
         _ => Ok(()),
     });
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                // the policy alone would wait a minute
-                config().retry(RetryPolicy::default().initial_delay(Duration::from_secs(60))),
-            )
-            .build()?,
-    );
-    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        // the policy alone would wait a minute
+        queue_config().retry(RetryPolicy::default().initial_delay(Duration::from_secs(60))),
+    ))?;
+    service.wait_for(queue, WAIT, |s| s.acked == 2).await?;
     service.stop().await??;
     let calls = handler.calls();
     let gap = calls[1].at - calls[0].at;
@@ -587,28 +517,25 @@ async fn retry_after_overrides_the_backoff() -> anyhow::Result<()> {
         gap >= Duration::from_millis(230) && gap < Duration::from_secs(5),
         "{gap:?}"
     );
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn exchanges_and_bindings_from_the_builder_route_to_the_queue() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("bound");
+    let scenario = Scenario::undeclared("bound").await?;
+    let Scenario { broker, queue } = &scenario;
     let exchange = unique_name("shop");
     let handler = Scripted::new(|_, _| Ok(()));
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .exchange(Exchange::topic(&exchange).durable(false))
             .queue_with(
-                &queue,
+                queue,
                 handler.clone(),
-                config().bind(&exchange, "order.created.*"),
-            )
-            .build()?,
-    );
-    broker.wait_for_consumer_count(&queue, 1, WAIT).await?;
+                queue_config().bind(&exchange, "order.created.*"),
+            ),
+    )?;
+    broker.wait_for_consumer_count(queue, 1, WAIT).await?;
     let channel = broker.open_channel().await?;
     for key in ["order.created.eu", "order.cancelled.eu", "order.created.us"] {
         channel
@@ -621,22 +548,19 @@ async fn exchanges_and_bindings_from_the_builder_route_to_the_queue() -> anyhow:
             )
             .await?;
     }
-    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    service.wait_for(queue, WAIT, |s| s.acked == 2).await?;
     service.stop().await??;
     let mut bodies: Vec<_> = handler.calls().into_iter().map(|c| c.body).collect();
     bodies.sort();
     assert_eq!(bodies, vec!["order.created.eu", "order.created.us"]);
-    broker.delete_consumed_queue(&queue).await?;
     broker.delete_exchange(&exchange).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
 async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("give-back");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("give-back").await?;
+    let Scenario { broker, queue } = &scenario;
     // Published through an exchange: the route must survive conejo's redelivery counting
     // (a republished copy, through the default exchange).
     let exchange = unique_name("give-back-x");
@@ -667,43 +591,43 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
             .await?;
     }
     // First service: one slow handler at a time, the rest prefetched, then shut down.
-    struct Slow;
-    impl Handler for Slow {
+    struct Sleeps300Ms;
+    impl Handler for Sleeps300Ms {
         type Message = String;
         async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok(())
         }
     }
-    let first = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, Slow, config().concurrency(1).prefetch(10))
-            .build()?,
-    );
-    first.wait_for(&queue, WAIT, |s| s.delivered >= 1).await?;
-    broker.wait_for_count(&queue, 0, WAIT).await?; // all six in conejo's hands
+    let first = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        Sleeps300Ms,
+        queue_config().concurrency(1).prefetch(10),
+    ))?;
+    first.wait_for(queue, WAIT, |s| s.delivered >= 1).await?;
+    broker.wait_for_count(queue, 0, WAIT).await?; // all six in conejo's hands
     first.stop().await??;
-    let given_back = broker.message_count(&queue).await?;
+    let given_back = broker.message_count(queue).await?;
     assert!(
         given_back >= 4,
         "prefetched messages were given back: {given_back}"
     );
 
     let handler = Scripted::new(|_, _| Ok(()));
-    let second = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config())
-            .build()?,
-    );
+    let second = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config(),
+    ))?;
     let expected = usize::try_from(given_back)?;
     let deadline = Instant::now() + WAIT;
     while handler.calls().len() < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     second
-        .wait_for(&queue, WAIT, |s| s.acked >= 2 * given_back as u64)
+        .wait_for(queue, WAIT, |s| s.acked >= 2 * given_back as u64)
         .await?;
-    let stats = second.stats().queue(&queue).unwrap();
+    let stats = second.stats().queue(queue).unwrap();
     second.stop().await??;
     assert_eq!(stats.poison, 0);
     let calls = handler.calls();
@@ -711,26 +635,23 @@ async fn a_shutdown_give_back_uses_no_attempt() -> anyhow::Result<()> {
     assert!(calls.iter().all(|c| c.attempt == 1), "{calls:?}");
     let route = (exchange.clone(), "orders.eu".to_owned());
     assert!(calls.iter().all(|c| c.route == route), "{calls:?}");
-    broker.delete_consumed_queue(&queue).await?;
     broker.delete_exchange(&exchange).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("load");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("load").await?;
+    let Scenario { broker, queue } = &scenario;
     const N: usize = 20_000;
     let bodies = (0..N).map(|n| n.to_string().into_bytes()).collect();
-    broker.publish_many_bytes(&queue, bodies).await?;
+    broker.publish_many_bytes(queue, bodies).await?;
 
     #[derive(Clone, Default)]
-    struct Counting {
+    struct FailsEveryTenthTwice {
         handled: Arc<Mutex<Vec<u32>>>,
     }
-    impl Handler for Counting {
+    impl Handler for FailsEveryTenthTwice {
         type Message = String;
         async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
             let n: usize = body.parse()?;
@@ -741,26 +662,24 @@ async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()
             Ok(())
         }
     }
-    let handler = Counting {
+    let handler = FailsEveryTenthTwice {
         handled: Arc::new(Mutex::new(vec![0; N])),
     };
     let started = Instant::now();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                config().retry(
-                    RetryPolicy::default()
-                        .initial_delay(Duration::from_millis(100))
-                        .jitter(0.1),
-                ),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(
+        Conejo::builder(amqp_url()).queue_with(
+            queue,
+            handler.clone(),
+            queue_config().retry(
+                RetryPolicy::default()
+                    .initial_delay(Duration::from_millis(100))
+                    .jitter(0.1),
+            ),
+        ),
+    )?;
     let failing = (N / 10) as u64;
     let stats = service
-        .wait_for(&queue, Duration::from_secs(120), |s| {
+        .wait_for(queue, Duration::from_secs(120), |s| {
             s.acked == N as u64 + 2 * failing
         })
         .await?;
@@ -780,9 +699,8 @@ async fn load_with_one_in_ten_failing_twice_loses_nothing() -> anyhow::Result<()
         handled.iter().all(|&n| n == 1),
         "every message handled exactly once"
     );
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 #[test]
@@ -797,17 +715,15 @@ fn failures_name_their_kind() {
 #[tokio::test]
 async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("replayed");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("replayed").await?;
+    let Scenario { broker, queue } = &scenario;
 
     /// Rejects everything until the bug is fixed.
     #[derive(Clone, Default)]
-    struct Buggy {
+    struct RejectsUntilFixed {
         fixed: Arc<AtomicBool>,
     }
-    impl Handler for Buggy {
+    impl Handler for RejectsUntilFixed {
         type Message = String;
         async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
             if self.fixed.load(Ordering::SeqCst) {
@@ -817,15 +733,15 @@ async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Res
             }
         }
     }
-    let handler = Buggy::default();
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config())
-            .build()?,
-    );
+    let handler = RejectsUntilFixed::default();
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config(),
+    ))?;
     for n in 0..3 {
         broker
-            .publish_bytes(&queue, format!("m{n}").as_bytes())
+            .publish_bytes(queue, format!("m{n}").as_bytes())
             .await?;
     }
     let dlq = format!("{queue}.dlq");
@@ -836,12 +752,11 @@ async fn dead_letters_replayed_by_the_operator_tool_are_handled() -> anyhow::Res
     let report = conejo::admin::replay(&url, &dlq, None, None).await?;
     assert_eq!(report.replayed, 3);
     // 3 dead letters acked, then the 3 replayed copies handled
-    let stats = service.wait_for(&queue, WAIT, |s| s.acked == 6).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.acked == 6).await?;
     service.stop().await??;
     assert_eq!(stats.dead_lettered, 3);
     assert_eq!(broker.message_count(&dlq).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// An error that panics when dropped: conejo drops it after dead-lettering the message,
@@ -867,36 +782,30 @@ impl Drop for ExplodesOnDrop {
 
 #[tokio::test]
 async fn a_task_that_dies_without_a_result_gives_its_message_back() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("dies");
-    broker.declare_queue(&queue).await?;
-    broker.publish_bytes(&queue, b"explodes").await?;
-    broker.publish_bytes(&queue, b"fine").await?;
+    let scenario = Scenario::new("dies").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"explodes").await?;
+    broker.publish_bytes(queue, b"fine").await?;
     let handler = Scripted::new(|body, _| match body {
         "explodes" => Err(HandlerError::reject(ExplodesOnDrop)),
         _ => Ok(()),
     });
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(
-                &queue,
-                handler.clone(),
-                config().concurrency(1).poison_limit(Some(2)),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().concurrency(1).poison_limit(Some(2)),
+    ))?;
     // The unsettled delivery is given back (not left unacked), comes back redelivered, and
     // once delivered twice without a result it is dead-lettered as poison.
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.poison == 1 && s.dead_lettered == 3)
+        .wait_for(queue, WAIT, |s| s.poison == 1 && s.dead_lettered == 3)
         .await?;
     assert!(!service.is_finished());
     service.stop().await??;
     assert_eq!(stats.unsettled, 2, "{stats:?}");
     assert_eq!(stats.requeued, 2, "{stats:?}");
     assert_eq!(handler.calls_of("fine").len(), 1);
-    assert_eq!(broker.message_count(&queue).await?, 0);
+    assert_eq!(broker.message_count(queue).await?, 0);
     let dead = broker.drain(&format!("{queue}.dlq")).await?;
     let reasons: Vec<_> = dead
         .iter()
@@ -904,8 +813,7 @@ async fn a_task_that_dies_without_a_result_gives_its_message_back() -> anyhow::R
         .collect();
     // at least once: the copies confirmed before each task died are duplicates, none lost
     assert_eq!(reasons, vec!["rejected", "rejected", "poison"]);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Quorum queues conejo declares itself get an explicit delivery limit: the poison limit
@@ -975,10 +883,8 @@ async fn quorum_queues_declared_by_conejo_carry_an_explicit_delivery_limit() -> 
 /// wait queue again, instead of failing the same way until the connection is reopened.
 #[tokio::test]
 async fn a_wait_queue_deleted_while_running_is_declared_again() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("wait-deleted");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("wait-deleted").await?;
+    let Scenario { broker, queue } = &scenario;
     // Every message fails its first attempt, then succeeds.
     let handler = Scripted::new(|_, attempt| {
         if attempt == 1 {
@@ -987,14 +893,14 @@ async fn a_wait_queue_deleted_while_running_is_declared_again() -> anyhow::Resul
             Ok(())
         }
     });
-    let service = RunningService::spawn(
-        Conejo::builder(amqp_url())
-            .queue_with(&queue, handler.clone(), config().retry(fast_retries(3)))
-            .build()?,
-    );
-    broker.publish_bytes(&queue, b"first").await?;
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        handler.clone(),
+        queue_config().retry(fast_retries(3)),
+    ))?;
+    broker.publish_bytes(queue, b"first").await?;
     // Acked twice: once as its retry copy was confirmed, once handled.
-    service.wait_for(&queue, WAIT, |s| s.acked == 2).await?;
+    service.wait_for(queue, WAIT, |s| s.acked == 2).await?;
     let prefix = format!("{queue}.retry.");
     let wait_queues: Vec<String> = conejo_tests::rabbitmqctl_queue_names()
         .await?
@@ -1004,23 +910,22 @@ async fn a_wait_queue_deleted_while_running_is_declared_again() -> anyhow::Resul
     assert_eq!(wait_queues.len(), 1, "{wait_queues:?}");
     broker.delete_queue(&wait_queues[0]).await?;
 
-    broker.publish_bytes(&queue, b"second").await?;
+    broker.publish_bytes(queue, b"second").await?;
     let deadline = Instant::now() + WAIT;
     while !handler.calls_of("second").iter().any(|c| c.attempt == 2) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "second: {:?}; {:?}",
             handler.calls_of("second"),
-            service.stats().queue(&queue)
+            service.stats().queue(queue)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stats = service.wait_for(&queue, WAIT, |s| s.in_flight == 0).await?;
+    let stats = service.wait_for(queue, WAIT, |s| s.in_flight == 0).await?;
     service.stop().await??;
     eprintln!("{stats:?}");
     assert_eq!(stats.publish_failures, 1, "one copy came back unroutable");
     let calls = handler.calls_of("second");
     assert_eq!(calls.last().map(|c| c.attempt), Some(2), "{calls:?}");
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }

@@ -1,4 +1,4 @@
-//! Connection resilience, proven by fault injection: broker nodes this test binary starts
+//! Connection resilience, proven by fault injection: broker nodes the test process starts
 //! itself (restarted, killed, clustered), a TCP proxy that stalls the network, a channel the
 //! broker closes, a consumer process killed mid-stream. Every test is bounded in time and
 //! prints what it measured; "nothing lost" is checked against what the broker confirmed.
@@ -15,8 +15,8 @@ use conejo::{
     Conejo, ConnectionState, Context, Handler, HandlerError, QueueConfig, RetryPolicy, Status,
 };
 use conejo_tests::{
-    Broker, PrivateCluster, PrivateNode, RunningService, TcpProxy, amqp_url, init_tracing,
-    unique_name,
+    Broker, PrivateCluster, PrivateNode, RunningService, Scenario, TcpProxy, amqp_url,
+    init_tracing, queue_config, unique_name,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use tokio::{
@@ -246,27 +246,20 @@ async fn a_broker_killed_mid_stream_loses_nothing() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow::Result<()> {
-    init_tracing();
     const N: usize = 6_000;
-    let broker = Broker::connect().await?;
-    let queue = unique_name("stall");
-    broker.declare_queue(&queue).await?;
-    broker.publish_many_bytes(&queue, bodies(N)).await?;
+    let scenario = Scenario::new("stall").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_many_bytes(queue, bodies(N)).await?;
     let proxy = TcpProxy::start_for_url(&amqp_url())?;
     let url = proxy.url(&amqp_url())?;
     let separator = if url.contains('?') { '&' } else { '?' };
     // 4 handlers of 1 ms: about 3,000 messages a second, so the stall comes mid-stream.
     let tally = Tally::new(N, Duration::from_millis(1));
-    let service = RunningService::spawn(
+    let service = scenario.spawn(
         Conejo::builder(format!("{url}{separator}heartbeat=1"))
             .connect_timeout(Duration::from_secs(2))
-            .queue_with(
-                &queue,
-                tally.clone(),
-                QueueConfig::new().durable(false).concurrency(4),
-            )
-            .build()?,
-    );
+            .queue_with(queue, tally.clone(), queue_config().concurrency(4)),
+    )?;
     let status = service.status().clone();
     tally.wait_handled(N / 10, Duration::from_secs(30)).await?;
     proxy.stall();
@@ -286,7 +279,7 @@ async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow
     let window = QueueConfig::new().concurrency(4).effective_prefetch();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let prefetch = conejo_tests::rabbitmqctl_consumer_prefetch(&queue).await?;
+        let prefetch = conejo_tests::rabbitmqctl_consumer_prefetch(queue).await?;
         if prefetch == [u32::from(window)] {
             break;
         }
@@ -301,10 +294,10 @@ async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         broker
-            .wait_for_count(&queue, 0, Duration::from_secs(30))
+            .wait_for_count(queue, 0, Duration::from_secs(30))
             .await?;
-        let unacked = conejo_tests::rabbitmqctl_queue_unacked(&queue).await?;
-        if unacked == 0 && broker.message_count(&queue).await? == 0 {
+        let unacked = conejo_tests::rabbitmqctl_queue_unacked(queue).await?;
+        if unacked == 0 && broker.message_count(queue).await? == 0 {
             break;
         }
         anyhow::ensure!(
@@ -327,9 +320,8 @@ async fn a_stalled_network_is_detected_by_heartbeats_and_reconnected() -> anyhow
     assert!(status.reconnects() >= 1);
     assert!(!service.is_finished());
     service.stop().await??;
-    assert_eq!(broker.message_count(&queue).await?, 0);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 /// Holds one message far past the broker's consumer_timeout the first time it sees it
@@ -454,22 +446,20 @@ async fn a_channel_closed_by_the_broker_is_reopened_while_other_queues_go_on() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_killed_mid_stream_is_restarted_and_loses_nothing() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("killed-consumer");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("killed-consumer").await?;
+    let Scenario { broker, queue } = &scenario;
     let mut ids = BTreeSet::new();
     for n in 0..200 {
         ids.insert(
             broker
-                .publish_bytes(&queue, format!("{n}").as_bytes())
+                .publish_bytes(queue, format!("{n}").as_bytes())
                 .await?,
         );
     }
     let finished = Arc::new(Mutex::new(Vec::<String>::new()));
     let spawn = |finished: Arc<Mutex<Vec<String>>>| -> anyhow::Result<tokio::process::Child> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
-            .args(["--queue", &queue, "--handler-ms", "20"])
+            .args(["--queue", queue, "--handler-ms", "20"])
             .args(["--concurrency", "4", "--prefetch", "10"])
             .env("AMQP_URL", amqp_url())
             .stdin(Stdio::null())
@@ -505,7 +495,7 @@ async fn a_consumer_killed_mid_stream_is_restarted_and_loses_nothing() -> anyhow
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let done: BTreeSet<String> = finished.lock().unwrap().iter().cloned().collect();
-        if ids.is_subset(&done) && broker.message_count(&queue).await? == 0 {
+        if ids.is_subset(&done) && broker.message_count(queue).await? == 0 {
             break;
         }
         anyhow::ensure!(
@@ -530,8 +520,7 @@ async fn a_consumer_killed_mid_stream_is_restarted_and_loses_nothing() -> anyhow
     );
     // the first run's unacked window (prefetch 10) may be handled twice
     assert!(total - ids.len() <= 10);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,8 +621,8 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let alarm = Arc::new(std::sync::atomic::AtomicBool::new(false));
     #[derive(Clone)]
-    struct FailsOnce(Arc<Mutex<Vec<u32>>>, Arc<std::sync::atomic::AtomicBool>);
-    impl Handler for FailsOnce {
+    struct FailsFirstAttemptUnderAlarm(Arc<Mutex<Vec<u32>>>, Arc<std::sync::atomic::AtomicBool>);
+    impl Handler for FailsFirstAttemptUnderAlarm {
         type Message = String;
         async fn handle(&self, _: String, ctx: &Context) -> Result<(), HandlerError> {
             self.0.lock().unwrap().push(ctx.attempt());
@@ -651,7 +640,7 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
         Conejo::builder(format!("{}?heartbeat=2", node.amqp_url()))
             .queue_with(
                 &queue,
-                FailsOnce(Arc::clone(&attempts), Arc::clone(&alarm)),
+                FailsFirstAttemptUnderAlarm(Arc::clone(&attempts), Arc::clone(&alarm)),
                 QueueConfig::new()
                     .durable(false)
                     .retry(RetryPolicy::default().initial_delay(Duration::from_millis(100))),
@@ -695,20 +684,14 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_while_reconnecting_returns_at_once() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("reconnecting");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("reconnecting").await?;
+    let queue = &scenario.queue;
     let proxy = TcpProxy::start_for_url(&amqp_url())?;
-    let service = RunningService::spawn(
-        Conejo::builder(proxy.url(&amqp_url())?)
-            .queue_with(
-                &queue,
-                Tally::new(1, Duration::ZERO),
-                QueueConfig::new().durable(false),
-            )
-            .build()?,
-    );
+    let service = scenario.spawn(Conejo::builder(proxy.url(&amqp_url())?).queue_with(
+        queue,
+        Tally::new(1, Duration::ZERO),
+        queue_config(),
+    ))?;
     let status = service.status().clone();
     wait_state(&status, Duration::from_secs(10), Status::is_ready).await?;
     // The broker becomes unreachable: conejo keeps trying.
@@ -726,8 +709,7 @@ async fn a_shutdown_while_reconnecting_returns_at_once() -> anyhow::Result<()> {
     eprintln!("stopped {took:?} after the request, while reconnecting");
     assert!(took < Duration::from_secs(1), "{took:?}");
     assert_eq!(status.state(), ConnectionState::Stopped);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Credentials that worked at startup and are refused on a reconnection (a password being

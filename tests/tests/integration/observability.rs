@@ -3,7 +3,7 @@
 //! of a handler runtime blocked by a handler while the connection runtime keeps time.
 //!
 //! Every test reads the endpoints over HTTP with a raw `GET` (no HTTP client dependency).
-//! The binary is in nextest's `heavy` group: one test stalls a runtime and measures lags,
+//! The module is in nextest's `heavy` group: one test stalls a runtime and measures lags,
 //! another starts and stops a private broker node.
 
 use std::{
@@ -17,8 +17,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use conejo::{Conejo, Context, Error, Handler, HandlerError, QueueConfig, RetryPolicy};
-use conejo_tests::{Broker, PrivateNode, RunningService, amqp_url, init_tracing, unique_name};
+use conejo::{Conejo, Context, Error, Handler, HandlerError, RetryPolicy};
+use conejo_tests::{
+    Broker, PrivateNode, RunningService, Scenario, amqp_url, init_tracing, queue_config,
+    unique_name,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -128,19 +131,14 @@ fn sample(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> anyhow::Res
         .with_context(|| format!("no sample {name} {labels:?}"))
 }
 
-fn config() -> QueueConfig {
-    // The support library declares test queues non-durable.
-    QueueConfig::new().durable(false)
-}
-
 /// Fails "0", "10" and "20" on every attempt (retried once, then dead-lettered), rejects
 /// "30"; counts its calls.
 #[derive(Clone, Default)]
-struct Picky {
+struct MixedOutcomes {
     calls: Arc<AtomicU32>,
 }
 
-impl Handler for Picky {
+impl Handler for MixedOutcomes {
     type Message = String;
 
     async fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
@@ -155,28 +153,30 @@ impl Handler for Picky {
 
 #[tokio::test]
 async fn metrics_count_a_known_load() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("observed");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("observed").await?;
+    let Scenario { broker, queue } = &scenario;
     // 50 messages: 45 fine, 3 failing twice (retried, then out of attempts), 1 rejected,
     // 1 that is not UTF-8 (a decode failure, dead-lettered).
     for n in 0..50 {
         if n == 40 {
-            broker.publish_bytes(&queue, &[0xff, 0xfe]).await?;
+            broker.publish_bytes(queue, &[0xff, 0xfe]).await?;
         } else {
             broker
-                .publish_bytes(&queue, n.to_string().as_bytes())
+                .publish_bytes(queue, n.to_string().as_bytes())
                 .await?;
         }
     }
-    let handler = Picky::default();
+    let handler = MixedOutcomes::default();
     let retry = RetryPolicy::default()
         .max_attempts(2)
         .initial_delay(Duration::from_millis(100))
         .jitter(0.0);
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, handler.clone(), config().retry(retry).prefetch(20))
+        .queue_with(
+            queue,
+            handler.clone(),
+            queue_config().retry(retry).prefetch(20),
+        )
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -185,7 +185,7 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
     // 50 first deliveries + 3 retries, all acked (5 of them once their dead letter was
     // confirmed, 3 once their retry copy was).
     let stats = service
-        .wait_for(&queue, WAIT, |s| s.acked == 53 && s.dead_lettered == 5)
+        .wait_for(queue, WAIT, |s| s.acked == 53 && s.dead_lettered == 5)
         .await?;
     // A delivery's task ends just after it hands over its settlement: wait for the last.
     let in_flight_gauge = format!("conejo_in_flight{{queue=\"{queue}\"}} 0\n");
@@ -278,8 +278,7 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
@@ -287,7 +286,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     init_tracing();
     // Nothing listens on port 1: conejo keeps trying, alive and not ready.
     let conejo = Conejo::builder("amqp://guest:guest@127.0.0.1:1/%2f")
-        .queue_with("never", Picky::default(), config())
+        .queue_with("never", MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -306,17 +305,16 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
 
     // Consuming, then the queue is deleted: the broker cancels the consumer, and a passive
     // queue cannot be consumed again.
-    let broker = Broker::connect().await?;
-    let queue = unique_name("vanishing");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("vanishing").await?;
+    let Scenario { broker, queue } = &scenario;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Picky::default(), config().passive())
+        .queue_with(queue, MixedOutcomes::default(), queue_config().passive())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
     let service = RunningService::spawn(conejo);
     get_until(address, "/readyz", WAIT, |r| r.status == 200).await?;
-    broker.delete_queue(&queue).await?;
+    broker.delete_queue(queue).await?;
     let ready = get_until(address, "/readyz", WAIT, |r| r.status == 503).await?;
     assert_eq!(
         ready.body,
@@ -325,9 +323,7 @@ async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow
     );
     assert_eq!(get(address, "/livez").await?.status, 200);
     assert!(!service.is_finished());
-    service.stop().await??;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.finish(service).await
 }
 
 #[tokio::test]
@@ -339,7 +335,7 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() -> anyhow::Resul
     broker.declare_queue(&queue).await?;
     drop(broker);
     let conejo = Conejo::builder(node.amqp_url())
-        .queue_with(&queue, Picky::default(), config())
+        .queue_with(&queue, MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -371,9 +367,9 @@ async fn readyz_follows_the_broker_going_away_and_coming_back() -> anyhow::Resul
 }
 
 /// Blocks its thread — the mistake of calling blocking code from an async handler.
-struct Sleepy;
+struct BlocksItsThread;
 
-impl Handler for Sleepy {
+impl Handler for BlocksItsThread {
     type Message = String;
 
     async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
@@ -385,17 +381,15 @@ impl Handler for Sleepy {
 #[tokio::test]
 async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none()
 -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("lag");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("lag").await?;
+    let Scenario { broker, queue } = &scenario;
     // The service's own runtime, with one worker: a handler that blocks blocks it all.
     let handler_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Sleepy, config().concurrency(1))
+        .queue_with(queue, BlocksItsThread, queue_config().concurrency(1))
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -410,7 +404,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
     );
 
     for _ in 0..3 {
-        broker.publish_bytes(&queue, b"block").await?;
+        broker.publish_bytes(queue, b"block").await?;
     }
     // While the handlers block, from this (other) runtime: the handler runtime's lag rises,
     // the connection runtime's stays low, and the health server (on the connection runtime)
@@ -433,7 +427,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
                 started.elapsed(),
             ));
         }
-        if stats.queue(&queue).context("queue")?.acked == 3 {
+        if stats.queue(queue).context("queue")?.acked == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -443,7 +437,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
          {worst_connection_lag:?}; scraped while blocked: {scraped:?}"
     );
     ensure!(
-        stats.queue(&queue).context("queue")?.acked == 3,
+        stats.queue(queue).context("queue")?.acked == 3,
         "not all handled"
     );
     assert!(handler_lag >= Duration::from_secs(1), "{handler_lag:?}");
@@ -461,8 +455,7 @@ async fn a_blocked_handler_runtime_shows_its_lag_and_the_connection_runtime_none
     shutdown.shutdown();
     tokio::time::timeout(WAIT, run).await???;
     handler_runtime.shutdown_background();
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test]
@@ -470,7 +463,7 @@ async fn a_health_address_in_use_is_a_startup_error_naming_it() -> anyhow::Resul
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let address = taken.local_addr()?;
     let error = Conejo::builder(amqp_url())
-        .queue("q", Picky::default())
+        .queue("q", MixedOutcomes::default())
         .health(address)
         .build()
         .err()
@@ -482,12 +475,10 @@ async fn a_health_address_in_use_is_a_startup_error_naming_it() -> anyhow::Resul
 
 #[tokio::test]
 async fn livez_fails_while_the_connection_runtime_is_wedged_and_recovers() -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("wedged");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("wedged").await?;
+    let queue = &scenario.queue;
     let conejo = Conejo::builder(amqp_url())
-        .queue_with(&queue, Picky::default(), config())
+        .queue_with(queue, MixedOutcomes::default(), queue_config())
         .health_port(0)
         .build()?;
     let address = conejo.health_addr().context("no health address")?;
@@ -519,7 +510,5 @@ async fn livez_fails_while_the_connection_runtime_is_wedged_and_recovers() -> an
     // The lag ages out (it is the worst over the last 2 s): alive again, same connection.
     get_until(address, "/livez", WAIT, |r| r.status == 200).await?;
     assert_eq!(service.status().reconnects(), 0);
-    service.stop().await??;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.finish(service).await
 }

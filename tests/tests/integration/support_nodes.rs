@@ -2,7 +2,7 @@
 //! and restarted by this process), a three-node cluster, and the TCP proxy.
 //!
 //! Private nodes cost seconds of CPU on a two-core machine, so `.config/nextest.toml` puts this
-//! binary in the `nodes` test group (one test at a time). Timings go to stderr (`--no-capture`
+//! module in the `heavy` test group (one test at a time). Timings go to stderr (`--no-capture`
 //! shows them). The proxy tests go through the proxy to the shared broker ([`amqp_url`]): a
 //! stalled or cut connection of our own does not disturb it.
 

@@ -18,14 +18,19 @@ use lapin::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
+    task::JoinHandle,
 };
 
 const LIMIT: u32 = 3;
 
 /// One run of the fixture service, its stdout lines collected as they come.
 struct Run {
+    /// The fixture's process: crashed on the poison message, or stopped by the test.
     child: Child,
+    /// Its stdout lines so far (`started <id>`, `finished <id>`).
     lines: Arc<Mutex<Vec<String>>>,
+    /// The task collecting `lines`: it ends at the end of the output, once the process is gone.
+    reader: JoinHandle<()>,
 }
 
 impl Run {
@@ -44,22 +49,32 @@ impl Run {
         let stdout = child.stdout.take().context("no stdout")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 sink.lock().unwrap().push(line);
             }
         });
-        Ok(Run { child, lines })
+        Ok(Run {
+            child,
+            lines,
+            reader,
+        })
     }
 
-    fn finished(&self) -> Vec<String> {
-        self.lines
+    /// The ids of the messages the run finished, once it has exited: waits (at most 10 s)
+    /// until all its output is read.
+    async fn finished(self) -> anyhow::Result<Vec<String>> {
+        tokio::time::timeout(Duration::from_secs(10), self.reader)
+            .await
+            .context("the fixture's output did not end")??;
+        Ok(self
+            .lines
             .lock()
             .unwrap()
             .iter()
             .filter_map(|line| line.strip_prefix("finished ").map(str::to_owned))
-            .collect()
+            .collect())
     }
 }
 
@@ -90,16 +105,13 @@ async fn run_until_healed(broker: &Broker, queue: &str) -> anyhow::Result<(u32, 
                 let status =
                     tokio::time::timeout(Duration::from_secs(10), run.child.wait()).await??;
                 anyhow::ensure!(status.success(), "clean exit expected, got {status:?}");
-                // let the reader drain the pipe
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                handled.extend(run.finished());
+                handled.extend(run.finished().await?);
                 return Ok((crashes, handled));
             }
             anyhow::ensure!(Instant::now() < deadline, "neither crashed nor healed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        handled.extend(run.finished());
+        handled.extend(run.finished().await?);
     }
     anyhow::bail!("still crashing after {crashes} runs")
 }

@@ -10,23 +10,15 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use conejo::{Conejo, Context, Error, Handler, HandlerError, TlsConfig};
+use conejo::{Conejo, Error, TlsConfig};
 use conejo_tests::{
     Broker, NodeOptions, PrivateNode, RunningService, TlsListener, init_tracing, unique_name,
 };
 
+use crate::handlers::AcksEverything;
+
 /// The client certificate's CN: the user SASL EXTERNAL logs in as.
 const CLIENT_CN: &str = "conejo-client";
-
-struct Noop;
-
-impl Handler for Noop {
-    type Message = String;
-
-    async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
 
 /// A throwaway PKI in a temporary directory, removed on drop.
 struct Pki {
@@ -206,7 +198,7 @@ async fn mutual_tls_consumes_acks_reconnects_and_refuses_bad_certificates() -> a
     let conejo = Conejo::builder(&url)
         .tls(pki.client())
         .connection_name("conejo-tls-test")
-        .queue(&queue, Noop)
+        .queue(&queue, AcksEverything)
         .build()?;
     let shown = format!("{conejo:?}");
     assert!(!shown.contains("PRIVATE KEY"), "{shown}");
@@ -237,7 +229,7 @@ async fn mutual_tls_consumes_acks_reconnects_and_refuses_bad_certificates() -> a
                 .ca_file(pki.path("other-ca.pem"))
                 .client_cert(pki.path("client.pem"), pki.path("client.key")),
         )
-        .queue(&queue, Noop)
+        .queue(&queue, AcksEverything)
         .build()?;
     let (error, took) = failure(conejo).await?;
     println!("wrong CA ({took:?}): {error}");
@@ -257,7 +249,7 @@ async fn mutual_tls_consumes_acks_reconnects_and_refuses_bad_certificates() -> a
         let conejo = Conejo::builder(&url)
             .tls(TlsConfig::new().ca_file(pki.path("ca.pem")))
             .wait_for_broker(false)
-            .queue(&queue, Noop)
+            .queue(&queue, AcksEverything)
             .build()?;
         let (error, took) = failure(conejo).await?;
         println!("no client certificate, attempt {attempt} ({took:?}): {error}");
@@ -300,7 +292,7 @@ async fn external_auth_logs_in_as_the_certificate() -> anyhow::Result<()> {
     let conejo = Conejo::builder(format!("amqps://127.0.0.1:{port}/%2f"))
         .tls(pki.client().external_auth())
         .connection_name("conejo-tls-external")
-        .queue(&queue, Noop)
+        .queue(&queue, AcksEverything)
         .build()?;
     let service = RunningService::spawn(conejo);
     let service = consume_one(&node, &queue, service).await?;
@@ -325,7 +317,7 @@ fn build_checks_the_tls_files() -> anyhow::Result<()> {
     let build = |config: TlsConfig| {
         Conejo::builder("amqps://u:pw@127.0.0.1:5671/%2f")
             .tls(config)
-            .queue("q", Noop)
+            .queue("q", AcksEverything)
             .build()
             .map(|_| ())
     };
@@ -379,7 +371,7 @@ fn build_checks_the_tls_files() -> anyhow::Result<()> {
         "{:?}",
         Conejo::builder("amqps://127.0.0.1:5671/%2f")
             .tls(pki.client())
-            .queue("q", Noop)
+            .queue("q", AcksEverything)
             .build()?
     );
     assert!(

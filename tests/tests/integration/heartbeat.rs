@@ -73,18 +73,26 @@ impl Handler for Blocker {
     }
 }
 
-struct Scenario {
+/// Both tests' set-up: two queues loaded with hogging handlers, the runtime they run on, and
+/// a runtime of the test's own for the broker-side checks.
+struct HogLoad {
+    /// The service's `connection_name`: how the broker's listing tells its connection.
     name: String,
+    /// The queue of the CPU-burning [`Burner`]s.
     burn_queue: String,
+    /// The queue of the worker-blocking [`Blocker`]s.
     block_queue: String,
+    /// What each handler call saw: (message id, redelivered).
     seen: Seen,
+    /// Runs the test's own broker calls, away from the hogged runtime.
     admin: tokio::runtime::Runtime,
+    /// The test's connection, to publish the load and count what is left.
     broker: Broker,
     /// Where handlers run: two workers, both blocked by [`Blocker`]s.
     handlers: tokio::runtime::Runtime,
 }
 
-impl Scenario {
+impl HogLoad {
     fn new() -> anyhow::Result<Self> {
         init_tracing();
         let admin = tokio::runtime::Builder::new_current_thread()
@@ -101,7 +109,7 @@ impl Scenario {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        Ok(Scenario {
+        Ok(HogLoad {
             name: unique_name("heartbeat"),
             burn_queue,
             block_queue,
@@ -174,7 +182,7 @@ impl Scenario {
     }
 
     fn finish(self) -> anyhow::Result<()> {
-        let Scenario {
+        let HogLoad {
             admin,
             broker,
             burn_queue,
@@ -213,20 +221,19 @@ fn wait<T>(runtime: &tokio::runtime::Runtime, task: impl Future<Output = T>) -> 
 
 #[test]
 fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
-    let scenario = Scenario::new()?;
-    let service = scenario.service()?.build()?;
+    let load = HogLoad::new()?;
+    let service = load.service()?.build()?;
     let shutdown = service.shutdown_handle();
     let stats = service.stats();
     let status = service.status();
-    let running = scenario
+    let running = load
         .handlers
         .spawn(service.run_until(std::future::pending()));
-    let before = scenario.start_load(&status)?;
+    let before = load.start_load(&status)?;
 
     let total = BURNERS + BLOCKERS;
     let acked = || {
-        stats.queue(&scenario.burn_queue).unwrap().acked
-            + stats.queue(&scenario.block_queue).unwrap().acked
+        stats.queue(&load.burn_queue).unwrap().acked + stats.queue(&load.block_queue).unwrap().acked
     };
     poll_until(Duration::from_secs(60), || {
         anyhow::ensure!(
@@ -240,7 +247,7 @@ fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
     // Ten seconds without a heartbeat frame on a 1 s heartbeat would have made the broker close
     // the connection (the control shows it does) and conejo would have reconnected on a new
     // TCP connection. The broker still lists the very connection it listed before the load.
-    let after = scenario.connection_now()?;
+    let after = load.connection_now()?;
     assert_eq!(
         after.as_deref(),
         Some(before.as_str()),
@@ -250,9 +257,9 @@ fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
     eprintln!("broker kept connection {before} through {HOG:?} of hogged handlers");
 
     shutdown.shutdown();
-    wait(&scenario.handlers, running)???;
-    assert_eq!(scenario.ready_messages()?, 0, "every message acked");
-    let mut seen = scenario.seen.lock().unwrap().clone();
+    wait(&load.handlers, running)???;
+    assert_eq!(load.ready_messages()?, 0, "every message acked");
+    let mut seen = load.seen.lock().unwrap().clone();
     seen.sort_unstable();
     let expected: Vec<_> = (0..BURNERS)
         .chain(100..100 + BLOCKERS)
@@ -262,7 +269,7 @@ fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
         seen, expected,
         "each message handled once, none redelivered"
     );
-    for queue in [&scenario.burn_queue, &scenario.block_queue] {
+    for queue in [&load.burn_queue, &load.block_queue] {
         let q = stats.queue(queue).unwrap();
         assert_eq!(
             (q.delivered, q.ack_failures, q.requeued),
@@ -270,26 +277,26 @@ fn heartbeats_survive_handlers_that_hog_every_worker() -> anyhow::Result<()> {
             "{queue}: {q:?}"
         );
     }
-    scenario.finish()
+    load.finish()
 }
 
 #[test]
 fn control_lapin_on_the_handler_runtime_loses_its_connection() -> anyhow::Result<()> {
-    let scenario = Scenario::new()?;
-    let service = scenario.service()?.lapin_on_handler_runtime().build()?;
+    let load = HogLoad::new()?;
+    let service = load.service()?.lapin_on_handler_runtime().build()?;
     let shutdown = service.shutdown_handle();
     let status = service.status();
-    let running = scenario
+    let running = load
         .handlers
         .spawn(service.run_until(std::future::pending()));
-    let before = scenario.start_load(&status)?;
+    let before = load.start_load(&status)?;
     let started = Instant::now();
 
     // The blockers hold both workers for 10 s: no heartbeat goes out, the broker closes the
     // connection. The service notices once its runtime is released and reconnects; the
     // handlers' results belong to the dead connection and are dropped, never acked.
     poll_until(HOG + Duration::from_secs(40), || {
-        Ok(status.reconnects() >= 1 && scenario.connection_now()?.as_ref() != Some(&before))
+        Ok(status.reconnects() >= 1 && load.connection_now()?.as_ref() != Some(&before))
     })?;
     eprintln!(
         "the naive connection {before} was replaced {:?} into the load",
@@ -298,12 +305,12 @@ fn control_lapin_on_the_handler_runtime_loses_its_connection() -> anyhow::Result
     // Stopped (it would only hog again): nothing was acked, the broker holds every message
     // again.
     shutdown.shutdown();
-    wait(&scenario.handlers, running)???;
+    wait(&load.handlers, running)???;
     let mut ready = 0;
     poll_until(Duration::from_secs(15), || {
-        ready = scenario.ready_messages()?;
+        ready = load.ready_messages()?;
         Ok(ready == (BURNERS + BLOCKERS) as u32)
     })
     .map_err(|e| e.context(format!("{ready} messages ready")))?;
-    scenario.finish()
+    load.finish()
 }

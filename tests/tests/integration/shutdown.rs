@@ -1,19 +1,19 @@
 //! Graceful shutdown, from the outside (a real process and SIGTERM) and from the inside (a
-//! shutdown handle and a deadline that runs out).
+//! shutdown handle and a deadline that runs out, a handler that asks for it).
 
 use std::{
     collections::BTreeSet,
     process::Stdio,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Broker, RunningService, TcpProxy, amqp_url, init_tracing, unique_name};
+use conejo::{Conejo, Context, Handler, HandlerError};
+use conejo_tests::{Scenario, TcpProxy, amqp_url, queue_config, unique_name};
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -23,6 +23,8 @@ const TOTAL: usize = 20;
 const CONCURRENCY: usize = 4;
 const PREFETCH: usize = 10;
 const HANDLER: Duration = Duration::from_secs(3);
+/// How long a test waits for a service to stop by itself.
+const WAIT: Duration = Duration::from_secs(20);
 
 struct Fixture {
     child: Child,
@@ -74,20 +76,18 @@ impl Fixture {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() -> anyhow::Result<()>
 {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("sigterm");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("sigterm").await?;
+    let Scenario { broker, queue } = &scenario;
     let mut published = BTreeSet::new();
     for n in 0..TOTAL {
         published.insert(
             broker
-                .publish_bytes(&queue, format!("job {n}").as_bytes())
+                .publish_bytes(queue, format!("job {n}").as_bytes())
                 .await?,
         );
     }
     let name = unique_name("fixture");
-    let mut fixture = Fixture::spawn(&queue, &name)?;
+    let mut fixture = Fixture::spawn(queue, &name)?;
 
     let mut started = BTreeSet::new();
     while started.len() < CONCURRENCY {
@@ -100,14 +100,14 @@ async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() ->
     }
     // The prefetch window is full: PREFETCH delivered, CONCURRENCY running.
     broker
-        .wait_for_count(&queue, (TOTAL - PREFETCH) as u32, Duration::from_secs(10))
+        .wait_for_count(queue, (TOTAL - PREFETCH) as u32, Duration::from_secs(10))
         .await?;
     fixture.signal("TERM")?;
     let signalled = Instant::now();
 
     // The prefetched-but-unstarted messages come back at once, while the handlers still run.
     broker
-        .wait_for_count(&queue, (TOTAL - CONCURRENCY) as u32, HANDLER / 2)
+        .wait_for_count(queue, (TOTAL - CONCURRENCY) as u32, HANDLER / 2)
         .await
         .context(
             "prefetched messages were not given back before the in-flight handlers finished",
@@ -131,7 +131,7 @@ async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() ->
     assert_eq!(finished, started, "every in-flight handler finished");
 
     // The in-flight messages were acked; everything else is back in the queue, once.
-    let rest = broker.drain(&queue).await?;
+    let rest = broker.drain(queue).await?;
     let rest_ids: Vec<String> = rest.iter().filter_map(|m| m.message_id.clone()).collect();
     let rest_set: BTreeSet<String> = rest_ids.iter().cloned().collect();
     assert_eq!(rest_ids.len(), rest_set.len(), "no duplicate in the queue");
@@ -145,17 +145,16 @@ async fn sigterm_finishes_in_flight_work_gives_back_the_rest_and_exits_zero() ->
     let redelivered = rest.iter().filter(|m| m.redelivered).count();
     assert_eq!(redelivered, PREFETCH - CONCURRENCY);
     conejo_tests::wait_for_connection_absent(&name, Duration::from_secs(5)).await?;
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 /// Sleeps far longer than the shutdown deadline.
 #[derive(Clone, Default)]
-struct Stubborn {
+struct SleepsPastTheDeadline {
     finished: Arc<AtomicU64>,
 }
 
-impl Handler for Stubborn {
+impl Handler for SleepsPastTheDeadline {
     type Message = Vec<u8>;
 
     async fn handle(&self, _body: Vec<u8>, _ctx: &Context) -> Result<(), HandlerError> {
@@ -168,32 +167,29 @@ impl Handler for Stubborn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -> anyhow::Result<()>
 {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("deadline");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("deadline").await?;
+    let Scenario { broker, queue } = &scenario;
     for n in 0..6 {
         broker
-            .publish_bytes(&queue, format!("slow {n}").as_bytes())
+            .publish_bytes(queue, format!("slow {n}").as_bytes())
             .await?;
     }
-    let handler = Stubborn::default();
-    let service = RunningService::spawn(
+    let handler = SleepsPastTheDeadline::default();
+    let service = scenario.spawn(
         Conejo::builder(amqp_url())
             .shutdown_timeout(Duration::from_millis(500))
             .queue_with(
-                &queue,
+                queue,
                 handler.clone(),
-                QueueConfig::new().durable(false).concurrency(2).prefetch(4),
-            )
-            .build()?,
-    );
+                queue_config().concurrency(2).prefetch(4),
+            ),
+    )?;
     // Two running (the concurrency), two more prefetched: two left on the broker.
     service
-        .wait_for(&queue, Duration::from_secs(10), |s| s.delivered == 2)
+        .wait_for(queue, Duration::from_secs(10), |s| s.delivered == 2)
         .await?;
     broker
-        .wait_for_count(&queue, 2, Duration::from_secs(10))
+        .wait_for_count(queue, 2, Duration::from_secs(10))
         .await?;
     let stats = service.stats().clone();
     let stopping = Instant::now();
@@ -205,13 +201,14 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
     );
 
     // 2 prefetched-unstarted + 2 still running: all four given back.
-    let q = stats.queue(&queue).unwrap();
+    let q = stats.queue(queue).unwrap();
     assert_eq!((q.acked, q.requeued), (0, 4), "{q:?}");
     broker
-        .wait_for_count(&queue, 6, Duration::from_secs(5))
+        .wait_for_count(queue, 6, Duration::from_secs(5))
         .await?;
 
-    // The stubborn handlers finish later; their results must not reach the broker.
+    // The handlers sleeping past the deadline finish later; their results must not reach
+    // the broker.
     let deadline = Instant::now() + Duration::from_secs(10);
     while handler.finished.load(Ordering::SeqCst) < 2 {
         anyhow::ensure!(
@@ -220,11 +217,39 @@ async fn handlers_past_the_deadline_are_requeued_and_their_late_acks_dropped() -
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let q = stats.queue(&queue).unwrap();
+    let q = stats.queue(queue).unwrap();
     assert_eq!((q.acked, q.late_settlements), (0, 2), "{q:?}");
-    assert_eq!(broker.message_count(&queue).await?, 6);
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    assert_eq!(broker.message_count(queue).await?, 6);
+    scenario.cleanup().await
+}
+
+#[tokio::test]
+async fn a_function_handler_can_ask_the_service_to_stop() -> anyhow::Result<()> {
+    let scenario = Scenario::new("fn-handler").await?;
+    let Scenario { broker, queue } = &scenario;
+    broker.publish_bytes(queue, b"hello").await?;
+    broker.publish_bytes(queue, b"stop").await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let service = scenario.spawn(Conejo::builder(amqp_url()).queue_with(
+        queue,
+        conejo::handler_fn(move |text: String, ctx: Context| {
+            let sink = Arc::clone(&sink);
+            async move {
+                if text == "stop" {
+                    ctx.request_shutdown();
+                }
+                sink.lock().unwrap().push(text);
+                Ok(())
+            }
+        }),
+        queue_config().concurrency(1),
+    ))?;
+    // The service stops by itself, cleanly, after acking both.
+    service.join(WAIT).await??;
+    assert_eq!(*seen.lock().unwrap(), vec!["hello", "stop"]);
+    assert_eq!(broker.message_count(queue).await?, 0);
+    scenario.cleanup().await
 }
 
 /// When the signal comes.
@@ -239,10 +264,8 @@ enum Phase {
 /// Starts the fixture process, brings it to `phase`, sends it `signal` and expects exit 0
 /// within a second.
 async fn signal_exits_zero_at_once(signal: &str, phase: Phase) -> anyhow::Result<()> {
-    init_tracing();
-    let broker = Broker::connect().await?;
-    let queue = unique_name("signal");
-    broker.declare_queue(&queue).await?;
+    let scenario = Scenario::new("signal").await?;
+    let queue = &scenario.queue;
     // Waiting: a loopback port nobody listens on. Reconnecting: a proxy to the broker,
     // closed once the fixture consumes.
     let proxy = TcpProxy::start_for_url(&amqp_url())?;
@@ -256,7 +279,7 @@ async fn signal_exits_zero_at_once(signal: &str, phase: Phase) -> anyhow::Result
         Phase::Reconnecting => proxy.url(&amqp_url())?,
     };
     let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
-        .args(["--queue", &queue])
+        .args(["--queue", queue])
         .env("AMQP_URL", url)
         .env("RUST_LOG", "warn,conejo=info")
         .stdin(Stdio::null())
@@ -296,8 +319,7 @@ async fn signal_exits_zero_at_once(signal: &str, phase: Phase) -> anyhow::Result
     eprintln!("exited {status:?} {took:?} after SIG{signal}, {phase:?}");
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    broker.delete_consumed_queue(&queue).await?;
-    Ok(())
+    scenario.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
