@@ -5,7 +5,6 @@ use std::{
     time::Duration,
 };
 
-
 /// Delays between attempts: none before the first retry (a lost connection is usually
 /// back at once, or another node answers), then `initial`, doubling up to `max`, each
 /// spread by ± 20 %.

@@ -149,6 +149,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod app;
+mod backoff;
 mod broker;
 mod config;
 mod engine;
@@ -159,6 +160,7 @@ mod hooks;
 #[cfg(any(feature = "config", feature = "logging"))]
 mod log_format;
 mod observe;
+mod publish;
 pub mod service;
 
 #[cfg(feature = "admin")]
@@ -181,12 +183,10 @@ pub use app::{Builder, Conejo, ShutdownHandle};
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub use broker::tls::TlsConfig;
 pub use broker::url::AmqpUrl;
+pub use broker::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_DELAY};
 pub use config::queue::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use config::retry::{MAX_RETRY_DELAY, RetryPolicy};
-pub use config::service::{
-    DEFAULT_ACK_LINGER, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_RECONNECT_DELAY,
-    DEFAULT_SHUTDOWN_TIMEOUT,
-};
+pub use config::service::{DEFAULT_ACK_LINGER, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT};
 pub use config::topology::Exchange;
 pub use engine::check::{CheckReport, QueueCheck};
 pub use error::Error;
@@ -194,15 +194,21 @@ pub use handler::context::Context;
 pub use handler::error::HandlerError;
 pub use handler::message::{Decode, DecodeError, Json};
 pub use handler::outcome::{Failure, Outcome};
-pub use handler::{Blocking, BlockingHandler, FnHandler, Handler, handler_fn};
+pub use handler::{
+    Blocking, BlockingHandler, FnHandler, Handler, Responder, Responding, handler_fn,
+};
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use hooks::RuntimeWedge;
 #[cfg(any(feature = "config", feature = "logging"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "config", feature = "logging"))))]
 pub use log_format::LogFormat;
-pub use observe::stats::{QueueStats, Stats};
+pub use observe::stats::{PublishStats, QueueStats, Stats};
 pub use observe::status::{ConnectionState, Status};
+pub use publish::{
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_PUBLISH_TIMEOUT, Encode, EncodeError, HeaderValue, Message,
+    PublishError, Publisher, PublisherBuilder, PublisherState, Reply, RequestError,
+};
 
 /// AMQP types that appear in conejo's API (headers, property values), re-exported from lapin
 /// and `bytes`.

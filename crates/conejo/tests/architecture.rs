@@ -22,31 +22,34 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // leaves: the crate's error type and conejo's header vocabulary
     ("error", &[]),
     ("headers", &[]),
+    ("backoff", &[]),
     // the broker boundary: addresses, TLS, the transports
     ("broker", &["error"]),
     // what users implement and what their handlers see
     // (a delivery arrives as the broker's `Incoming`)
-    ("handler", &["broker", "error", "headers"]),
+    ("handler", &["broker", "publish", "error", "headers"]),
     // the pipeline around a handler: layers, decoding, panic isolation, timeout
     ("service", &["handler", "error"]),
     // what a service is configured with
     (
         "config",
-        &["broker", "handler", "service", "error", "headers"],
+        &[
+            "broker", "handler", "service", "publish", "error", "headers", "backoff",
+        ],
     ),
     // counters, status, lags, metrics, health
     ("observe", &["error"]),
     // publishing: confirmed publishes on conejo's own connections
     (
         "publish",
-        &["broker", "observe", "config", "error", "headers"],
+        &["broker", "observe", "error", "headers", "backoff"],
     ),
     // the running core
     (
         "engine",
         &[
             "broker", "handler", "service", "config", "observe", "publish", "error", "headers",
-            "hooks",
+            "hooks", "backoff",
         ],
     ),
     // the builder and the service users run
@@ -175,6 +178,8 @@ struct Collector<'a> {
     source: &'a str,
     /// Set while a re-export's use tree is walked.
     reexport: bool,
+    /// Modules declared `#[cfg(test)] mod x;`, whose files are left out.
+    test_modules: &'a mut Vec<Vec<String>>,
 }
 
 impl Collector<'_> {
@@ -273,6 +278,14 @@ impl<'ast> Visit<'ast> for Collector<'_> {
             _ => (&[], None),
         };
         if is_test_only(attrs) {
+            if let syn::Item::Mod(m) = item
+                && m.content.is_none()
+            {
+                // `#[cfg(test)] mod tests;`: its file is a test module too.
+                let mut path = self.here.clone();
+                path.push(m.ident.to_string());
+                self.test_modules.push(path);
+            }
             return;
         }
         if let Some(name) = name {
@@ -339,6 +352,7 @@ fn parse_crate() -> BTreeMap<Vec<String>, Module> {
     }
     files.sort();
     let mut modules = BTreeMap::new();
+    let mut test_modules = Vec::new();
     for file in files {
         let source = std::fs::read_to_string(&file).unwrap();
         let parsed = syn::parse_file(&source)
@@ -365,11 +379,13 @@ fn parse_crate() -> BTreeMap<Vec<String>, Module> {
             file: relative,
             source: &source,
             reexport: false,
+            test_modules: &mut test_modules,
         };
         for item in &parsed.items {
             collector.visit_item(item);
         }
     }
+    modules.retain(|path, _| !test_modules.iter().any(|test| path.starts_with(test)));
     modules
 }
 

@@ -22,6 +22,9 @@ mod connections;
 // What the failures become: broker-held retries with backoff, dead letters and their
 // headers, timeouts, panics outside the handler, topology from the builder.
 mod failures;
+// Publishing: confirms, returns, nacks, a forced close mid-stream, a handler's publishes
+// before its ack, request-reply.
+mod publish;
 // Layers around handlers: idempotency, authorisation, service-wide, and the delivery span.
 mod middleware;
 // Settings from a file and the environment, and `Conejo::check`.

@@ -8,7 +8,7 @@ use tracing::warn;
 
 use super::Conejo;
 use crate::{
-    Error, Exchange, Handler, QueueConfig,
+    Error, Exchange, Handler, Publisher, QueueConfig,
     broker::url::parse_list,
     config::service::{ServiceConfig, Unresolved},
     engine::{
@@ -41,6 +41,7 @@ impl Conejo {
             queues: Vec::new(),
             layers: Layers::default(),
             settings: None,
+            publisher: Publisher::for_service(),
             #[cfg(feature = "health")]
             health: None,
             #[cfg(feature = "cli")]
@@ -75,6 +76,9 @@ pub struct Builder {
     pub(crate) layers: Layers,
     /// Settings from a file and the environment, applied by `build()` over the code's.
     pub(crate) settings: Option<Box<dyn ApplySettings>>,
+    /// The service's publisher, handed out before the service is built (to handlers
+    /// registered on this builder).
+    publisher: Publisher,
     /// Where to serve the health endpoints, bound by `build()`.
     #[cfg(feature = "health")]
     pub(crate) health: Option<std::net::SocketAddr>,
@@ -177,7 +181,53 @@ impl Builder {
         self
     }
 
-    /// The connection's name as the broker shows it (default: the program's name).
+    /// The service's publisher (see [`Conejo::publisher`](crate::Conejo::publisher)), to
+    /// hand to handlers as they are registered: it publishes once the service runs.
+    ///
+    /// ```no_run
+    /// use conejo::{Conejo, Context, Handler, HandlerError, Json, Publisher};
+    ///
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Order { id: u64 }
+    ///
+    /// struct Orders { events: Publisher }
+    /// impl Handler for Orders {
+    ///     type Message = Json<Order>;
+    ///     async fn handle(&self, Json(order): Json<Order>, _: &Context) -> Result<(), HandlerError> {
+    ///         self.events.publish("shop", "order.stored", Json(order)).await?;
+    ///         Ok(())
+    ///     }
+    /// }
+    ///
+    /// # async fn run() -> Result<(), conejo::Error> {
+    /// let builder = Conejo::builder("amqp://guest:guest@127.0.0.1:5672/%2f");
+    /// let events = builder.publisher();
+    /// builder.queue("orders", Orders { events }).build()?.run().await
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// The longest a publish of the service's publisher may take, confirm included: its
+    /// handlers' publishes, and the copies of retries and dead letters (default 30 s, at
+    /// most 1 h). A publish waits that long, at most, for a connection, a place among the
+    /// messages in flight, or the end of a resource alarm.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.config.publish.timeout = timeout;
+        self
+    }
+
+    /// Messages the service's publisher keeps in flight at most (default 1024): a publish
+    /// beyond it waits for a place, so memory stays bounded.
+    pub fn max_publishes_in_flight(mut self, max: usize) -> Self {
+        self.config.publish.max_in_flight = max;
+        self
+    }
+
+    /// The connection's name as the broker shows it (default: the program's name). The
+    /// service's publisher connects as this name followed by `-publish`.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.given.connection_name = Some(name.into());
         self
@@ -304,6 +354,7 @@ impl Builder {
             queues,
             layers,
             settings: _,
+            publisher,
             #[cfg(feature = "health")]
             health,
             #[cfg(feature = "cli")]
@@ -342,10 +393,14 @@ impl Builder {
                 .transpose()?,
         };
         let names = || queues.iter().map(|spec| spec.name.to_string());
+        let status = Arc::new(StatusWriter::new(names()));
+        publisher.configure(config.publish, Some(Arc::clone(&status)));
+        let stats = Stats::new(names(), publisher.counters());
         let handles = Handles {
             shutdown: CancellationToken::new(),
-            status: Arc::new(StatusWriter::new(names())),
-            stats: Stats::new(names()),
+            status,
+            stats,
+            publisher,
         };
         Ok(Conejo {
             config,

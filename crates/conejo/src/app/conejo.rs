@@ -110,6 +110,18 @@ impl Conejo {
         self.observe.health.as_ref().map(|h| h.address())
     }
 
+    /// The service's publisher: confirmed publishes on a connection of its own, on the
+    /// connection runtime. Hand it to the rest of the application (and, from the builder's
+    /// [`publisher`](crate::Builder::publisher), to handlers); it publishes once the service runs (a publish before that waits for it,
+    /// up to the [publish timeout](crate::Builder::publish_timeout)), and closes with the
+    /// service. Inside a handler, [`Context::publish`](crate::Context::publish) also holds
+    /// the delivery's ack until the publish is confirmed.
+    ///
+    #[must_use]
+    pub fn publisher(&self) -> crate::Publisher {
+        self.handles.publisher.clone()
+    }
+
     /// Live counters of every queue, and the lag of the service's runtimes.
     #[must_use]
     pub fn stats(&self) -> Stats {

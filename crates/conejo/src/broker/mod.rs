@@ -47,6 +47,14 @@ use crate::Error;
 
 pub(crate) use self::{tls::TlsSetup, url::AmqpUrl};
 
+/// Default time one connection attempt (TCP, TLS, AMQP handshake) may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Default back-off between reconnection attempts: the first retry at once, then from
+/// 100 ms, doubling, up to 5 s.
+pub const DEFAULT_RECONNECT_DELAY: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
 /// What a broker operation fails with: lapin's error (a protocol error carries the broker's
 /// reply code and text: 404 NOT_FOUND, 406 PRECONDITION_FAILED, 320 CONNECTION_FORCED…).
 pub(crate) type BrokerError = lapin::Error;
@@ -206,6 +214,8 @@ pub(crate) struct QueueState {
 pub(crate) struct ConsumeOptions {
     /// The only consumer of the queue while it lives.
     pub(crate) exclusive: bool,
+    /// The broker considers each delivery settled as it sends it (direct reply-to).
+    pub(crate) no_ack: bool,
     /// Consumer arguments (`x-priority`, `x-stream-offset`…).
     pub(crate) arguments: FieldTable,
 }
@@ -554,6 +564,18 @@ impl Stream for Events {
             Events::Memory(events) => Pin::new(events).poll_next(cx),
         }
     }
+}
+
+/// The program's name: the default name of its connections.
+pub(crate) fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|arg0| {
+            std::path::Path::new(&arg0)
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "conejo".to_owned())
 }
 
 /// An error of conejo's own making at the boundary (a task that failed).

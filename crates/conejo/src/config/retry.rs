@@ -1,12 +1,9 @@
 //! How often and how late a failed message is tried again: the retry policy, and the
 //! quantized delays that name the broker-side wait queues.
 
-use std::{
-    hash::{BuildHasher, Hasher},
-    time::Duration,
-};
+use std::time::Duration;
 
-use crate::Error;
+use crate::{Error, backoff::unit_random};
 
 /// The longest delay a wait queue can hold a message for (a day): `x-message-ttl` is a
 /// 32-bit millisecond count, and a longer delay is better served by a scheduler.
@@ -151,14 +148,6 @@ impl RetryPolicy {
         }
         Ok(())
     }
-}
-
-/// A uniform number in [0, 1): std's randomly seeded hasher is random enough for jitter and
-/// saves a dependency.
-pub(crate) fn unit_random() -> f64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(0x5EED);
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The wait queue's TTL for a delay: delays are rounded to a ladder of quarter octaves

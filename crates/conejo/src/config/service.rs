@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::{
     Error, Exchange,
-    broker::{AmqpUrl, TlsSetup},
+    broker::{AmqpUrl, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_DELAY, TlsSetup},
+    publish::PublishSettings,
 };
 
 /// Default time in-flight handlers get to finish at shutdown: well under Kubernetes' 30 s
@@ -19,14 +20,6 @@ pub const DEFAULT_ACK_LINGER: Duration = Duration::from_millis(5);
 /// RabbitMQ's default `consumer_timeout` (30 min): a delivery left unacked longer closes its
 /// channel.
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-
-/// Default time one connection attempt (TCP, TLS, AMQP handshake) may take.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Default back-off between reconnection attempts: the first retry at once, then from
-/// 100 ms, doubling, up to 5 s.
-pub const DEFAULT_RECONNECT_DELAY: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(5));
 
 /// Longest accepted shutdown timeout.
 pub(crate) const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
@@ -74,10 +67,13 @@ pub(crate) struct ServiceConfig {
     pub(crate) timing: Timing,
     /// The broker's `consumer_timeout`, as the user declares it (for a startup warning).
     pub(crate) consumer_timeout: Duration,
-    /// Connection attempts and back-off.
+    /// Connection attempts and back-off (the consuming connection's and the publisher's).
     pub(crate) connect: ConnectPolicy,
     /// The TLS material read from the files, used by every connection attempt.
     pub(crate) tls: TlsSetup,
+    /// How the service's publisher publishes (handlers' publishes, retry copies, dead
+    /// letters).
+    pub(crate) publish: PublishSettings,
     /// The in-memory broker to connect to instead of RabbitMQ (tests).
     #[cfg(any(test, feature = "test-util"))]
     pub(crate) memory: Option<crate::broker::memory::Memory>,
@@ -113,6 +109,7 @@ impl ServiceConfig {
                 backoff: DEFAULT_RECONNECT_DELAY,
             },
             tls: TlsSetup::default(),
+            publish: PublishSettings::default(),
             #[cfg(any(test, feature = "test-util"))]
             memory: None,
         }
@@ -135,12 +132,15 @@ impl ServiceConfig {
         };
         self.urls = urls;
         self.tls = tls;
-        self.connection_name = given.connection_name.unwrap_or_else(program_name);
+        self.connection_name = given
+            .connection_name
+            .unwrap_or_else(crate::broker::program_name);
         self.validate()?;
         Ok(self)
     }
 
     fn validate(&self) -> Result<(), Error> {
+        self.publish.validate()?;
         let timing = self.timing;
         if timing.shutdown_timeout.is_zero() || timing.shutdown_timeout > MAX_SHUTDOWN_TIMEOUT {
             return Err(Error::config(
@@ -223,13 +223,9 @@ fn tls_setup(urls: &[AmqpUrl]) -> Result<TlsSetup, Error> {
     }
 }
 
-fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|arg0| {
-            std::path::Path::new(&arg0)
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-        })
-        .unwrap_or_else(|| "conejo".to_owned())
+impl ServiceConfig {
+    /// The publishing connection's name: the service's, then `-publish`.
+    pub(crate) fn publisher_name(&self) -> String {
+        format!("{}-publish", self.connection_name)
+    }
 }

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 use super::{
     check::QueueCheck,
     dispatch::Dispatch,
-    publish::Publisher,
+    publish::Copies,
     queue::Queue,
     settle::{SettleHandle, settle_task},
     topology::{self, SetupError},
@@ -31,8 +31,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Generation {
     /// The connection.
     pub(crate) connection: Connection,
-    /// Its publisher of retry copies and dead letters.
-    pub(crate) publisher: Arc<Publisher>,
+    /// The service's publisher of retry copies and dead letters (its own connection).
+    pub(crate) publisher: Arc<Copies>,
     /// Fired when the service starts shutting down.
     pub(crate) shutdown: CancellationToken,
     /// Fired when this connection is lost.
@@ -194,6 +194,7 @@ impl Channel {
             signals: Arc::new(Signals {
                 shutdown: generation.shutdown.child_token(),
                 service: generation.shutdown.clone(),
+                publisher: Some(generation.publisher.publisher().clone()),
             }),
             tasks: TaskTracker::new(),
             opened: Instant::now(),

@@ -9,11 +9,11 @@ use bytes::Bytes;
 use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
 use super::{
-    publish::{PublishError, Publisher},
+    publish::Copies,
     settle::{SettleHandle, tracker::Settlement},
 };
 use crate::{
-    Context, Failure, Outcome,
+    Context, Failure, Outcome, PublishError,
     config::{
         queue::ResolvedQueue,
         retry::{MAX_RETRY_DELAY, wait_ttl_ms},
@@ -38,7 +38,7 @@ pub(crate) struct Dispatch {
     /// channel that delivered these messages.
     pub(crate) settle: SettleHandle,
     /// Publishes retry copies and dead letters, with confirms.
-    pub(crate) publisher: Arc<Publisher>,
+    pub(crate) publisher: Arc<Copies>,
     /// This queue's counters.
     pub(crate) counters: Arc<QueueCounters>,
 }
@@ -167,6 +167,12 @@ impl Dispatch {
         if let Some(started) = started {
             span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
         }
+        // What the handler published through its context is confirmed before the delivery
+        // is acked; an unconfirmed one fails the delivery.
+        let result = match (result, ctx.ledger()) {
+            (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
+            (result, _) => result,
+        };
         match result {
             Ok(()) => {
                 span.record("outcome", "acked");
@@ -233,6 +239,7 @@ impl Dispatch {
             Failure::Decode(_) => &counters.decode_failures,
             Failure::Panic(_) => &counters.panics,
             Failure::Timeout(_) => &counters.timeouts,
+            Failure::Publish(_) => &counters.handler_publish_failures,
         };
         QueueCounters::add(counter, 1);
         if matches!(failure, Failure::Timeout(_)) && self.settings.blocking {
@@ -315,7 +322,7 @@ impl Dispatch {
                     .publish("", &wait_queue, body.clone(), properties)
                     .await
             }
-            Err(error) => Err(PublishError::Broker(error)),
+            Err(error) => Err(error),
         };
         match published {
             Ok(()) => {

@@ -15,7 +15,6 @@
 //! May use: `broker`, `handler`, `service`, `config`, `observe` (counters and status, passed
 //! in), `hooks`.
 
-pub(crate) mod backoff;
 mod channel;
 pub(crate) mod check;
 mod consumer;

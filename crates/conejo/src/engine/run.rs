@@ -7,11 +7,11 @@ use std::{sync::Arc, time::Duration};
 use tracing::{debug, error, warn};
 
 use super::{
-    backoff::Backoff,
     channel::{Channel, Generation, Opening},
     consumer::{self, ChannelEnd},
     queue::Queue,
 };
+use crate::backoff::Backoff;
 
 /// How a queue's consumer ended within a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,16 +15,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    backoff::Backoff,
     channel::{self, Channel, Generation, Opening},
     check::CheckReport,
-    publish::Publisher,
+    publish::Copies,
     queue::Queue,
     run::{self, End},
     topology,
 };
 use crate::{
-    Error,
+    Error, Publisher,
+    backoff::Backoff,
     broker::{Broker, Connection, Event},
     config::service::ServiceConfig,
     hooks::Hooks,
@@ -33,6 +33,7 @@ use crate::{
         stats::Stats,
         status::{ConnectionState, StatusWriter},
     },
+    publish::LinkTarget,
 };
 
 /// What the application holds of a service, before and while it runs: shared between
@@ -45,6 +46,9 @@ pub(crate) struct Handles {
     pub(crate) status: Arc<StatusWriter>,
     /// The queues' counters and the runtimes' lag gauges.
     pub(crate) stats: Stats,
+    /// The service's publisher: handlers' publishes, retry copies and dead letters, on a
+    /// connection of its own.
+    pub(crate) publisher: Publisher,
 }
 
 /// A service while it runs: its configuration, as `build()` validated it, and its queues.
@@ -117,6 +121,33 @@ impl Supervisor {
             &self.handles.status,
             self.queue_infos(),
         );
+        // The publisher's link, on the same runtime and a connection of its own (made on the
+        // first publish): it outlives the consumers, whose last handlers may still publish,
+        // and stops once they are done.
+        let stop_link = CancellationToken::new();
+        let link = self.handles.publisher.start_link(
+            LinkTarget {
+                broker: broker.clone(),
+                urls: self.config.urls.clone(),
+                name: self.config.publisher_name(),
+                connect_timeout: self.config.connect.timeout,
+                backoff: self.config.connect.backoff,
+            },
+            stop_link.clone(),
+        );
+        let copies = Arc::new(Copies::new(self.handles.publisher.clone()));
+        let result = self.consume(&broker, &copies).await;
+        stop_link.cancel();
+        if let Some(link) = link
+            && tokio::time::timeout(LINK_STOP, link).await.is_err()
+        {
+            warn!("the publisher's link did not stop in time");
+        }
+        result
+    }
+
+    /// Connection generations of the consuming connection, until shutdown or a fatal error.
+    async fn consume(&self, broker: &Broker, copies: &Arc<Copies>) -> Result<(), Error> {
         let connect = self.config.connect;
         let urls = &self.config.urls;
         let mut backoff = Backoff::new(connect.backoff.0, connect.backoff.1);
@@ -196,7 +227,7 @@ impl Supervisor {
                 .status
                 .connected(url.redacted().to_owned(), ever_connected);
             let began = Instant::now();
-            match self.generation(&connection, !ever_connected).await {
+            match self.generation(&connection, copies, !ever_connected).await {
                 Ended::Shutdown(result) => return result,
                 Ended::Fatal(error) => return Err(error),
                 Ended::Lost(error) => {
@@ -228,7 +259,12 @@ impl Supervisor {
     }
 
     /// One connection's life: declare, consume every queue, until shutdown or loss.
-    async fn generation(&self, connection: &Connection, first: bool) -> Ended {
+    async fn generation(
+        &self,
+        connection: &Connection,
+        copies: &Arc<Copies>,
+        first: bool,
+    ) -> Ended {
         let lost = CancellationToken::new();
         let loss = Arc::new(Mutex::new(None));
         let watcher = tokio::spawn(watch_events(
@@ -237,7 +273,7 @@ impl Supervisor {
             Arc::clone(&loss),
             Arc::clone(&self.handles.status),
         ));
-        let ended = self.run_generation(connection, first, &lost).await;
+        let ended = self.run_generation(connection, copies, first, &lost).await;
         watcher.abort();
         match ended {
             Ended::Lost(reason) => {
@@ -251,6 +287,7 @@ impl Supervisor {
     async fn run_generation(
         &self,
         connection: &Connection,
+        copies: &Arc<Copies>,
         first: bool,
         lost: &CancellationToken,
     ) -> Ended {
@@ -269,7 +306,7 @@ impl Supervisor {
         }
         let generation = Generation {
             connection: connection.clone(),
-            publisher: Arc::new(Publisher::new(connection.clone())),
+            publisher: Arc::clone(copies),
             shutdown: self.handles.shutdown.clone(),
             lost: lost.clone(),
             timing: self.config.timing,
@@ -432,6 +469,9 @@ async fn watch_events(
         }
     }
 }
+
+/// How long the publisher's link may take to send its last confirms and close.
+const LINK_STOP: Duration = Duration::from_secs(10);
 
 /// How long closing the connection may take before conejo gives up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);

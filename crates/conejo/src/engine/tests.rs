@@ -531,30 +531,39 @@ async fn a_redelivered_message_is_counted_and_dead_lettered_as_poison_past_the_l
 async fn a_blocked_connection_is_reported_and_its_retries_wait() {
     let memory = Memory::new();
     declared(&memory, "alarm");
+    declared(&memory, "healthy");
     let recorder = Recorder::default();
     recorder
         .failing
         .lock()
         .unwrap()
         .push(("once".to_owned(), 1));
+    let healthy = Recorder::default();
     let service = Running::spawn(
         &memory,
-        Conejo::builder(URL).queue_with("alarm", recorder.clone(), config()),
+        Conejo::builder(URL)
+            .queue_with("alarm", recorder.clone(), config())
+            .queue_with("healthy", healthy.clone(), config()),
     );
     eventually("connected", || service.status.is_ready()).await;
+    // A memory alarm: RabbitMQ blocks the connections that publish.
     memory.block("low on memory");
+    publish(&memory, "alarm", "once");
+    // The failure's retry copy is to be published: the publisher's connection is blocked.
     eventually("blocked", || service.status.blocked().is_some()).await;
     assert!(!service.status.is_ready(), "a blocked service is not ready");
-    publish(&memory, "alarm", "once");
-    // The retry copy cannot be published while blocked: nothing is acked meanwhile.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let stats = service.stats.queue("alarm").unwrap();
     assert_eq!((stats.retried, stats.acked), (0, 0), "{stats:?}");
+    // The consuming connection never published: it was not blocked, and acks go on.
+    publish(&memory, "healthy", "fine");
+    service.until("healthy", |s| s.acked == 1).await;
     memory.unblock();
     service
         .until("alarm", |s| s.retried == 1 && s.acked == 2)
         .await;
-    assert!(service.status.blocked().is_none());
+    eventually("unblocked", || service.status.blocked().is_none()).await;
+    assert_eq!(service.status.reconnects(), 0);
     service.stop().await.unwrap();
 }
 

@@ -1,6 +1,6 @@
 //! What a handler knows about the delivery it is handling.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use lapin::{
@@ -9,7 +9,10 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{broker::Incoming, handler::slot::Slot, headers};
+use crate::{
+    Message, PublishError, Publisher, broker::Incoming, handler::slot::Slot, headers,
+    publish::Ledger,
+};
 
 /// A delivery's metadata, given to the handler beside the decoded message.
 ///
@@ -49,6 +52,9 @@ struct Inner {
     /// its thread, so that a thread abandoned at a timeout keeps the slot until it returns
     /// and the concurrency bound holds.
     slot: Mutex<Option<Slot>>,
+    /// The publishes made through [`Context::publish`], awaited before the delivery is
+    /// acked; made on the first such publish.
+    ledger: OnceLock<Ledger>,
 }
 
 /// What every delivery of one channel can signal or be signalled: one per channel, so that
@@ -60,6 +66,8 @@ pub(crate) struct Signals {
     pub(crate) shutdown: CancellationToken,
     /// The service's own shutdown, for [`Context::request_shutdown`].
     pub(crate) service: CancellationToken,
+    /// The service's publisher, for [`Context::publish`].
+    pub(crate) publisher: Option<Publisher>,
 }
 
 impl Signals {
@@ -68,6 +76,7 @@ impl Signals {
         Arc::new(Signals {
             shutdown: CancellationToken::new(),
             service: CancellationToken::new(),
+            publisher: None,
         })
     }
 }
@@ -110,6 +119,7 @@ impl Context {
                 properties,
                 signals,
                 slot: Mutex::new(Some(slot)),
+                ledger: OnceLock::new(),
             }),
         };
         (ctx, body)
@@ -130,6 +140,7 @@ impl Context {
                 properties: shared.properties.clone(),
                 signals: Arc::clone(&shared.signals),
                 slot: Mutex::new(None),
+                ledger: OnceLock::new(),
             });
         }
         Arc::get_mut(&mut self.inner).expect("not shared any more")
@@ -159,6 +170,7 @@ impl Context {
                 properties: BasicProperties::default(),
                 signals: Signals::detached(),
                 slot: Mutex::new(None),
+                ledger: OnceLock::new(),
             }),
         }
     }
@@ -316,5 +328,53 @@ impl Context {
     /// ```
     pub fn request_shutdown(&self) {
         self.inner.signals.service.cancel();
+    }
+
+    /// Publishes `message` through the service's publisher **for this delivery**: this
+    /// delivery is acked only once every message it published this way is confirmed by the
+    /// broker, and a publish that is not confirmed fails the delivery
+    /// ([`Failure::Publish`](crate::Failure::Publish), retried by default) even though the
+    /// handler returned `Ok` — no input is acked whose outputs are lost. Await it to see its
+    /// result (several at once with `tokio::join!`); one whose future is dropped after it
+    /// was handed over (a timeout around it) still holds the ack.
+    ///
+    /// ```no_run
+    /// use conejo::{Context, Handler, HandlerError, Json, Message};
+    ///
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Order { id: u64 }
+    ///
+    /// struct Orders;
+    /// impl Handler for Orders {
+    ///     type Message = Json<Order>;
+    ///     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
+    ///         // store(order) in the database, then announce it:
+    ///         ctx.publish(Message::new("shop", "order.stored", Json(order))).await?;
+    ///         Ok(()) // acked once the event is confirmed
+    ///     }
+    /// }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Publisher::send`]; [`PublishError::Closed`] for a context without a service (a
+    /// test's [`Context::detached`]).
+    pub async fn publish(&self, message: Message) -> Result<(), PublishError> {
+        let Some(publisher) = &self.inner.signals.publisher else {
+            return Err(PublishError::Closed);
+        };
+        let ledger = self.inner.ledger.get_or_init(Ledger::default);
+        publisher.send_tracked(message, ledger).await
+    }
+
+    /// The service's publisher (`None` for a context without a service): for publishes that
+    /// must not hold this delivery's ack.
+    #[must_use]
+    pub fn publisher(&self) -> Option<&Publisher> {
+        self.inner.signals.publisher.as_ref()
+    }
+
+    /// The publishes this delivery made through [`publish`](Self::publish), if any.
+    pub(crate) fn ledger(&self) -> Option<&Ledger> {
+        self.inner.ledger.get()
     }
 }

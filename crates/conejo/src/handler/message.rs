@@ -5,7 +5,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use crate::Context;
+use crate::{Context, Encode, EncodeError, Reply};
 
 /// A message type a [`Handler`](crate::Handler) can receive: decoded from the delivery's body.
 ///
@@ -97,6 +97,31 @@ impl<T: DeserializeOwned + Send + 'static> Decode for Json<T> {
         serde_json::from_slice(body)
             .map(Json)
             .map_err(|e| DecodeError::new("json", e))
+    }
+}
+
+/// A JSON body to publish: `T` serialised with `serde_json`, content type
+/// `application/json`.
+impl<T: serde::Serialize> Encode for Json<T> {
+    fn encode(self) -> Result<Bytes, EncodeError> {
+        serde_json::to_vec(&self.0)
+            .map(Bytes::from)
+            .map_err(|e| EncodeError::new("json", e))
+    }
+
+    fn content_type(&self) -> Option<&'static str> {
+        Some("application/json")
+    }
+}
+
+impl Reply {
+    /// Decodes the reply's body as a handler's message is decoded: `reply.decode::<Json<T>>()`.
+    ///
+    /// # Errors
+    /// A [`DecodeError`] when the body is not what `T` decodes.
+    pub fn decode<T: Decode>(&self) -> Result<T, DecodeError> {
+        let ctx = Context::detached("").with_properties(self.properties().clone());
+        T::decode_shared(self.body(), &ctx)
     }
 }
 

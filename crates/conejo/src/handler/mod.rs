@@ -22,9 +22,13 @@ pub(crate) mod error;
 mod function;
 pub(crate) mod message;
 pub(crate) mod outcome;
+mod respond;
 pub(crate) mod slot;
 
-pub use self::function::{FnHandler, handler_fn};
+pub use self::{
+    function::{FnHandler, handler_fn},
+    respond::{Responder, Responding},
+};
 
 use crate::{Context, Decode, HandlerError};
 

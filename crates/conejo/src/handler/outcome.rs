@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use crate::{Context, HandlerError, handler::message::DecodeError};
+use crate::{Context, HandlerError, PublishError, handler::message::DecodeError};
 
 /// What conejo does with a message after handling it.
 ///
@@ -39,6 +39,10 @@ pub enum Failure {
     /// The handler did not finish within the queue's [timeout](crate::QueueConfig::timeout)
     /// (an async handler was cancelled; a blocking one was abandoned to finish on its own).
     Timeout(Duration),
+    /// The handler returned `Ok`, but a message it published through
+    /// [`Context::publish`](crate::Context::publish) was not confirmed: its input is not
+    /// acked as done (retried by default).
+    Publish(PublishError),
 }
 
 impl Failure {
@@ -53,7 +57,7 @@ impl Failure {
     pub fn default_outcome(&self) -> Outcome {
         match self {
             Failure::Handler(error) if error.is_retry() => Outcome::Retry,
-            Failure::Timeout(_) => Outcome::Retry,
+            Failure::Timeout(_) | Failure::Publish(_) => Outcome::Retry,
             Failure::Handler(_) | Failure::Decode(_) | Failure::Panic(_) => Outcome::Reject,
         }
     }
@@ -67,6 +71,7 @@ impl Failure {
             Failure::Decode(_) => "decode",
             Failure::Panic(_) => "panic",
             Failure::Timeout(_) => "timeout",
+            Failure::Publish(_) => "publish",
         }
     }
 
@@ -87,6 +92,7 @@ impl fmt::Display for Failure {
             Failure::Decode(error) => write!(f, "{error}"),
             Failure::Panic(message) => write!(f, "handler panicked: {message}"),
             Failure::Timeout(limit) => write!(f, "handler timed out after {limit:?}"),
+            Failure::Publish(error) => write!(f, "a message the handler published: {error}"),
         }
     }
 }

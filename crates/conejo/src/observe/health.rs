@@ -30,7 +30,7 @@ use tracing::{error, info};
 
 use crate::{
     ConnectionState, Error, Stats, Status,
-    observe::telemetry::{HANDLER_DURATION, Telemetry},
+    observe::telemetry::{HANDLER_DURATION, PUBLISH_CONFIRM, Telemetry},
 };
 
 /// `/livez` fails when the connection runtime's recent lag exceeds this: a runtime that
@@ -53,6 +53,12 @@ pub(crate) fn prometheus_recorder() -> PrometheusRecorder {
             Matcher::Full(HANDLER_DURATION.to_owned()),
             &DURATION_BUCKETS,
         )
+        .and_then(|builder| {
+            builder.set_buckets_for_metric(
+                Matcher::Full(PUBLISH_CONFIRM.to_owned()),
+                &DURATION_BUCKETS,
+            )
+        })
         .expect("the bucket list is not empty")
         .build_recorder()
 }

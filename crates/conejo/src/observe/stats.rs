@@ -26,6 +26,115 @@ pub(crate) struct QueueInfo {
     pub(crate) counters: Arc<QueueCounters>,
 }
 
+/// Live counters of a publisher, updated by its link.
+#[derive(Debug, Default)]
+pub(crate) struct PublishCounters {
+    /// Messages sent to the broker.
+    sent: AtomicU64,
+    /// Confirmed by the broker (and routed, when `mandatory`).
+    confirmed: AtomicU64,
+    /// Returned: published `mandatory`, routed to no queue.
+    returned: AtomicU64,
+    /// Refused by the broker (`basic.nack`).
+    nacked: AtomicU64,
+    /// Sent, but their connection or channel was lost before the confirm.
+    lost: AtomicU64,
+    /// Never sent: refused by a closed channel, or the publisher closed.
+    failed: AtomicU64,
+    /// Handed to the publisher, not yet sent (waiting for a connection, or queued).
+    waiting: AtomicU64,
+    /// The confirm-latency histogram, once metrics are registered.
+    #[cfg(feature = "metrics")]
+    pub(crate) confirm_latency: std::sync::OnceLock<metrics::Histogram>,
+}
+
+impl PublishCounters {
+    pub(crate) fn add_waiting(&self) {
+        self.waiting.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn take_waiting(&self) {
+        let _ = self
+            .waiting
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub(crate) fn count_sent(&self) {
+        self.sent.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_confirmed(&self) {
+        self.confirmed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_returned(&self) {
+        self.returned.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_nacked(&self) {
+        self.nacked.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_lost(&self) {
+        self.lost.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn count_failed(&self) {
+        self.failed.fetch_add(1, Relaxed);
+    }
+
+    /// Records how long a confirm took (into the histogram, with the `metrics` feature).
+    pub(crate) fn confirm_latency(&self, latency: Duration) {
+        #[cfg(feature = "metrics")]
+        if let Some(histogram) = self.confirm_latency.get() {
+            histogram.record(latency);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = latency;
+    }
+
+    pub(crate) fn snapshot(&self) -> PublishStats {
+        let sent = self.sent.load(Relaxed);
+        let confirmed = self.confirmed.load(Relaxed);
+        let returned = self.returned.load(Relaxed);
+        let nacked = self.nacked.load(Relaxed);
+        let lost = self.lost.load(Relaxed);
+        PublishStats {
+            sent,
+            confirmed,
+            returned,
+            nacked,
+            lost,
+            failed: self.failed.load(Relaxed),
+            waiting: self.waiting.load(Relaxed),
+            in_flight: sent.saturating_sub(confirmed + returned + nacked + lost),
+        }
+    }
+}
+
+/// A snapshot of a publisher's counters ([`Publisher::stats`](crate::Publisher::stats)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishStats {
+    /// Messages sent to the broker.
+    pub sent: u64,
+    /// Confirmed by the broker (and routed to a queue, when published `mandatory`).
+    pub confirmed: u64,
+    /// Returned: published `mandatory` and routed to no queue.
+    pub returned: u64,
+    /// Refused by the broker (`basic.nack`).
+    pub nacked: u64,
+    /// Sent, and their connection or channel was lost before the confirm (they may or may
+    /// not be on the broker).
+    pub lost: u64,
+    /// Never sent (a channel the broker had closed, a closed publisher).
+    pub failed: u64,
+    /// Handed to the publisher and not yet sent: waiting for a connection, or queued.
+    pub waiting: u64,
+    /// Sent and not yet confirmed.
+    pub in_flight: u64,
+}
+
 /// Live counters of one queue, updated by the consumer and the settle task.
 #[derive(Debug, Default)]
 pub(crate) struct QueueCounters {
@@ -39,6 +148,7 @@ pub(crate) struct QueueCounters {
     pub(crate) decode_failures: AtomicU64,
     pub(crate) panics: AtomicU64,
     pub(crate) timeouts: AtomicU64,
+    pub(crate) handler_publish_failures: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     pub(crate) poison: AtomicU64,
     pub(crate) unsettled: AtomicU64,
@@ -90,6 +200,7 @@ impl QueueCounters {
             decode_failures: self.decode_failures.load(Relaxed),
             panics: self.panics.load(Relaxed),
             timeouts: self.timeouts.load(Relaxed),
+            handler_publish_failures: self.handler_publish_failures.load(Relaxed),
             abandoned: self.abandoned.load(Relaxed),
             poison: self.poison.load(Relaxed),
             unsettled: self.unsettled.load(Relaxed),
@@ -129,6 +240,9 @@ pub struct QueueStats {
     pub panics: u64,
     /// Handlers that passed the queue's timeout.
     pub timeouts: u64,
+    /// Deliveries whose handler returned `Ok` while a message it published through
+    /// [`Context::publish`](crate::Context::publish) was not confirmed.
+    pub handler_publish_failures: u64,
     /// Blocking handlers abandoned at their timeout (their thread ran on).
     pub abandoned: u64,
     /// Messages found delivered too often without a result (dead-lettered as poison).
@@ -159,6 +273,8 @@ pub struct Stats {
     queues: Arc<BTreeMap<String, Arc<QueueCounters>>>,
     /// How late timers fire on the connection runtime and on the handler runtime.
     lags: Arc<RuntimeLags>,
+    /// The service's publisher's counters.
+    publisher: Arc<PublishCounters>,
 }
 
 /// The lag gauges of the service's two runtimes, written by their probes while it runs.
@@ -171,7 +287,10 @@ pub(crate) struct RuntimeLags {
 }
 
 impl Stats {
-    pub(crate) fn new(queues: impl IntoIterator<Item = String>) -> Self {
+    pub(crate) fn new(
+        queues: impl IntoIterator<Item = String>,
+        publisher: Arc<PublishCounters>,
+    ) -> Self {
         Stats {
             queues: Arc::new(
                 queues
@@ -180,11 +299,24 @@ impl Stats {
                     .collect(),
             ),
             lags: Arc::default(),
+            publisher,
         }
     }
 
     pub(crate) fn lags(&self) -> &RuntimeLags {
         &self.lags
+    }
+
+    #[cfg(feature = "metrics")]
+    pub(crate) fn publish_counters(&self) -> &Arc<PublishCounters> {
+        &self.publisher
+    }
+
+    /// The counters of the service's publisher (handlers' publishes, retry copies and dead
+    /// letters).
+    #[must_use]
+    pub fn publisher(&self) -> PublishStats {
+        self.publisher.snapshot()
     }
 
     /// How late timers fire on the **connection runtime** (the dedicated runtime that runs

@@ -31,8 +31,10 @@ pub enum ConnectionState {
 struct Snapshot {
     /// The connection's state.
     state: ConnectionState,
-    /// The broker's reason while it blocks the connection (a resource alarm).
+    /// The broker's reason while it blocks the consuming connection (a resource alarm).
     blocked: Option<String>,
+    /// The broker's reason while it blocks the publishing connection.
+    publisher_blocked: Option<String>,
     /// Per queue: consuming right now.
     consuming: BTreeMap<String, bool>,
     /// Connections re-established after a loss.
@@ -75,6 +77,7 @@ impl Status {
         let snapshot = self.receiver.borrow();
         snapshot.state == ConnectionState::Connected
             && snapshot.blocked.is_none()
+            && snapshot.publisher_blocked.is_none()
             && snapshot.consuming.values().all(|&consuming| consuming)
     }
 
@@ -84,11 +87,17 @@ impl Status {
         self.receiver.borrow().consuming.get(queue).copied()
     }
 
-    /// The broker's reason while it blocks the connection (flow control after a memory or
-    /// disk alarm: publishing is paused; consuming and acks go on).
+    /// The broker's reason while it blocks one of the service's connections (flow control
+    /// after a memory or disk alarm). RabbitMQ blocks the connections that publish: the
+    /// publisher's (handlers' publishes, retry copies, dead letters) wait, while consuming
+    /// and acks go on, on a connection of their own.
     #[must_use]
     pub fn blocked(&self) -> Option<String> {
-        self.receiver.borrow().blocked.clone()
+        let snapshot = self.receiver.borrow();
+        snapshot
+            .blocked
+            .clone()
+            .or_else(|| snapshot.publisher_blocked.clone())
     }
 
     /// Connections re-established after a loss, since the service started.
@@ -122,6 +131,7 @@ impl StatusWriter {
         let (sender, _) = watch::channel(Snapshot {
             state: ConnectionState::Idle,
             blocked: None,
+            publisher_blocked: None,
             consuming: queues.into_iter().map(|queue| (queue, false)).collect(),
             reconnects: 0,
             address: None,
@@ -160,6 +170,14 @@ impl StatusWriter {
 
     pub(crate) fn set_blocked(&self, reason: Option<String>) {
         self.sender.send_modify(|s| s.blocked = reason);
+    }
+
+    pub(crate) fn set_publisher_blocked(&self, reason: Option<String>) {
+        self.sender.send_if_modified(|s| {
+            let changed = s.publisher_blocked != reason;
+            s.publisher_blocked = reason;
+            changed
+        });
     }
 
     pub(crate) fn set_consuming(&self, queue: &str, consuming: bool) {

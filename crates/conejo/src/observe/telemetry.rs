@@ -35,11 +35,18 @@ pub(crate) const RECONNECTS: &str = "conejo_reconnects_total";
 pub(crate) const CONNECTION_LAG: &str = "conejo_connection_runtime_lag_seconds";
 pub(crate) const HANDLER_LAG: &str = "conejo_handler_runtime_lag_seconds";
 pub(crate) const HANDLER_DURATION: &str = "conejo_handler_duration_seconds";
+pub(crate) const PUBLISHES: &str = "conejo_publishes_total";
+pub(crate) const PUBLISH_IN_FLIGHT: &str = "conejo_publish_in_flight";
+pub(crate) const PUBLISH_WAITING: &str = "conejo_publish_waiting";
+pub(crate) const PUBLISH_CONFIRM: &str = "conejo_publish_confirm_seconds";
+
+/// The `outcome` label's values of [`PUBLISHES`].
+const PUBLISH_OUTCOMES: [&str; 5] = ["confirmed", "returned", "nacked", "lost", "failed"];
 
 /// The `outcome` label's values, in [`outcomes`] order.
 const OUTCOME_KINDS: [&str; 4] = ["acked", "retried", "dead_lettered", "requeued"];
 /// The `failure` label's values, as [`Failure::kind`](crate::Failure::kind) names them.
-const FAILURE_KINDS: [&str; 4] = ["handler", "decode", "panic", "timeout"];
+const FAILURE_KINDS: [&str; 5] = ["handler", "decode", "panic", "timeout", "publish"];
 /// The `anomaly` label's values, in [`anomalies`] order.
 const ANOMALY_KINDS: [&str; 6] = [
     "abandoned",
@@ -62,7 +69,7 @@ struct QueueMetrics {
     /// By [`OUTCOME_KINDS`].
     outcomes: [Counter; 4],
     /// By [`FAILURE_KINDS`].
-    failures: [Counter; 4],
+    failures: [Counter; 5],
     /// By [`ANOMALY_KINDS`].
     anomalies: [Counter; 6],
     in_flight: Gauge,
@@ -82,6 +89,10 @@ pub(crate) struct Telemetry {
     reconnects: Counter,
     connection_lag: Gauge,
     handler_lag: Gauge,
+    /// The publisher's, by [`PUBLISH_OUTCOMES`].
+    publishes: [Counter; 5],
+    publish_in_flight: Gauge,
+    publish_waiting: Gauge,
 }
 
 impl Telemetry {
@@ -95,6 +106,11 @@ impl Telemetry {
     ) -> Self {
         let build = || {
             describe();
+            // A service is run once: the histogram is set once.
+            let _ = stats
+                .publish_counters()
+                .confirm_latency
+                .set(histogram!(PUBLISH_CONFIRM));
             let queues = queues
                 .iter()
                 .map(|queue| {
@@ -135,6 +151,10 @@ impl Telemetry {
                 reconnects: counter!(RECONNECTS),
                 connection_lag: gauge!(CONNECTION_LAG),
                 handler_lag: gauge!(HANDLER_LAG),
+                publishes: PUBLISH_OUTCOMES
+                    .map(|outcome| counter!(PUBLISHES, "outcome" => outcome)),
+                publish_in_flight: gauge!(PUBLISH_IN_FLIGHT),
+                publish_waiting: gauge!(PUBLISH_WAITING),
             }
         };
         let telemetry = match recorder {
@@ -161,6 +181,7 @@ impl Telemetry {
                 stats.decode_failures,
                 stats.panics,
                 stats.timeouts,
+                stats.handler_publish_failures,
             ];
             for (counter, value) in queue.failures.iter().zip(failures) {
                 counter.absolute(value);
@@ -186,6 +207,19 @@ impl Telemetry {
             .set(self.stats.connection_runtime_lag().as_secs_f64());
         self.handler_lag
             .set(self.stats.handler_runtime_lag().as_secs_f64());
+        let publisher = self.stats.publisher();
+        let outcomes = [
+            publisher.confirmed,
+            publisher.returned,
+            publisher.nacked,
+            publisher.lost,
+            publisher.failed,
+        ];
+        for (counter, value) in self.publishes.iter().zip(outcomes) {
+            counter.absolute(value);
+        }
+        self.publish_in_flight.set(publisher.in_flight as f64);
+        self.publish_waiting.set(publisher.waiting as f64);
     }
 
     /// Samples once a second, until aborted.
@@ -241,6 +275,24 @@ fn anomalies(stats: &QueueStats) -> [u64; 6] {
 }
 
 fn describe() {
+    describe_counter!(
+        PUBLISHES,
+        "Messages the service's publisher handled, by outcome: confirmed, returned (unroutable), \
+         nacked, lost (connection or channel lost before the confirm), failed (never sent)."
+    );
+    describe_gauge!(
+        PUBLISH_IN_FLIGHT,
+        "Messages the publisher sent that the broker has not confirmed yet."
+    );
+    describe_gauge!(
+        PUBLISH_WAITING,
+        "Messages handed to the publisher and not yet sent (waiting for its connection)."
+    );
+    describe_histogram!(
+        PUBLISH_CONFIRM,
+        Unit::Seconds,
+        "Time from sending a message to the broker's confirm."
+    );
     describe_counter!(DELIVERIES, "Deliveries received from the broker.");
     describe_counter!(
         ACKS,

@@ -201,6 +201,7 @@ pub(crate) async fn consume(
             ShortString::from(tag),
             BasicConsumeOptions {
                 exclusive: options.exclusive,
+                no_ack: options.no_ack,
                 ..BasicConsumeOptions::default()
             },
             options.arguments,

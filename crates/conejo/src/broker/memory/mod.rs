@@ -329,22 +329,17 @@ impl Memory {
         });
     }
 
-    /// Blocks every connection as a resource alarm does (`connection.blocked`): their
-    /// publishes wait until [`unblock`](Self::unblock).
+    /// Raises a resource alarm, as RabbitMQ does under memory or disk pressure: every
+    /// connection that publishes from now on is blocked (`connection.blocked`) and its
+    /// publishes wait until [`unblock`](Self::unblock); connections that only consume go on.
     pub(crate) fn block(&self, reason: &str) {
-        self.with_state(|state| {
-            for connection in state.connections.values_mut().filter(|c| c.open) {
-                connection.blocked = Some(reason.to_owned());
-                for listener in &connection.events {
-                    let _ = listener.send(Event::Blocked(reason.to_owned()));
-                }
-            }
-        });
+        self.with_state(|state| state.alarm = Some(reason.to_owned()));
     }
 
-    /// Ends a [`block`](Self::block): waiting publishes go on.
+    /// Clears the alarm: blocked connections are unblocked, their waiting publishes go on.
     pub(crate) fn unblock(&self) {
         self.with_state(|state| {
+            state.alarm = None;
             for connection in state.connections.values_mut() {
                 if connection.blocked.take().is_some() {
                     for listener in &connection.events {
@@ -588,6 +583,16 @@ impl MemoryChannel {
                     (true, _, _) => Confirmed::Ack,
                 })
             };
+            // Under an alarm, a connection is blocked as it publishes.
+            if let Some(reason) = state.alarm.clone()
+                && let Some(publishing) = state.connections.get_mut(&connection)
+                && publishing.blocked.is_none()
+            {
+                publishing.blocked = Some(reason.clone());
+                for listener in &publishing.events {
+                    let _ = listener.send(Event::Blocked(reason.clone()));
+                }
+            }
             let blocked = state
                 .connections
                 .get(&connection)

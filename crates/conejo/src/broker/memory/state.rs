@@ -163,7 +163,12 @@ pub(super) struct Channel {
     pub(super) next_tag: u64,
     pub(super) unacked: BTreeMap<u64, Unacked>,
     pub(super) consumers: HashMap<String, Consumer>,
+    /// The channel's direct reply-to consumer (`amq.rabbitmq.reply-to`): its tag and stream.
+    pub(super) reply: Option<(String, mpsc::UnboundedSender<Result<Incoming, BrokerError>>)>,
 }
+
+/// The pseudo-queue of RabbitMQ's direct reply-to.
+pub(super) const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// A connection.
 #[derive(Debug)]
@@ -203,6 +208,8 @@ pub(super) struct State {
     pub(super) parked: Vec<(ConnId, Parked)>,
     /// The earliest expiry of any ready message, for the expiry task.
     pub(super) next_expiry: Option<Instant>,
+    /// A resource alarm's reason while one is raised: connections that publish are blocked.
+    pub(super) alarm: Option<String>,
 }
 
 impl Default for State {
@@ -236,6 +243,7 @@ impl Default for State {
             faults: Faults::default(),
             parked: Vec::new(),
             next_expiry: None,
+            alarm: None,
         }
     }
 }
@@ -299,6 +307,9 @@ impl State {
             return;
         }
         channel.open = false;
+        if let (Some((_, sender)), Some(error)) = (channel.reply.take(), error) {
+            let _ = sender.send(Err(error.clone()));
+        }
         let unacked = std::mem::take(&mut channel.unacked);
         let consumers = std::mem::take(&mut channel.consumers);
         let connection = channel.connection;
@@ -525,7 +536,19 @@ impl State {
         options: ConsumeOptions,
         sender: mpsc::UnboundedSender<Result<Incoming, BrokerError>>,
     ) -> Result<(), BrokerError> {
-        self.channel(channel)?;
+        let open = self.channel(channel)?;
+        if queue == REPLY_TO {
+            if !options.no_ack {
+                let text = "PRECONDITION_FAILED - reply consumer cannot acknowledge".to_owned();
+                return Err(self.channel_error(channel, amqp_error(406, text)));
+            }
+            if open.reply.is_some() {
+                let text = "PRECONDITION_FAILED - reply consumer already set".to_owned();
+                return Err(self.channel_error(channel, amqp_error(406, text)));
+            }
+            open.reply = Some((tag.to_owned(), sender));
+            return Ok(());
+        }
         let Some(target) = self.queues.get(queue) else {
             let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
@@ -563,6 +586,10 @@ impl State {
 
     pub(super) fn cancel(&mut self, channel: ChanId, tag: &str) -> Result<(), BrokerError> {
         let open = self.channel(channel)?;
+        if open.reply.as_ref().is_some_and(|(reply, _)| reply == tag) {
+            open.reply = None;
+            return Ok(());
+        }
         if let Some(consumer) = open.consumers.remove(tag)
             && let Some(queue) = self.queues.get_mut(&consumer.queue)
         {
@@ -634,6 +661,45 @@ impl State {
         body: Bytes,
         properties: BasicProperties,
     ) -> Result<bool, BrokerError> {
+        let mut properties = properties;
+        if properties.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
+            let Some(id) =
+                channel.filter(|id| self.channels.get(id).is_some_and(|c| c.reply.is_some()))
+            else {
+                let text = "PRECONDITION_FAILED - fast reply consumer does not exist".to_owned();
+                let error = amqp_error(406, text);
+                return Err(match channel {
+                    Some(channel) => self.channel_error(channel, error),
+                    None => error,
+                });
+            };
+            properties = properties.with_reply_to(ShortString::from(format!("{REPLY_TO}.{id}")));
+        }
+        if exchange.is_empty()
+            && let Some(id) = routing_key
+                .strip_prefix(REPLY_TO)
+                .and_then(|rest| rest.strip_prefix('.'))
+        {
+            // A direct reply: straight to the channel that asked, or nowhere.
+            let target = id.parse::<ChanId>().ok().and_then(|id| {
+                self.channels
+                    .get(&id)
+                    .filter(|c| c.open)
+                    .and_then(|c| c.reply.as_ref())
+            });
+            let Some((_, sender)) = target else {
+                return Ok(false);
+            };
+            let reply = Incoming {
+                tag: 0,
+                exchange: ShortString::from(""),
+                routing_key: ShortString::from(routing_key),
+                redelivered: false,
+                properties,
+                body,
+            };
+            return Ok(sender.send(Ok(reply)).is_ok());
+        }
         let queues = match self.route(exchange, routing_key, &properties) {
             Some(queues) => queues,
             None => {
@@ -782,7 +848,8 @@ impl State {
                     let room = self.channels.get(&key.0).is_some_and(|channel| {
                         channel.open
                             && channel.consumers.get(&key.1).is_some_and(|consumer| {
-                                channel.prefetch == 0
+                                consumer.options.no_ack
+                                    || channel.prefetch == 0
                                     || consumer.unacked < usize::from(channel.prefetch)
                             })
                     });
@@ -821,6 +888,23 @@ impl State {
                     body: message.body.clone(),
                 };
                 let sent = consumer.sender.send(Ok(incoming)).is_ok();
+                if consumer.options.no_ack {
+                    // Settled as sent.
+                    consumer.unacked -= 1;
+                    if let Some(queue) = self.queues.get_mut(&name) {
+                        queue.unacked -= 1;
+                    }
+                    if !sent {
+                        let channel = self.channels.get_mut(&channel_id).expect("the channel");
+                        channel.consumers.remove(&tag);
+                        if let Some(queue) = self.queues.get_mut(&name) {
+                            queue
+                                .consumers
+                                .retain(|key| key != &(channel_id, tag.clone()));
+                        }
+                    }
+                    continue;
+                }
                 message.expires = None;
                 channel.unacked.insert(
                     tag_number,
