@@ -314,3 +314,138 @@ fn control_lapin_on_the_handler_runtime_loses_its_connection() -> anyhow::Result
     .map_err(|e| e.context(format!("{ready} messages ready")))?;
     load.finish()
 }
+
+/// What a publish-only application does: connect a publisher on its runtime, publish, then
+/// hog every worker of that runtime for [`HOG`] (a publish made meanwhile waits for a worker),
+/// then publish again. Returns the publisher's broker-side connection before and after, and
+/// its counters.
+fn publish_through_a_hogged_application(naive: bool) -> anyhow::Result<HoggedPublisher> {
+    init_tracing();
+    let admin = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let broker = admin.block_on(Broker::connect())?;
+    let queue = unique_name("hb-publish");
+    admin.block_on(broker.declare_queue(&queue))?;
+    let application = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let name = unique_name("hb-publisher");
+    let url = amqp_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let mut builder = conejo::Publisher::builder(format!("{url}{separator}heartbeat=1"))
+        .connection_name(&name)
+        .reconnect_delay(Duration::from_millis(50), Duration::from_millis(200));
+    if naive {
+        builder = builder.lapin_on_the_callers_runtime();
+    }
+    let publisher = application.block_on(builder.connect())?;
+    application.block_on(publisher.publish("", &queue, "before"))?;
+    let mut before = None;
+    poll_until(Duration::from_secs(30), || {
+        before = find_connection(&name)?.map(|c| c.name);
+        Ok(before.is_some())
+    })?;
+    // Both workers blocked for 10 s: ten heartbeat intervals.
+    let blockers: Vec<_> = (0..2)
+        .map(|_| application.spawn(async { thread::sleep(HOG) }))
+        .collect();
+    let during = application.spawn({
+        let (publisher, queue) = (publisher.clone(), queue.clone());
+        async move { publisher.publish("", &queue, "during").await }
+    });
+    for blocker in blockers {
+        wait(&application, blocker)??;
+    }
+    let during = wait(&application, during)??;
+    application.block_on(publisher.publish("", &queue, "after"))?;
+    let mut after = None;
+    poll_until(Duration::from_secs(30), || {
+        after = find_connection(&name)?.map(|c| c.name);
+        Ok(after.is_some())
+    })?;
+    let stats = publisher.stats();
+    application.block_on(publisher.close());
+    let on_broker = admin.block_on(broker.message_count(&queue))?;
+    admin.block_on(broker.delete_queue(&queue))?;
+    application.shutdown_timeout(Duration::from_secs(5));
+    Ok(HoggedPublisher {
+        before,
+        after,
+        during,
+        stats,
+        on_broker,
+    })
+}
+
+/// What [`publish_through_a_hogged_application`] saw.
+struct HoggedPublisher {
+    /// The publisher's broker-side connection before the load, and after.
+    before: Option<String>,
+    after: Option<String>,
+    /// The publish made while the application was blocked.
+    during: Result<(), conejo::PublishError>,
+    /// The publisher's counters at the end.
+    stats: conejo::PublishStats,
+    /// Messages on the broker at the end.
+    on_broker: u32,
+}
+
+/// The publisher's connection lives on conejo's connection runtime too: an application whose
+/// every worker is blocked — the runtime the publisher was made on, and publishes from —
+/// keeps its publishing connection, and publishes once released, with nothing lost.
+#[test]
+fn a_publishers_connection_survives_an_application_that_hogs_every_worker() -> anyhow::Result<()> {
+    let seen = publish_through_a_hogged_application(false)?;
+    assert_eq!(
+        seen.after, seen.before,
+        "the publisher's broker-side connection changed"
+    );
+    seen.during?;
+    let stats = seen.stats;
+    assert_eq!(
+        (stats.confirmed, stats.lost, stats.failed),
+        (3, 0, 0),
+        "{stats:?}"
+    );
+    assert_eq!(seen.on_broker, 3);
+    eprintln!(
+        "publisher kept connection {} through {HOG:?} of a blocked application",
+        seen.before.unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// The control: with lapin on the application's runtime, the same load costs the publisher its
+/// connection (the broker closes it for missed heartbeats), which proves the test above can
+/// fail.
+#[test]
+fn control_a_publisher_on_the_applications_runtime_loses_its_connection() -> anyhow::Result<()> {
+    let seen = publish_through_a_hogged_application(true)?;
+    let stats = seen.stats;
+    assert_ne!(
+        seen.after, seen.before,
+        "the naive publisher kept its connection: {stats:?}"
+    );
+    // The publish made during the load was lost with the connection, or sent again after it:
+    // on the broker or not, the publisher said which it could be.
+    let landed = match &seen.during {
+        Ok(()) => 1,
+        Err(error) => {
+            assert!(error.may_have_been_published(), "{error:?}");
+            0
+        }
+    };
+    assert!(
+        seen.on_broker >= 2 + landed,
+        "{} on the broker; {stats:?}",
+        seen.on_broker
+    );
+    eprintln!(
+        "the naive publisher's connection {:?} was replaced by {:?}; the publish during the \
+         load: {:?}",
+        seen.before, seen.after, seen.during
+    );
+    Ok(())
+}

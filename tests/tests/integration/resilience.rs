@@ -636,6 +636,24 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
         }
     }
     broker.publish_bytes(&queue, b"m").await?;
+    // And a queue whose handlers succeed, held until the alarm is on: their acks go out while
+    // the publisher is blocked, on the consuming connection, which never publishes.
+    let healthy = unique_name("healthy");
+    broker.declare_queue(&healthy).await?;
+    for _ in 0..5 {
+        broker.publish_bytes(&healthy, b"fine").await?;
+    }
+    #[derive(Clone)]
+    struct SucceedsUnderAlarm(Arc<std::sync::atomic::AtomicBool>);
+    impl Handler for SucceedsUnderAlarm {
+        type Message = String;
+        async fn handle(&self, _: String, _: &Context) -> Result<(), HandlerError> {
+            while !self.0.load(std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        }
+    }
     let service = RunningService::spawn(
         Conejo::builder(format!("{}?heartbeat=2", node.amqp_url()))
             .queue_with(
@@ -644,6 +662,11 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
                 QueueConfig::new()
                     .durable(false)
                     .retry(RetryPolicy::default().initial_delay(Duration::from_millis(100))),
+            )
+            .queue_with(
+                &healthy,
+                SucceedsUnderAlarm(Arc::clone(&alarm)),
+                QueueConfig::new().durable(false),
             )
             .build()?,
     );
@@ -661,6 +684,37 @@ async fn a_blocked_connection_is_reported_and_not_taken_for_a_loss() -> anyhow::
     );
     assert_eq!(status.state(), ConnectionState::Connected);
     assert!(!status.is_ready(), "a blocked service is not ready");
+    // The healthy queue's acks reach the broker during the alarm: nothing left unacked there,
+    // as the broker counts it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let listing = node
+            .rabbitmqctl(&[
+                "-q",
+                "list_queues",
+                "name",
+                "messages_unacknowledged",
+                "messages_ready",
+                "--no-table-headers",
+            ])
+            .await?;
+        let row = listing
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(healthy.as_str()))
+            .map(|line| line.split_whitespace().skip(1).collect::<Vec<_>>());
+        if row.as_deref() == Some(&["0", "0"][..]) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the healthy queue's acks did not reach the blocked broker: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        status.blocked().is_some(),
+        "still blocked while those acks went through"
+    );
     // Longer than two heartbeat intervals: still the same connection.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(status.reconnects(), 0);

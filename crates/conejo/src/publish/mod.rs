@@ -186,9 +186,21 @@ pub struct PublisherBuilder {
     tls: Option<crate::TlsConfig>,
     #[cfg(any(test, feature = "test-util"))]
     memory: Option<crate::broker::memory::Memory>,
+    /// Test-only: lapin on the caller's runtime (the hazard conejo exists to avoid).
+    on_callers_runtime: bool,
 }
 
 impl PublisherBuilder {
+    /// **Do not use.** Runs the publisher's lapin on the caller's runtime instead of a
+    /// dedicated one (feature `test-hooks`): the setup that loses its connection when the
+    /// application hogs that runtime. Exists so tests can show that hazard.
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn lapin_on_the_callers_runtime(mut self) -> Self {
+        self.on_callers_runtime = true;
+        self
+    }
+
     /// The connection's name as the broker shows it (default: the program's name, then
     /// `-publish`).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
@@ -316,7 +328,7 @@ impl PublisherBuilder {
             let _ = tls;
             return Ok(Broker::Memory(memory.clone()));
         }
-        Broker::amqp(tls, true)
+        Broker::amqp(tls, !self.on_callers_runtime)
     }
 }
 
@@ -334,6 +346,7 @@ impl Publisher {
             tls: None,
             #[cfg(any(test, feature = "test-util"))]
             memory: None,
+            on_callers_runtime: false,
         }
     }
 
