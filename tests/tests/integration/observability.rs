@@ -214,6 +214,21 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
     assert_eq!(with("conejo_failures_total", "failure", "decode")?, 1.0);
     assert_eq!(with("conejo_failures_total", "failure", "panic")?, 0.0);
     assert_eq!(with("conejo_failures_total", "failure", "timeout")?, 0.0);
+    assert_eq!(with("conejo_failures_total", "failure", "publish")?, 0.0);
+    // The copies went through the service's publisher: 3 retry copies and 5 dead letters,
+    // each confirmed.
+    let published =
+        |outcome: &str| sample(&metrics, "conejo_publishes_total", &[("outcome", outcome)]);
+    assert_eq!(published("confirmed")?, 8.0);
+    assert_eq!(
+        published("returned")? + published("nacked")? + published("lost")?,
+        0.0
+    );
+    assert_eq!(sample(&metrics, "conejo_publish_in_flight", &[])?, 0.0);
+    assert_eq!(
+        sample(&metrics, "conejo_publish_confirm_seconds_count", &[])?,
+        8.0
+    );
     for (anomaly, value) in [
         ("abandoned", stats.abandoned),
         ("poison", stats.poison),
