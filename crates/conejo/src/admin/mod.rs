@@ -211,7 +211,7 @@ pub async fn show(url: &AmqpUrl, dlq: &str, n: usize) -> Result<Vec<DeadLetter>,
             properties: delivery.properties,
             conejo,
             other_headers,
-            body: delivery.body.to_vec(),
+            body: delivery.data,
         });
     })
     .await;

@@ -67,15 +67,15 @@ pub(super) async fn move_letters(
             // A routing key is at most 255 bytes: a longer "queue" cannot be one.
             let Some(queue) = target.filter(|queue| queue.len() <= 255) else {
                 report.skipped += 1;
-                keep_up_to = keep_up_to.max(Some(delivery.tag));
+                keep_up_to = keep_up_to.max(Some(delivery.delivery_tag));
                 continue;
             };
             let copy = properties
                 .clone()
                 .with_headers(headers::replay_headers(properties.headers().as_ref()));
-            let publish = channel.publish("", &queue, true, &delivery.body, copy);
+            let publish = channel.publish("", &queue, true, &delivery.data, copy);
             window.push(InFlight {
-                tag: delivery.tag,
+                tag: delivery.delivery_tag,
                 message_id: properties.message_id().as_ref().map(ToString::to_string),
                 confirm: step(&queue, "basic.publish", publish).await?,
                 queue,

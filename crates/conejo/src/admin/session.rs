@@ -122,7 +122,7 @@ pub(super) async fn peek(
         };
         read += 1;
         complete = got.remaining == 0;
-        last_tag = Some(got.message.tag);
+        last_tag = Some(got.message.delivery_tag);
         each(got.message);
     }
     if let Some(tag) = last_tag {

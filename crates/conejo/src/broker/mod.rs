@@ -35,7 +35,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures::Stream;
 use lapin::{
     BasicProperties, ExchangeKind,
@@ -117,21 +116,25 @@ pub(crate) enum Events {
 }
 
 /// A delivery as it comes from the broker, before conejo makes a [`Context`](crate::Context)
-/// of it.
-#[derive(Debug)]
-pub(crate) struct Incoming {
-    /// The broker's tag for it, unique on its channel.
-    pub(crate) tag: u64,
-    /// The exchange it was published to ("" for the default exchange).
-    pub(crate) exchange: ShortString,
-    /// The routing key it was published with.
-    pub(crate) routing_key: ShortString,
-    /// True when the broker delivered it before.
-    pub(crate) redelivered: bool,
-    /// Its AMQP properties and headers.
-    pub(crate) properties: BasicProperties,
-    /// Its body.
-    pub(crate) body: Bytes,
+/// of it: lapin's own, so that the production path moves it as lapin made it (its acker is
+/// never used: settlements go through the channel's settle task). The in-memory broker
+/// makes them with [`incoming`].
+pub(crate) type Incoming = lapin::message::Delivery;
+
+/// A delivery made by conejo (the in-memory broker).
+#[cfg(any(test, feature = "test-util"))]
+pub(crate) fn incoming(
+    tag: u64,
+    exchange: ShortString,
+    routing_key: ShortString,
+    redelivered: bool,
+    properties: BasicProperties,
+    body: &[u8],
+) -> Incoming {
+    let mut delivery =
+        lapin::message::Delivery::mock(tag, exchange, routing_key, redelivered, body.to_vec());
+    delivery.properties = properties;
+    delivery
 }
 
 /// A message taken with [`Channel::get`], and how many were left behind it.
@@ -528,9 +531,7 @@ impl Stream for Deliveries {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
-            Deliveries::Amqp(consumer) => Pin::new(consumer)
-                .poll_next(cx)
-                .map(|next| next.map(|delivery| delivery.map(amqp::incoming))),
+            Deliveries::Amqp(consumer) => Pin::new(consumer).poll_next(cx),
             #[cfg(any(test, feature = "test-util"))]
             Deliveries::Memory(deliveries) => Pin::new(deliveries).poll_next(cx),
         }

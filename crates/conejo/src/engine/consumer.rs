@@ -120,7 +120,7 @@ pub(crate) async fn consume(
         };
         let end = match next {
             Some(Ok(delivery)) => {
-                last_tag = delivery.tag;
+                last_tag = delivery.delivery_tag;
                 start(queue, &channel, delivery, slot);
                 continue;
             }
@@ -182,12 +182,12 @@ pub(crate) async fn consume(
 
 /// From here the delivery is settled by construction: its job, dropped in any way but
 /// settling it, gives the message back.
-fn start(queue: &Queue, channel: &Channel, delivery: Incoming, slot: Slot) {
+fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     QueueCounters::add(&queue.counters.delivered, 1);
-    let unsettled = Unsettled::new(delivery.tag, Arc::clone(&channel.dispatch));
+    let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&channel.dispatch));
     let (ctx, body) = Context::from_delivery(
         Arc::clone(queue.name()),
-        delivery,
+        &mut delivery,
         Arc::clone(&channel.signals),
         slot,
     );
@@ -256,9 +256,11 @@ async fn give_back_unstarted(
     while cancelled.is_ok() {
         match tokio::time::timeout_at(deadline, channel.deliveries.next()).await {
             Ok(Some(Ok(delivery))) => {
-                last_tag = Some(delivery.tag);
+                last_tag = Some(delivery.delivery_tag);
                 QueueCounters::add(&queue.counters.delivered, 1);
-                channel.settle().settle(delivery.tag, Settlement::Requeue);
+                channel
+                    .settle()
+                    .settle(delivery.delivery_tag, Settlement::Requeue);
                 released += 1;
             }
             Ok(Some(Err(error))) => {

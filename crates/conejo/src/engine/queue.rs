@@ -12,7 +12,7 @@ use crate::{
     config::queue::ResolvedQueue,
     handler::{self, slot::Slots},
     observe::stats::QueueCounters,
-    service::{BoxLayer, Layers, assemble},
+    service::{BoxLayer, Layers, Service, Visit, assemble_with},
 };
 
 /// A queue as registered on the builder: name, handler, settings.
@@ -50,8 +50,21 @@ impl Registration {
     pub(crate) fn new<H: Handler>(handler: H) -> Self {
         Registration {
             blocking: handler::is_blocking(&handler),
-            assemble: Box::new(move |layers, timeout| Arc::new(assemble(handler, layers, timeout))),
+            assemble: Box::new(move |layers, timeout| {
+                assemble_with(handler, layers, timeout, IntoWork)
+            }),
         }
+    }
+}
+
+/// Erases a pipeline of its concrete type into what starts its workers.
+struct IntoWork;
+
+impl Visit for IntoWork {
+    type Output = Arc<dyn Work>;
+
+    fn visit<S: Service>(self, pipeline: S) -> Arc<dyn Work> {
+        Arc::new(pipeline)
     }
 }
 

@@ -317,7 +317,7 @@ async fn attempts_used_up_and_bad_payloads_are_dead_lettered_with_reasons() {
         text_header(&letters[0], headers::FAILURE).as_deref(),
         Some("decode")
     );
-    assert_eq!(&letters[0].body[..], b"{not json");
+    assert_eq!(&letters[0].data[..], b"{not json");
     service.stop().await.unwrap();
 }
 

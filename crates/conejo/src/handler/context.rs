@@ -82,21 +82,17 @@ impl Signals {
 }
 
 impl Context {
-    /// The context of a delivery as it came from the broker, and its body.
+    /// The context of a delivery as it came from the broker, and its body (both taken out
+    /// of it, not copied).
     pub(crate) fn from_delivery(
         queue: Arc<str>,
-        delivery: Incoming,
+        delivery: &mut Incoming,
         signals: Arc<Signals>,
         slot: Slot,
     ) -> (Self, Bytes) {
-        let Incoming {
-            tag,
-            mut exchange,
-            mut routing_key,
-            redelivered,
-            properties,
-            body,
-        } = delivery;
+        let properties = std::mem::take(&mut delivery.properties);
+        let mut exchange = std::mem::take(&mut delivery.exchange);
+        let mut routing_key = std::mem::take(&mut delivery.routing_key);
         let mut attempt = 1;
         if let Some(found) = properties.headers() {
             attempt = headers::attempt(Some(found));
@@ -111,18 +107,18 @@ impl Context {
         let ctx = Context {
             inner: Arc::new(Inner {
                 queue,
-                delivery_tag: tag,
+                delivery_tag: delivery.delivery_tag,
                 exchange,
                 routing_key,
                 attempt,
-                redelivered,
+                redelivered: delivery.redelivered,
                 properties,
                 signals,
                 slot: Mutex::new(Some(slot)),
                 ledger: OnceLock::new(),
             }),
         };
-        (ctx, body)
+        (ctx, Bytes::from(std::mem::take(&mut delivery.data)))
     }
 
     /// This context's own metadata, to change (tests' `with_*`): copied first if shared,

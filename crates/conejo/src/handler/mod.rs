@@ -249,7 +249,7 @@ mod tests {
     use bytes::Bytes;
 
     fn erase<H: Handler>(handler: H) -> BoxService {
-        BoxService::new(assemble(handler, &[], None))
+        assemble(handler, &[], None)
     }
 
     struct Doubler;

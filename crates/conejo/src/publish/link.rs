@@ -520,7 +520,7 @@ impl Session<'_> {
             .map(ShortString::to_string);
         match correlation.and_then(|c| self.waiting.remove(&c)) {
             Some(waiter) => {
-                let _ = waiter.send(Ok(Reply::new(reply.body, reply.properties)));
+                let _ = waiter.send(Ok(Reply::new(Bytes::from(reply.data), reply.properties)));
             }
             None => debug!("a reply nobody waits for (late, or not ours); dropped"),
         }

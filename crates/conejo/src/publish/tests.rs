@@ -85,7 +85,7 @@ async fn a_publish_returns_once_confirmed_with_its_properties() {
             .unwrap()
             .contains_key("x-tenant")
     );
-    assert_eq!(&messages[0].body[..], br#"{"id":7}"#);
+    assert_eq!(&messages[0].data[..], br#"{"id":7}"#);
     let stats = publisher.stats();
     assert_eq!((stats.sent, stats.confirmed, stats.in_flight), (1, 1, 0));
     publisher.close().await;
@@ -152,7 +152,11 @@ async fn a_publish_waits_for_the_next_connection_and_times_out_without_one() {
     assert!(error.may_have_been_published());
     memory.refuse_connections(0, None);
     publisher.publish("", "q", "third").await.unwrap();
-    let bodies: Vec<Bytes> = memory.take("q").into_iter().map(|m| m.body).collect();
+    let bodies: Vec<Bytes> = memory
+        .take("q")
+        .into_iter()
+        .map(|m| Bytes::from(m.data))
+        .collect();
     assert_eq!(
         bodies,
         ["first", "second", "third"].map(|b| Bytes::from_static(b.as_bytes()))
@@ -368,7 +372,11 @@ async fn a_handlers_publishes_are_confirmed_before_its_input_is_acked() {
         )
         .unwrap();
     eventually("acked", || stats.queue("orders").unwrap().acked == 1).await;
-    let events: Vec<Bytes> = memory.take("events").into_iter().map(|m| m.body).collect();
+    let events: Vec<Bytes> = memory
+        .take("events")
+        .into_iter()
+        .map(|m| Bytes::from(m.data))
+        .collect();
     assert_eq!(
         events,
         [Bytes::from_static(b"o1.announced")],
@@ -396,7 +404,11 @@ async fn a_handlers_publishes_are_confirmed_before_its_input_is_acked() {
         "{queue:?}"
     );
     assert_eq!(*handler.0.lock().unwrap(), vec![1, 1, 2]);
-    let events: Vec<Bytes> = memory.take("events").into_iter().map(|m| m.body).collect();
+    let events: Vec<Bytes> = memory
+        .take("events")
+        .into_iter()
+        .map(|m| Bytes::from(m.data))
+        .collect();
     assert_eq!(events, [Bytes::from_static(b"o2.announced")]);
     stop.shutdown();
     running.await.unwrap().unwrap();
@@ -456,7 +468,11 @@ async fn a_publish_the_handler_did_not_wait_for_still_holds_the_ack_and_fails_it
     let queue = stats.queue("orders").unwrap();
     assert_eq!(queue.handler_publish_failures, 1, "{queue:?}");
     assert_eq!(*handler.0.lock().unwrap(), vec![1, 2]);
-    let events: Vec<Bytes> = memory.take("events").into_iter().map(|m| m.body).collect();
+    let events: Vec<Bytes> = memory
+        .take("events")
+        .into_iter()
+        .map(|m| Bytes::from(m.data))
+        .collect();
     assert_eq!(events, [Bytes::from_static(b"o1.stored")]);
     stop.shutdown();
     running.await.unwrap().unwrap();

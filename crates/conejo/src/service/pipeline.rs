@@ -1,6 +1,6 @@
-//! A queue's pipeline, assembled once when the service starts: conejo's guard (the queue's
-//! timeout, then panic isolation) around the user's layers (boxed, only when there are any)
-//! around decoding and the handler.
+//! A queue's pipeline, assembled once when the service starts: the queue's timeout and panic
+//! isolation around the user's layers (boxed, only when there are any) around decoding and
+//! the handler.
 
 use std::{any::Any, fmt, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
@@ -70,64 +70,81 @@ impl<S: Service> Service for CatchPanic<S> {
     }
 }
 
-/// conejo's own outer layers: the queue's timeout (if any) around panic isolation.
-pub(crate) struct Guard<S> {
-    /// What it guards.
-    inner: CatchPanic<S>,
-    /// The queue's timeout.
+/// Fails a delivery whose pipeline runs longer than the queue's timeout with
+/// [`Failure::Timeout`], dropping (cancelling) what runs inside.
+pub(crate) struct Timeout<S> {
+    /// What it limits.
+    inner: S,
+    /// The limit.
+    limit: Duration,
+}
+
+impl<S: Service> Service for Timeout<S> {
+    async fn call(&self, delivery: Delivery) -> Result<(), Failure> {
+        tokio::time::timeout(self.limit, self.inner.call(delivery))
+            .await
+            .unwrap_or(Err(Failure::Timeout(self.limit)))
+    }
+}
+
+/// Receives a queue's assembled pipeline as its concrete type: what lets the engine run it
+/// in workers that call it directly (no allocation per delivery, no virtual call).
+pub(crate) trait Visit {
+    /// What the visitor makes of the pipeline.
+    type Output;
+
+    /// Takes the pipeline.
+    fn visit<S: Service>(self, pipeline: S) -> Self::Output;
+}
+
+/// Assembles a queue's pipeline — `layers` from the innermost (applied first) out, inside
+/// panic isolation and the timeout — and hands it to `visit` as its concrete type. Without
+/// layers, decoding and the handler are called directly; with layers, those are boxed.
+pub(crate) fn assemble_with<H: Handler, V: Visit>(
+    handler: H,
+    layers: &[BoxLayer],
     timeout: Option<Duration>,
-}
-
-impl<S: Service> Service for Guard<S> {
-    async fn call(&self, delivery: Delivery) -> Result<(), Failure> {
-        match self.timeout {
-            None => self.inner.call(delivery).await,
-            Some(limit) => tokio::time::timeout(limit, self.inner.call(delivery))
-                .await
-                .unwrap_or(Err(Failure::Timeout(limit))),
-        }
+    visit: V,
+) -> V::Output {
+    let core = HandlerService { handler };
+    let layered = |core: HandlerService<H>| {
+        layers
+            .iter()
+            .fold(BoxService::new(core), |inner, layer| layer(inner))
+    };
+    match (layers.is_empty(), timeout) {
+        (true, None) => visit.visit(CatchPanic { inner: core }),
+        (true, Some(limit)) => visit.visit(Timeout {
+            inner: CatchPanic { inner: core },
+            limit,
+        }),
+        (false, None) => visit.visit(CatchPanic {
+            inner: layered(core),
+        }),
+        (false, Some(limit)) => visit.visit(Timeout {
+            inner: CatchPanic {
+                inner: layered(core),
+            },
+            limit,
+        }),
     }
 }
 
-/// A queue's whole pipeline. Without layers it is monomorphic: decoding and the handler are
-/// called directly, with no allocation per delivery.
-pub(crate) enum Pipeline<H> {
-    /// The guard around the handler.
-    Bare(Guard<HandlerService<H>>),
-    /// The guard around the layers, around the handler.
-    Layered(Guard<BoxService>),
-}
-
-impl<H: Handler> Service for Pipeline<H> {
-    async fn call(&self, delivery: Delivery) -> Result<(), Failure> {
-        match self {
-            Pipeline::Bare(pipeline) => pipeline.call(delivery).await,
-            Pipeline::Layered(pipeline) => pipeline.call(delivery).await,
-        }
-    }
-}
-
-/// Assembles a queue's pipeline: `layers` from the innermost (applied first) out, inside
-/// panic isolation and the timeout.
+/// The pipeline as one erased service: for what needs no monomorphic worker (a test of a
+/// handler, [`testing::outcome`](crate::testing)).
 pub(crate) fn assemble<H: Handler>(
     handler: H,
     layers: &[BoxLayer],
     timeout: Option<Duration>,
-) -> Pipeline<H> {
-    let core = HandlerService { handler };
-    if layers.is_empty() {
-        return Pipeline::Bare(Guard {
-            inner: CatchPanic { inner: core },
-            timeout,
-        });
+) -> BoxService {
+    struct Erase;
+    impl Visit for Erase {
+        type Output = BoxService;
+        fn visit<S: Service>(self, pipeline: S) -> BoxService {
+            BoxService::new(pipeline)
+        }
     }
-    let inner = layers
-        .iter()
-        .fold(BoxService::new(core), |inner, layer| layer(inner));
-    Pipeline::Layered(Guard {
-        inner: CatchPanic { inner },
-        timeout,
-    })
+    assemble_with(handler, layers, timeout, Erase)
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -5,10 +5,8 @@ pub(crate) mod runtime;
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use lapin::{
     BasicProperties, Confirmation, ConnectionProperties, ExchangeKind, PublisherConfirm,
-    message::Delivery,
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions,
         BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -19,8 +17,8 @@ use lapin::{
 
 use self::runtime::ConnectionRuntime;
 use super::{
-    AmqpUrl, BrokerError, Confirmed, ConsumeOptions, Event, ExchangeOptions, Got, Incoming,
-    QueueOptions, QueueState, TlsSetup,
+    AmqpUrl, BrokerError, Confirmed, ConsumeOptions, Event, ExchangeOptions, Got, QueueOptions,
+    QueueState, TlsSetup,
 };
 use crate::Error;
 
@@ -269,20 +267,8 @@ pub(crate) async fn get(channel: &lapin::Channel, queue: &str) -> Result<Option<
         .await?;
     Ok(got.map(|got| Got {
         remaining: got.message_count,
-        message: incoming(got.delivery),
+        message: got.delivery,
     }))
-}
-
-/// A lapin delivery as conejo takes it: fields moved, the body not copied.
-pub(crate) fn incoming(delivery: Delivery) -> Incoming {
-    Incoming {
-        tag: delivery.delivery_tag,
-        exchange: delivery.exchange,
-        routing_key: delivery.routing_key,
-        redelivered: delivery.redelivered,
-        properties: delivery.properties,
-        body: Bytes::from(delivery.data),
-    }
 }
 
 pub(crate) fn confirmed(confirmation: Confirmation) -> Confirmed {

@@ -263,13 +263,15 @@ impl Memory {
             target
                 .ready
                 .drain(..)
-                .map(|message| Incoming {
-                    tag: 0,
-                    exchange: message.exchange,
-                    routing_key: message.routing_key,
-                    redelivered: message.redelivered,
-                    properties: message.properties,
-                    body: message.body,
+                .map(|message| {
+                    super::incoming(
+                        0,
+                        message.exchange,
+                        message.routing_key,
+                        message.redelivered,
+                        message.properties,
+                        &message.body,
+                    )
                 })
                 .collect()
         })

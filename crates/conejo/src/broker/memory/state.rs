@@ -690,14 +690,14 @@ impl State {
             let Some((_, sender)) = target else {
                 return Ok(false);
             };
-            let reply = Incoming {
-                tag: 0,
-                exchange: ShortString::from(""),
-                routing_key: ShortString::from(routing_key),
-                redelivered: false,
+            let reply = crate::broker::incoming(
+                0,
+                ShortString::from(""),
+                ShortString::from(routing_key),
+                false,
                 properties,
-                body,
-            };
+                &body,
+            );
             return Ok(sender.send(Ok(reply)).is_ok());
         }
         let queues = match self.route(exchange, routing_key, &properties) {
@@ -879,14 +879,14 @@ impl State {
                     );
                     properties = properties.with_headers(headers);
                 }
-                let incoming = Incoming {
-                    tag: tag_number,
-                    exchange: message.exchange.clone(),
-                    routing_key: message.routing_key.clone(),
-                    redelivered: message.redelivered,
+                let incoming = crate::broker::incoming(
+                    tag_number,
+                    message.exchange.clone(),
+                    message.routing_key.clone(),
+                    message.redelivered,
                     properties,
-                    body: message.body.clone(),
-                };
+                    &message.body,
+                );
                 let sent = consumer.sender.send(Ok(incoming)).is_ok();
                 if consumer.options.no_ack {
                     // Settled as sent.
@@ -946,14 +946,14 @@ impl State {
         let open = self.channel(channel)?;
         open.next_tag += 1;
         let tag = open.next_tag;
-        let incoming = Incoming {
+        let incoming = crate::broker::incoming(
             tag,
-            exchange: message.exchange.clone(),
-            routing_key: message.routing_key.clone(),
-            redelivered: message.redelivered,
-            properties: message.properties.clone(),
-            body: message.body.clone(),
-        };
+            message.exchange.clone(),
+            message.routing_key.clone(),
+            message.redelivered,
+            message.properties.clone(),
+            &message.body,
+        );
         open.unacked.insert(
             tag,
             Unacked {
