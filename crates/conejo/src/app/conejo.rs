@@ -17,6 +17,20 @@ use crate::{
 };
 use tokio_util::sync::CancellationToken;
 
+/// The names a service declares (see [`Conejo::declared`]).
+#[cfg(feature = "test-util")]
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DeclaredNames {
+    /// The queues it consumes.
+    pub(crate) consumed: Vec<String>,
+    /// The wait queues its retries go through (those of the policies' delays).
+    pub(crate) wait_queues: Vec<String>,
+    /// Other queues it declares (the dead-letter queues it owns).
+    pub(crate) queues: Vec<String>,
+    /// The exchanges it declares.
+    pub(crate) exchanges: Vec<String>,
+}
+
 /// A RabbitMQ consumer service: queues, their handlers, and the connection conejo owns.
 ///
 /// Build it with [`Conejo::builder`], then [`run`](Conejo::run) it.
@@ -74,6 +88,41 @@ impl Conejo {
     #[must_use]
     pub fn connection_runtime_wedge(&self) -> crate::hooks::RuntimeWedge {
         self.hooks.wedge.clone()
+    }
+
+    /// What the service declares and consumes, by name, for the test harness: its queues,
+    /// the wait queues of their retry policies' delays, the dead-letter exchanges and queues
+    /// it owns, and its exchanges.
+    #[cfg(feature = "test-util")]
+    pub(crate) fn declared(&self) -> DeclaredNames {
+        use crate::config::{retry::wait_ttl_ms, topology};
+        let mut declared = DeclaredNames::default();
+        for spec in &self.queues {
+            let settings = spec
+                .config
+                .settings(Arc::clone(&spec.name), spec.handler.blocking);
+            let name = settings.name.to_string();
+            let mut waits: Vec<String> = (1..settings.retry.attempts())
+                .map(|attempt| {
+                    topology::wait_queue_name(&name, wait_ttl_ms(settings.retry.delay(attempt)))
+                })
+                .collect();
+            waits.dedup();
+            declared.wait_queues.extend(waits);
+            if settings.dead_letter.owned {
+                declared
+                    .queues
+                    .push(topology::dead_letter_queue_name(&name));
+                declared
+                    .exchanges
+                    .push(settings.dead_letter.exchange.clone());
+            }
+            declared.consumed.push(name);
+        }
+        declared
+            .exchanges
+            .extend(self.config.exchanges.iter().map(|e| e.name().to_owned()));
+        declared
     }
 
     /// A handle that stops the service from elsewhere (a test, an admin endpoint).

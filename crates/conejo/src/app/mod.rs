@@ -10,6 +10,8 @@ mod signal;
 
 #[cfg(feature = "config")]
 pub(crate) use self::builder::ApplySettings;
+#[cfg(feature = "test-util")]
+pub(crate) use self::conejo::DeclaredNames;
 pub use self::{
     builder::Builder,
     conejo::{Conejo, ShutdownHandle},

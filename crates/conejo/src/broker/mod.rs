@@ -23,7 +23,7 @@
 
 pub(crate) mod amqp;
 #[cfg(any(test, feature = "test-util"))]
-#[cfg_attr(not(test), allow(dead_code))] // until the test harness uses all of it
+#[cfg_attr(not(feature = "test-util"), allow(dead_code))] // the harness uses all of it
 pub(crate) mod memory;
 pub(crate) mod tls;
 pub(crate) mod url;
@@ -392,6 +392,27 @@ impl Channel {
             Channel::Amqp(c) => amqp::declare_queue(c, name, options, arguments).await,
             #[cfg(any(test, feature = "test-util"))]
             Channel::Memory(c) => c.declare_queue(name, options, arguments).await,
+        }
+    }
+
+    /// Deletes a queue (its consumers are cancelled, its messages gone); deleting one that
+    /// does not exist succeeds.
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(crate) async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        match self {
+            Channel::Amqp(c) => amqp::delete_queue(c, name).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.delete_queue(name).await,
+        }
+    }
+
+    /// Deletes an exchange and its bindings; deleting one that does not exist succeeds.
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
+    pub(crate) async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        match self {
+            Channel::Amqp(c) => amqp::delete_exchange(c, name).await,
+            #[cfg(any(test, feature = "test-util"))]
+            Channel::Memory(c) => c.delete_exchange(name).await,
         }
     }
 

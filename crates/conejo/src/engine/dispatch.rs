@@ -21,7 +21,7 @@ use crate::{
     },
     handler::slot::Slot,
     headers,
-    observe::stats::QueueCounters,
+    observe::{journal::HandledAs, stats::QueueCounters},
     service::{Delivery, Service},
 };
 
@@ -175,11 +175,42 @@ impl Dispatch {
         };
         match result {
             Ok(()) => {
-                span.record("outcome", "acked");
+                self.ended(&span, ctx, body, HandledAs::Acked, None, None);
                 Settlement::Ack
             }
             Err(failure) => Box::pin(self.fail(failure, ctx, body)).await,
         }
+    }
+
+    /// Says how the delivery ended: the delivery span's `outcome`, and (feature
+    /// `test-util`) the test harness's journal.
+    #[inline]
+    fn ended(
+        &self,
+        span: &Span,
+        ctx: &Context,
+        body: &Bytes,
+        how: HandledAs,
+        failure: Option<&Failure>,
+        sent_to: Option<&str>,
+    ) {
+        span.record("outcome", how.as_str());
+        #[cfg(feature = "test-util")]
+        self.counters
+            .journal
+            .record(|| crate::observe::journal::Handled {
+                queue: self.settings.name.to_string(),
+                message_id: ctx.message_id().map(str::to_owned),
+                routing_key: ctx.routing_key().to_owned(),
+                attempt: ctx.attempt(),
+                redelivered: ctx.redelivered(),
+                outcome: how,
+                failure: failure.map(|f| format!("{}: {}", f.kind(), describe(f))),
+                sent_to: sent_to.map(str::to_owned),
+                body: body.clone(),
+            });
+        #[cfg(not(feature = "test-util"))]
+        let _ = (ctx, body, failure, sent_to);
     }
 
     /// Crash-loop detection of a delivery with a [`redelivery_count`]: past the limit the
@@ -219,7 +250,14 @@ impl Dispatch {
             .await
         {
             Ok(()) => {
-                Span::current().record("outcome", "redelivery-counted");
+                self.ended(
+                    &Span::current(),
+                    ctx,
+                    body,
+                    HandledAs::RedeliveryCounted,
+                    None,
+                    None,
+                );
                 Some(Settlement::Ack)
             }
             // Not counted this time; handle it rather than give it back again.
@@ -263,7 +301,14 @@ impl Dispatch {
                 failure = failure.kind(),
                 "failed after its delivery was given back; no retry copy or dead letter"
             );
-            Span::current().record("outcome", "dropped");
+            self.ended(
+                &Span::current(),
+                ctx,
+                body,
+                HandledAs::Dropped,
+                Some(&failure),
+                None,
+            );
             return Settlement::Requeue;
         }
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.settings.policy)(&failure, ctx)))
@@ -281,7 +326,14 @@ impl Dispatch {
                     "{}; acked (dropped) as the failure policy says",
                     describe(&failure)
                 );
-                Span::current().record("outcome", "acked");
+                self.ended(
+                    &Span::current(),
+                    ctx,
+                    body,
+                    HandledAs::Acked,
+                    Some(&failure),
+                    None,
+                );
                 Settlement::Ack
             }
             Outcome::Retry if ctx.attempt() < self.settings.retry.attempts() => {
@@ -338,7 +390,14 @@ impl Dispatch {
                     attempt + 1,
                     self.settings.retry.attempts()
                 );
-                Span::current().record("outcome", "retried");
+                self.ended(
+                    &Span::current(),
+                    ctx,
+                    body,
+                    HandledAs::Retried,
+                    Some(failure),
+                    Some(&wait_queue),
+                );
                 Settlement::Ack
             }
             Err(error) => {
@@ -347,7 +406,7 @@ impl Dispatch {
                     // it. Declare it again next time.
                     self.publisher.forget_wait_queue(&wait_queue).await;
                 }
-                self.publish_failed(ctx, &wait_queue, error).await
+                self.publish_failed(ctx, body, &wait_queue, error).await
             }
         }
     }
@@ -399,16 +458,29 @@ impl Dispatch {
                     error_text.as_deref().unwrap_or("delivered too often without a result"),
                     route.exchange
                 );
-                Span::current().record("outcome", "dead-lettered");
+                self.ended(
+                    &Span::current(),
+                    ctx,
+                    body,
+                    HandledAs::DeadLettered,
+                    failure,
+                    Some(&route.exchange),
+                );
                 Settlement::Ack
             }
-            Err(error) => self.publish_failed(ctx, &route.exchange, error).await,
+            Err(error) => self.publish_failed(ctx, body, &route.exchange, error).await,
         }
     }
 
     /// The copy was not confirmed: the delivery is given back after a pause (shortened by
     /// shutdown), so nothing is lost and nothing loops hot.
-    async fn publish_failed(&self, ctx: &Context, target: &str, error: PublishError) -> Settlement {
+    async fn publish_failed(
+        &self,
+        ctx: &Context,
+        body: &Bytes,
+        target: &str,
+        error: PublishError,
+    ) -> Settlement {
         QueueCounters::add(&self.counters.publish_failures, 1);
         error!(
             queue = %self.settings.name,
@@ -421,7 +493,7 @@ impl Dispatch {
             () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
             () = ctx.shutdown_requested() => {}
         }
-        Span::current().record("outcome", "requeued");
+        self.ended(&Span::current(), ctx, body, HandledAs::Requeued, None, None);
         Settlement::Requeue
     }
 

@@ -8,6 +8,7 @@
 
 #[cfg(feature = "health")]
 pub(crate) mod health;
+pub(crate) mod journal;
 pub(crate) mod lag;
 pub(crate) mod stats;
 pub(crate) mod status;

@@ -162,6 +162,9 @@ pub(crate) struct QueueCounters {
     /// The handler-duration histogram, once the service registered its metrics.
     #[cfg(feature = "metrics")]
     pub(crate) handler_duration: std::sync::OnceLock<metrics::Histogram>,
+    /// How deliveries ended, for the test harness.
+    #[cfg(feature = "test-util")]
+    pub(crate) journal: super::journal::Journal,
 }
 
 impl QueueCounters {

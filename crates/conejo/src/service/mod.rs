@@ -24,7 +24,9 @@ use futures::future::BoxFuture;
 use crate::{Context, Failure};
 
 pub use self::from_fn::{FromFn, FromFnService, Next, from_fn};
-pub(crate) use self::pipeline::{BoxLayer, Layers, Visit, assemble, assemble_with};
+#[cfg(any(test, feature = "test-util"))]
+pub(crate) use self::pipeline::assemble;
+pub(crate) use self::pipeline::{BoxLayer, Layers, Visit, assemble_with};
 pub use tower_layer::{Layer, layer_fn};
 
 /// One delivery on its way through a queue's pipeline: the raw body and its [`Context`],

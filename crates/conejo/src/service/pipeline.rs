@@ -132,6 +132,7 @@ pub(crate) fn assemble_with<H: Handler, V: Visit>(
 
 /// The pipeline as one erased service: for what needs no monomorphic worker (a test of a
 /// handler, [`testing::outcome`](crate::testing)).
+#[cfg(any(test, feature = "test-util"))]
 pub(crate) fn assemble<H: Handler>(
     handler: H,
     layers: &[BoxLayer],

@@ -169,6 +169,28 @@ pub(crate) async fn declare_queue(
     })
 }
 
+pub(crate) async fn delete_queue(channel: &lapin::Channel, name: &str) -> Result<(), BrokerError> {
+    channel
+        .queue_delete(
+            ShortString::from(name),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .map(drop)
+}
+
+pub(crate) async fn delete_exchange(
+    channel: &lapin::Channel,
+    name: &str,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_delete(
+            ShortString::from(name),
+            lapin::options::ExchangeDeleteOptions::default(),
+        )
+        .await
+}
+
 pub(crate) async fn bind_queue(
     channel: &lapin::Channel,
     queue: &str,

@@ -14,11 +14,15 @@ use lapin::{
     BasicProperties, ExchangeKind,
     types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString},
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 
 use super::route;
 use crate::broker::{
-    BrokerError, ConsumeOptions, Event, ExchangeOptions, Incoming, QueueOptions, QueueState,
+    BrokerError, Confirmed, ConsumeOptions, Event, ExchangeOptions, Incoming, QueueOptions,
+    QueueState,
 };
 
 pub(super) type ConnId = u64;
@@ -182,16 +186,37 @@ pub(super) struct Connection {
     pub(super) blocked: Option<String>,
     /// Why it was closed, once it is.
     pub(super) closed_because: Option<BrokerError>,
+    /// The test harness's own connection: faults pass it by.
+    pub(super) exempt: bool,
+    /// The heartbeat interval (none if disabled): a stalled connection is lost after two.
+    pub(super) heartbeat: Option<Duration>,
 }
 
-/// Faults to inject, armed by tests.
+/// Faults to inject, armed by tests. Each counts down and disarms itself.
 #[derive(Debug, Default)]
 pub(super) struct Faults {
     /// Connection attempts to refuse, with the error to refuse them with.
     pub(super) refuse_connections: Option<(u32, BrokerError)>,
     /// Publishes to nack (confirm mode) before confirming again.
     pub(super) nack_publishes: u32,
+    /// Publishes to return as unroutable (312 NO_ROUTE), routed to no queue.
+    pub(super) return_publishes: u32,
+    /// Publishes whose confirm is withheld (the message is routed) until released.
+    pub(super) withhold_confirms: u32,
+    /// Deliveries before the connection that receives the last of them is dropped.
+    pub(super) drop_after_deliveries: Option<u32>,
+    /// Publishes before the connection that sends the last of them is dropped, the message
+    /// routed and its confirm lost with the connection.
+    pub(super) drop_after_publishes: Option<u32>,
 }
+
+/// A confirm withheld by a fault: the connection it belongs to, where it goes, and what it
+/// will say.
+pub(super) type Withheld = (
+    ConnId,
+    oneshot::Sender<Result<Confirmed, BrokerError>>,
+    Result<Confirmed, BrokerError>,
+);
 
 /// A publish waiting for its blocked connection.
 pub(super) type Parked = Box<dyn FnOnce(&mut State) + Send>;
@@ -210,6 +235,13 @@ pub(super) struct State {
     pub(super) next_expiry: Option<Instant>,
     /// A resource alarm's reason while one is raised: connections that publish are blocked.
     pub(super) alarm: Option<String>,
+    /// Confirms withheld by a fault.
+    pub(super) withheld: Vec<Withheld>,
+    /// While the network is stalled, which stall it is: nothing reaches the connections
+    /// (faults aside) and nothing they send reaches the broker.
+    pub(super) stall: Option<u64>,
+    /// Stalls so far.
+    pub(super) stalls: u64,
 }
 
 impl Default for State {
@@ -244,6 +276,9 @@ impl Default for State {
             parked: Vec::new(),
             next_expiry: None,
             alarm: None,
+            withheld: Vec::new(),
+            stall: None,
+            stalls: 0,
         }
     }
 }
@@ -345,6 +380,7 @@ impl State {
         }
         self.queues.retain(|_, queue| queue.owner != Some(id));
         self.parked.retain(|(connection, _)| *connection != id);
+        self.withheld.retain(|(connection, _, _)| *connection != id);
         if let Some(error) = error {
             for listener in listeners {
                 let _ = listener.send(Event::Error(error.clone()));
@@ -828,8 +864,53 @@ impl State {
         next
     }
 
+    /// True while the network is stalled for `connection` (the harness's own is exempt).
+    pub(super) fn is_stalled(&self, connection: ConnId) -> bool {
+        self.stall.is_some()
+            && self
+                .connections
+                .get(&connection)
+                .is_some_and(|c| c.open && !c.exempt)
+    }
+
+    /// True for a channel of the harness's own connection.
+    pub(super) fn is_exempt_channel(&self, channel: ChanId) -> bool {
+        self.channels
+            .get(&channel)
+            .and_then(|c| self.connections.get(&c.connection))
+            .is_some_and(|c| c.exempt)
+    }
+
+    /// Cancels `queue`'s consumers from the broker's side (`basic.cancel` to the client, as
+    /// when a queue is deleted or its leader moves): their streams end, what they hold stays
+    /// unacked on their channels. Returns how many.
+    pub(super) fn cancel_consumers(&mut self, queue: &str) -> usize {
+        let Some(target) = self.queues.get_mut(queue) else {
+            return 0;
+        };
+        let (consumers, kept): (Vec<ConsumerKey>, Vec<ConsumerKey>) =
+            target.consumers.drain(..).partition(|(channel, _)| {
+                !self
+                    .channels
+                    .get(channel)
+                    .and_then(|c| self.connections.get(&c.connection))
+                    .is_some_and(|c| c.exempt)
+            });
+        target.consumers.extend(kept);
+        for (channel, tag) in &consumers {
+            if let Some(channel) = self.channels.get_mut(channel) {
+                // Dropping the sender ends the stream: what lapin does on a broker-side
+                // basic.cancel.
+                channel.consumers.remove(tag);
+            }
+        }
+        consumers.len()
+    }
+
     /// Pushes ready messages to consumers with room in their prefetch, round robin.
     pub(super) fn deliver(&mut self) {
+        // Connections a fault drops once their delivery is sent.
+        let mut to_drop: Vec<ConnId> = Vec::new();
         let names: Vec<String> = self
             .queues
             .iter()
@@ -846,7 +927,13 @@ impl State {
                     let key = queue.consumers.pop_front().expect("a consumer");
                     queue.consumers.push_back(key.clone());
                     let room = self.channels.get(&key.0).is_some_and(|channel| {
+                        let stalled = self.stall.is_some()
+                            && self
+                                .connections
+                                .get(&channel.connection)
+                                .is_some_and(|c| !c.exempt);
                         channel.open
+                            && !stalled
                             && channel.consumers.get(&key.1).is_some_and(|consumer| {
                                 consumer.options.no_ack
                                     || channel.prefetch == 0
@@ -888,6 +975,17 @@ impl State {
                     &message.body,
                 );
                 let sent = consumer.sender.send(Ok(incoming)).is_ok();
+                let connection = channel.connection;
+                if sent
+                    && let Some(left) = &mut self.faults.drop_after_deliveries
+                    && self.connections.get(&connection).is_some_and(|c| !c.exempt)
+                {
+                    *left -= 1;
+                    if *left == 0 {
+                        self.faults.drop_after_deliveries = None;
+                        to_drop.push(connection);
+                    }
+                }
                 if consumer.options.no_ack {
                     // Settled as sent.
                     consumer.unacked -= 1;
@@ -924,6 +1022,10 @@ impl State {
                     }
                 }
             }
+        }
+        for connection in to_drop {
+            let text = "CONNECTION_FORCED - dropped by the test after a delivery".to_owned();
+            self.close_connection(connection, Some(amqp_error(320, text)));
         }
     }
 
