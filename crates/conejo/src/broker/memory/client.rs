@@ -232,10 +232,11 @@ impl MemoryChannel {
                     },
                 )
             };
-            // Under an alarm, a connection is blocked as it publishes.
+            // Under an alarm, a connection is blocked as it publishes (not the harness's).
             if let Some(reason) = state.alarm.clone()
                 && let Some(publishing) = state.connections.get_mut(&connection)
                 && publishing.blocked.is_none()
+                && !publishing.exempt
             {
                 publishing.blocked = Some(reason.clone());
                 for listener in &publishing.events {
@@ -248,7 +249,7 @@ impl MemoryChannel {
                 .is_some_and(|c| c.blocked.is_some());
             if !blocked {
                 let answer = publish(state);
-                if !withholds(state, confirm, &answer) {
+                if !withholds(state, connection, confirm, &answer) {
                     return Ok(MemoryConfirm::Ready(Some(answer)));
                 }
                 let (done, waiting) = oneshot::channel();
@@ -260,7 +261,7 @@ impl MemoryChannel {
                 connection,
                 Box::new(move |state: &mut State| {
                     let answer = publish(state);
-                    if withholds(state, confirm, &answer) {
+                    if withholds(state, connection, confirm, &answer) {
                         state.withheld.push((connection, done, answer));
                     } else {
                         let _ = done.send(answer);
@@ -311,6 +312,12 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
         body,
         properties,
     } = publish;
+    // The harness's own publishes are passed by faults.
+    let exempt = state.connections.get(&connection).is_some_and(|c| c.exempt);
+    if exempt {
+        let routed = state.publish(Some(channel), &exchange, &routing_key, body, properties)?;
+        return Ok(answer(confirm, routed, mandatory));
+    }
     if confirm && state.faults.nack_publishes > 0 {
         state.faults.nack_publishes -= 1;
         return Ok(Confirmed::Nack);
@@ -333,19 +340,30 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
             return Err(error);
         }
     }
-    Ok(match (confirm, routed, mandatory) {
+    Ok(answer(confirm, routed, mandatory))
+}
+
+/// The broker's answer to a publish it routed (or not).
+fn answer(confirm: bool, routed: bool, mandatory: bool) -> Confirmed {
+    match (confirm, routed, mandatory) {
         (false, _, _) => Confirmed::NotRequested,
         (true, false, true) => Confirmed::Returned {
             code: 312,
             text: "NO_ROUTE".to_owned(),
         },
         (true, _, _) => Confirmed::Ack,
-    })
+    }
 }
 
 /// True when a fault withholds this confirm (it counts down).
-fn withholds(state: &mut State, confirm: bool, answer: &Result<Confirmed, BrokerError>) -> bool {
-    if !confirm || answer.is_err() || state.faults.withhold_confirms == 0 {
+fn withholds(
+    state: &mut State,
+    connection: state::ConnId,
+    confirm: bool,
+    answer: &Result<Confirmed, BrokerError>,
+) -> bool {
+    let exempt = state.connections.get(&connection).is_some_and(|c| c.exempt);
+    if exempt || !confirm || answer.is_err() || state.faults.withhold_confirms == 0 {
         return false;
     }
     state.faults.withhold_confirms -= 1;

@@ -146,6 +146,12 @@ impl Memory {
         result
     }
 
+    /// Reads the state (waking nobody).
+    fn read<R>(&self, look: impl FnOnce(&State) -> R) -> R {
+        let state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        look(&state)
+    }
+
     /// Connects as conejo does.
     pub(crate) async fn connect(
         &self,
@@ -220,7 +226,7 @@ impl Memory {
             let notified = self.shared.stall.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.with_state(|state| state.stall.is_none()) {
+            if self.read(|state| state.stall.is_none()) {
                 return;
             }
             notified.await;
@@ -234,7 +240,7 @@ impl Memory {
             let notified = self.shared.stall.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let stalled = self.with_state(|state| match state.connections.get(&connection) {
+            let stalled = self.read(|state| match state.connections.get(&connection) {
                 Some(open) if open.open => Ok(state.is_stalled(connection)),
                 closed => Err(closed
                     .and_then(|c| c.closed_because.clone())
