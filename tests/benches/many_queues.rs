@@ -52,6 +52,9 @@
 //! deleted when a run fails. A kind that does not finish within `--timeout` (seconds, from
 //! connecting to the last ack) fails the benchmark instead of hanging. Wall-clock rates on
 //! a shared 2-core machine swing: compare the kinds of one run.
+//!
+//! Why it is ~600 lines: one benchmark binary, read top to bottom — set-up, the two
+//! consumers, the runs and the report — each part used once.
 
 use std::{
     collections::BTreeMap,

@@ -43,6 +43,9 @@
 //! deleted at the end (with the wait and dead-letter queues conejo declared for it), also
 //! when a run fails; a run that does not finish within `--timeout SECS` (default 120) fails
 //! the benchmark instead of hanging. `--help` lists every flag.
+//!
+//! Why it is ~650 lines: one benchmark binary, read top to bottom — its consumers, runs,
+//! ratios and report — each part used once.
 
 use std::{
     fmt::Write as _,

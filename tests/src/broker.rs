@@ -1,4 +1,7 @@
 //! A plain lapin client for setting up and inspecting queues in tests.
+//!
+//! Why it is ~770 lines: the tests' plain lapin client — one method per broker operation a
+//! test needs, each small.
 
 use crate::{amqp_url, unique_name};
 use anyhow::{Context, anyhow, bail};

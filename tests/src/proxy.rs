@@ -1,5 +1,8 @@
 //! A TCP proxy between a client and a broker, to inject network faults: a stall (connections
 //! stay open, no byte moves), a cut (every connection closed at once), refused connections.
+//!
+//! Why it is ~670 lines: the proxy's accept loop, its per-connection pumps, the fault
+//! switches and the tests of each, which share one state machine.
 
 use anyhow::{Context, anyhow, bail};
 use std::collections::HashMap;

@@ -7,6 +7,9 @@
 //! *defines* the item, re-exports followed: `crate::Context` is an edge to
 //! `handler::context`, not to the crate root. Items behind any feature count, so the check
 //! covers every build.
+//!
+//! Why it is ~600 lines: a source parser (the `use` and path visitor), the allowed table
+//! and its own tests of the checker; split, each part would be meaningless alone.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

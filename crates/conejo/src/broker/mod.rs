@@ -20,6 +20,9 @@
 //! with the same reply codes RabbitMQ sends.
 //!
 //! May use: `error` (and nothing of conejo's engine, handlers or configuration).
+//!
+//! Why it is ~630 lines: the whole boundary in one place — each operation one `match` over
+//! the transports — so that what conejo asks of a broker reads as one list.
 
 pub(crate) mod amqp;
 #[cfg(any(test, feature = "test-util"))]

@@ -3,6 +3,9 @@
 //! retries through wait queues under a paused clock, dead letters, poison counting, channel
 //! and connection loss, a blocked connection, graceful shutdown, startup refusals. The
 //! same behaviours are proved against a real broker by the integration tests.
+//!
+//! Why it is ~750 lines: one test per behaviour of the engine, each self-contained (its
+//! broker, its service, its assertions), sharing the small fixtures above them.
 
 use std::{
     sync::{

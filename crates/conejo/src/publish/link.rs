@@ -4,6 +4,9 @@
 //! on the channel) and its confirm awaited among all the others in flight, so throughput
 //! never pays a round trip per message. Requests that arrive while there is no connection
 //! wait in the queue for the next one; their callers bound the wait.
+//!
+//! Why it is ~700 lines: one task's state machine (connect, publish, confirm, reopen, give
+//! up), which reads best in one place; its tests are in `publish/tests.rs`.
 
 use std::{
     collections::{HashMap, VecDeque},

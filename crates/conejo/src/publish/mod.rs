@@ -14,6 +14,9 @@
 //! go through it too.
 //!
 //! May use: `broker`, `observe`, `error`, `headers`.
+//!
+//! Why it is ~790 lines: the public API of publishing (`Publisher`, its builder and
+//! settings) with its documentation and examples; the machinery is in the submodules.
 
 mod completion;
 mod error;

@@ -2,6 +2,9 @@
 //! is what happened, and the service behaves as it does against RabbitMQ — it reconnects,
 //! gives back, redelivers, counts, and loses nothing. (The same behaviours are proved
 //! against a real broker by the integration tests.)
+//!
+//! Why it is ~700 lines: one test per fault and behaviour, each self-contained through the
+//! public harness, sharing the small handlers above them.
 
 use std::{
     sync::{
