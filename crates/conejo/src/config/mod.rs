@@ -4,6 +4,7 @@
 //!   validated once — the struct that runs;
 //! - `queue`: [`QueueConfig`](crate::QueueConfig), and each queue's settings resolved once
 //!   (`ResolvedQueue`);
+//! - `ordering`: [`OrderKey`](crate::OrderKey), what per-key ordering orders by;
 //! - `retry`: [`RetryPolicy`](crate::RetryPolicy);
 //! - `topology`: [`Exchange`](crate::Exchange), bindings, dead-letter routes, and the names
 //!   and arguments of the queues conejo declares.
@@ -13,6 +14,7 @@
 //! May use: `broker` (addresses, TLS, declaration flags), `handler`, `service`, `error`,
 //! `headers`.
 
+pub(crate) mod ordering;
 pub(crate) mod queue;
 pub(crate) mod retry;
 pub(crate) mod service;

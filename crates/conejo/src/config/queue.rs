@@ -8,7 +8,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use crate::{
     Context, Error, Failure, Outcome, RetryPolicy,
     broker::QueueOptions,
-    config::topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
+    config::{
+        ordering::{KeyFn, OrderKey},
+        topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
+    },
     handler::outcome::FailurePolicy,
     service::{BoxService, Layer, Layers, Service},
 };
@@ -90,6 +93,8 @@ pub struct QueueConfig {
     pub(crate) dead_letter_routing_key: Option<String>,
     /// The user's layers around this queue's handler.
     pub(crate) layers: Layers,
+    /// Per-key ordering: what a delivery's key is.
+    pub(crate) ordered_by: Option<OrderKey>,
 }
 
 impl Default for QueueConfig {
@@ -109,6 +114,7 @@ impl Default for QueueConfig {
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
             layers: Layers::default(),
+            ordered_by: None,
         }
     }
 }
@@ -270,6 +276,39 @@ impl QueueConfig {
         self
     }
 
+    /// Handles deliveries with the same [`OrderKey`] one at a time, in the order the broker
+    /// delivered them, and different keys in parallel up to the
+    /// [concurrency](Self::concurrency) — "all events of order 42 in order, different
+    /// orders at once".
+    ///
+    /// - **Waiting.** A delivery whose key is busy waits in this process, unacknowledged,
+    ///   without a concurrency slot; it counts against the prefetch, so a hot key that fills
+    ///   the window stalls the queue (visible as `key_waiting` in [`QueueStats`] and the
+    ///   `conejo_ordering_waiting` metric, with the oldest wait's age).
+    /// - **Retries happen in place.** A failure to be retried is retried by this process,
+    ///   after the policy's delay, holding its key (later deliveries of the key wait behind
+    ///   it) and its concurrency slot, the delivery unacknowledged meanwhile — never through
+    ///   a wait queue, which would let later messages of the key overtake it. Keep the
+    ///   delays well below the broker's `consumer_timeout`. A crash during the wait
+    ///   redelivers the message (at its first attempt again).
+    /// - **Dead letters** leave the sequence: a message dead-lettered (rejected, out of
+    ///   attempts, poison) is acked once its dead letter is confirmed, and its key goes on
+    ///   with the next message.
+    /// - **Order holds per queue**, between deliveries of this process; across replicas of a
+    ///   service, consume partition queues with a single active consumer each (the
+    ///   consistent-hash partitioning of the README's "Scaling out").
+    ///
+    /// On a classic queue, conejo's redelivery counting republishes a redelivered message
+    /// to the back of the queue, which would reorder it: an ordered classic queue needs
+    /// [`poison_limit(None)`](Self::poison_limit) (a quorum queue, where the broker counts,
+    /// does not). `build()` says so.
+    ///
+    /// [`QueueStats`]: crate::QueueStats
+    pub fn ordered_by(mut self, key: OrderKey) -> Self {
+        self.ordered_by = Some(key);
+        self
+    }
+
     /// The prefetch that will be applied for an async handler (whose default concurrency
     /// is 16).
     #[must_use]
@@ -323,6 +362,13 @@ impl QueueConfig {
         }
         if self.is_quorum() && self.declare && (!self.durable || self.auto_delete) {
             return invalid("a quorum queue must be durable and not auto-delete");
+        }
+        if self.ordered_by.is_some() && !self.is_quorum() && self.poison_limit.is_some() {
+            return invalid(
+                "ordered_by on a classic queue needs .poison_limit(None): counting \
+                 redeliveries republishes a message to the back of the queue, out of its \
+                 key's order (a quorum queue, whose broker counts them, keeps both)",
+            );
         }
         Ok(())
     }
@@ -416,6 +462,7 @@ impl QueueConfig {
             poison_limit: self.poison_limit,
             policy: self.policy(),
             timeout: self.timeout,
+            ordered_by: self.ordered_by.as_ref().map(|key| Arc::clone(&key.key)),
             name,
         }
     }
@@ -457,6 +504,8 @@ pub(crate) struct ResolvedQueue {
     pub(crate) policy: FailurePolicy,
     /// A handler running longer fails with [`Failure::Timeout`].
     pub(crate) timeout: Option<Duration>,
+    /// Per-key ordering: what a delivery's key is.
+    pub(crate) ordered_by: Option<KeyFn>,
 }
 
 impl fmt::Debug for ResolvedQueue {
@@ -519,6 +568,7 @@ impl fmt::Debug for QueueConfig {
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_routing_key", &self.dead_letter_routing_key)
             .field("layers", &self.layers)
+            .field("ordered_by", &self.ordered_by)
             .finish()
     }
 }

@@ -109,12 +109,21 @@ pub(crate) async fn consume(
                 slot = queue.slots.acquire() => slot,
             },
         };
+        // On an ordered queue, deliveries whose key became free go first.
+        if let Some(sequencer) = &queue.sequencer
+            && let Some(job) = sequencer.take_ready()
+        {
+            job.ctx.put_slot(slot);
+            queue.workers.hand_over(job);
+            continue;
+        }
         let next = match channel.deliveries.next().now_or_never() {
             Some(next) => next,
             None => tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break ChannelEnd::Shutdown,
                 () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                () = readied(queue) => continue,
                 next = channel.deliveries.next() => next,
             },
         };
@@ -142,6 +151,12 @@ pub(crate) async fn consume(
     match ended {
         ChannelEnd::Shutdown => {
             let deadline = Instant::now() + generation.timing.shutdown_timeout;
+            // Deliveries waiting for their key were never started: given back.
+            if let Some(sequencer) = &queue.sequencer {
+                for job in sequencer.drain() {
+                    job.unsettled.give_back();
+                }
+            }
             if let Some(mut successor) = Move::fresh(&mut moving).await {
                 // Nothing was started on it: give back what it buffered, and close it.
                 give_back_unstarted(queue, &mut successor, deadline).await;
@@ -172,6 +187,9 @@ pub(crate) async fn consume(
                 );
             }
             channel.settle().refuse();
+            if let Some(sequencer) = &queue.sequencer {
+                sequencer.discard_lost();
+            }
             channel.signals.shutdown.cancel();
             channel.tasks.close();
             let _ = tokio::time::timeout(LOST_CLEANUP, channel.settle().close()).await;
@@ -191,12 +209,35 @@ fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
         Arc::clone(&channel.signals),
         slot,
     );
-    queue.workers.hand_over(Job {
+    let Some(sequencer) = &queue.sequencer else {
+        queue.workers.hand_over(Job {
+            unsettled,
+            ctx,
+            body,
+            tracked: (channel.tasks.token(), queue.tasks.token()),
+            key: None,
+        });
+        return;
+    };
+    let key = sequencer.key_of(&ctx, &body);
+    let job = Job {
         unsettled,
         ctx,
         body,
         tracked: (channel.tasks.token(), queue.tasks.token()),
-    });
+        key,
+    };
+    if let Some(job) = sequencer.admit(job) {
+        queue.workers.hand_over(job);
+    }
+}
+
+/// Resolves when a delivery of an ordered queue became ready; never for other queues.
+async fn readied(queue: &Queue) {
+    match &queue.sequencer {
+        Some(sequencer) => sequencer.readied().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Moves consumption off a stuck channel. Behind a delivery that runs on, the protocol

@@ -43,6 +43,14 @@ pub(crate) struct Dispatch {
     pub(crate) counters: Arc<QueueCounters>,
 }
 
+/// What a failure comes to.
+enum Failed {
+    /// The delivery is settled so.
+    Settled(Settlement),
+    /// An ordered queue's retry, in place: handle it again, at its next attempt.
+    Again,
+}
+
 /// Why a message is dead-lettered (`conejo-reason`).
 #[derive(Debug, Clone, Copy)]
 enum Reason {
@@ -105,6 +113,22 @@ impl Unsettled {
         self.armed = false;
         self.dispatch.settle.settle(self.tag, how);
     }
+
+    /// Gives the message back unstarted (shutdown).
+    pub(crate) fn give_back(self) {
+        self.settle(Settlement::Requeue);
+    }
+
+    /// True once its channel is lost (or its settlements refused): its result could not be
+    /// sent, the broker redelivers it.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.dispatch.settle.is_closed()
+    }
+
+    /// Drops it without a settlement: its channel is lost, the broker redelivers it.
+    pub(crate) fn abandon(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Unsettled {
@@ -160,26 +184,44 @@ impl Dispatch {
         {
             return settled;
         }
-        // No clock read unless the span is recorded by some subscriber.
-        let started = (!span.is_disabled()).then(std::time::Instant::now);
-        let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
-        let result = self.counters.timed(call).await;
-        if let Some(started) = started {
-            span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
-        }
-        // What the handler published through its context is confirmed before the delivery
-        // is acked; an unconfirmed one fails the delivery.
-        let result = match (result, ctx.ledger()) {
-            (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
-            (result, _) => result,
-        };
-        match result {
-            Ok(()) => {
-                self.ended(&span, ctx, body, HandledAs::Acked, None, None);
-                Settlement::Ack
+        // An ordered queue retries in place: the same delivery, attempt after attempt.
+        let mut again: Option<Context> = None;
+        let settled = loop {
+            let ctx = again.as_ref().unwrap_or(ctx);
+            // No clock read unless the span is recorded by some subscriber.
+            let started = (!span.is_disabled()).then(std::time::Instant::now);
+            let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
+            let result = self.counters.timed(call).await;
+            if let Some(started) = started {
+                span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
             }
-            Err(failure) => Box::pin(self.fail(failure, ctx, body)).await,
+            // What the handler published through its context is confirmed before the
+            // delivery is acked; an unconfirmed one fails the delivery.
+            let result = match (result, ctx.ledger()) {
+                (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
+                (result, _) => result,
+            };
+            match result {
+                Ok(()) => {
+                    self.ended(&span, ctx, body, HandledAs::Acked, None, None);
+                    break Settlement::Ack;
+                }
+                Err(failure) => match Box::pin(self.fail(failure, ctx, body)).await {
+                    Failed::Settled(settled) => break settled,
+                    Failed::Again => {
+                        let next = ctx.next_attempt();
+                        again = Some(next);
+                    }
+                },
+            }
+        };
+        // The slot goes back with the delivery, wherever its attempts moved it.
+        if let Some(last) = again
+            && let Some(slot) = last.take_slot()
+        {
+            ctx.put_slot(slot);
         }
+        settled
     }
 
     /// Says how the delivery ended: the delivery span's `outcome`, and (feature
@@ -269,8 +311,9 @@ impl Dispatch {
         }
     }
 
-    /// Applies the failure policy (a panicking policy rejects), then retries or dead-letters.
-    async fn fail(&self, failure: Failure, ctx: &Context, body: &Bytes) -> Settlement {
+    /// Applies the failure policy (a panicking policy rejects), then retries (through a wait
+    /// queue, or in place on an ordered queue) or dead-letters.
+    async fn fail(&self, failure: Failure, ctx: &Context, body: &Bytes) -> Failed {
         let counters = &self.counters;
         let counter = match failure {
             Failure::Handler(_) => &counters.handler_errors,
@@ -309,7 +352,7 @@ impl Dispatch {
                 Some(&failure),
                 None,
             );
-            return Settlement::Requeue;
+            return Failed::Settled(Settlement::Requeue);
         }
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (self.settings.policy)(&failure, ctx)))
             .unwrap_or_else(|_| {
@@ -334,29 +377,76 @@ impl Dispatch {
                     Some(&failure),
                     None,
                 );
-                Settlement::Ack
+                Failed::Settled(Settlement::Ack)
+            }
+            Outcome::Retry
+                if ctx.attempt() < self.settings.retry.attempts()
+                    && self.settings.ordered_by.is_some() =>
+            {
+                self.retry_in_place(&failure, ctx, body).await
             }
             Outcome::Retry if ctx.attempt() < self.settings.retry.attempts() => {
-                self.retry_later(&failure, ctx, body).await
+                Failed::Settled(self.retry_later(&failure, ctx, body).await)
             }
-            Outcome::Retry => {
+            Outcome::Retry => Failed::Settled(
                 self.dead_letter(Reason::AttemptsExhausted, Some(&failure), ctx, body)
-                    .await
-            }
-            _ => {
+                    .await,
+            ),
+            _ => Failed::Settled(
                 self.dead_letter(Reason::Rejected, Some(&failure), ctx, body)
-                    .await
+                    .await,
+            ),
+        }
+    }
+
+    /// An ordered queue's retry: waits the delay holding the delivery (and its key), then
+    /// says to handle it again — or, if shutdown or the channel's loss comes first, gives
+    /// it back.
+    async fn retry_in_place(&self, failure: &Failure, ctx: &Context, body: &Bytes) -> Failed {
+        let delay = self.retry_delay(failure, ctx.attempt());
+        warn!(
+            queue = %self.settings.name,
+            delivery_tag = ctx.delivery_tag(),
+            message_id = ctx.message_id(),
+            failure = failure.kind(),
+            attempt = ctx.attempt(),
+            "{}; attempt {} of {} in {delay:?}, in place (ordered queue)",
+            describe(failure),
+            ctx.attempt() + 1,
+            self.settings.retry.attempts()
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = ctx.shutdown_requested() => {
+                self.ended(&Span::current(), ctx, body, HandledAs::Requeued, Some(failure), None);
+                return Failed::Settled(Settlement::Requeue);
             }
         }
+        QueueCounters::add(&self.counters.retried, 1);
+        self.ended(
+            &Span::current(),
+            ctx,
+            body,
+            HandledAs::Retried,
+            Some(failure),
+            None,
+        );
+        Failed::Again
+    }
+
+    /// How long to wait before the next attempt: what the handler asked for (bounded), else
+    /// the policy's delay.
+    fn retry_delay(&self, failure: &Failure, attempt: u32) -> Duration {
+        failure
+            .retry_delay()
+            .map(|asked| asked.min(MAX_RETRY_DELAY))
+            .unwrap_or_else(|| self.settings.retry.delay(attempt))
     }
 
     /// Republishes a copy for the next attempt to the wait queue of its delay.
     async fn retry_later(&self, failure: &Failure, ctx: &Context, body: &Bytes) -> Settlement {
         let attempt = ctx.attempt();
-        let delay = failure
-            .retry_delay()
-            .map(|asked| asked.min(MAX_RETRY_DELAY))
-            .unwrap_or_else(|| self.settings.retry.delay(attempt));
+        let delay = self.retry_delay(failure, attempt);
         let ttl = wait_ttl_ms(delay);
         let now = headers::timestamp(SystemTime::now());
         let properties = headers::copy_properties(ctx.properties(), |h| {

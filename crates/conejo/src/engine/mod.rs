@@ -7,6 +7,8 @@
 //! - `channel`: opening a queue's channel, with its settle task and dispatch;
 //! - `queue`: a registered queue, and what outlives its channels;
 //! - `worker`: the hand-over to the workers that run the pipeline;
+//! - `ordering`: per-key ordering — deliveries waiting for their key, made ready in order;
+//! - `job`: one delivery on its way from the consume loop to a worker;
 //! - `dispatch`: one delivery — poison check, pipeline, outcome, retry copy or dead letter;
 //! - `publish`: the confirmed publishes of retry copies and dead letters;
 //! - `topology`: what conejo declares, through the broker boundary;
@@ -19,6 +21,8 @@ mod channel;
 pub(crate) mod check;
 mod consumer;
 mod dispatch;
+mod job;
+mod ordering;
 mod publish;
 pub(crate) mod queue;
 mod run;

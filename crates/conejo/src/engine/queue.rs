@@ -6,7 +6,10 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use tokio_util::task::TaskTracker;
 
-use super::worker::{Work, Workers};
+use super::{
+    ordering::Sequencer,
+    worker::{Work, Workers},
+};
 use crate::{
     Handler, QueueConfig,
     config::queue::ResolvedQueue,
@@ -95,6 +98,8 @@ pub(crate) struct Queue {
     pub(crate) counters: Arc<QueueCounters>,
     /// Position in the builder, for consumer tags.
     pub(crate) index: usize,
+    /// Per-key ordering, on an ordered queue.
+    pub(crate) sequencer: Option<Arc<Sequencer>>,
 }
 
 impl Queue {
@@ -115,9 +120,14 @@ impl Queue {
             .cloned()
             .collect();
         let pipeline = (spec.handler.assemble)(&layers, settings.timeout);
+        let sequencer = settings
+            .ordered_by
+            .as_ref()
+            .map(|key| Arc::new(Sequencer::new(Arc::clone(key), Arc::clone(&counters))));
         Queue {
             slots: Slots::new(settings.concurrency),
-            workers: Workers::new(pipeline, settings.concurrency),
+            workers: Workers::new(pipeline, settings.concurrency, sequencer.clone()),
+            sequencer,
             settings: Arc::new(settings),
             // The counters' tracker: `Stats` reads deliveries in flight from it.
             tasks: counters.tasks.clone(),

@@ -14,24 +14,11 @@ use std::{
     },
 };
 
-use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::dispatch::Unsettled;
-use crate::{Context, service::Service};
-
-/// One delivery, on its way to a worker.
-pub(crate) struct Job {
-    /// Settles it (or, dropped, gives it back).
-    pub(crate) unsettled: Unsettled,
-    /// Its metadata, holding its concurrency slot.
-    pub(crate) ctx: Context,
-    /// Its body.
-    pub(crate) body: Bytes,
-    /// Counted as in flight on its channel and its queue until the job is dropped.
-    pub(crate) tracked: (TaskTrackerToken, TaskTrackerToken),
-}
+pub(crate) use super::job::Job;
+use super::ordering::Sequencer;
+use crate::service::Service;
 
 /// A queue's pipeline, erased: what starts its workers.
 pub(crate) trait Work: Send + Sync + 'static {
@@ -40,6 +27,7 @@ pub(crate) trait Work: Send + Sync + 'static {
         self: Arc<Self>,
         jobs: flume::Receiver<Job>,
         idle: Arc<AtomicUsize>,
+        sequencer: Option<Arc<Sequencer>>,
     ) -> BoxFuture<'static, ()>;
 }
 
@@ -48,8 +36,9 @@ impl<S: Service> Work for S {
         self: Arc<Self>,
         jobs: flume::Receiver<Job>,
         idle: Arc<AtomicUsize>,
+        sequencer: Option<Arc<Sequencer>>,
     ) -> BoxFuture<'static, ()> {
-        Box::pin(work(self, jobs, idle))
+        Box::pin(work(self, jobs, idle, sequencer))
     }
 }
 
@@ -67,10 +56,16 @@ pub(crate) struct Workers {
     started: AtomicUsize,
     /// At most this many workers: the queue's concurrency.
     limit: usize,
+    /// Per-key ordering, on an ordered queue: told when each delivery ends.
+    sequencer: Option<Arc<Sequencer>>,
 }
 
 impl Workers {
-    pub(crate) fn new(pipeline: Arc<dyn Work>, limit: usize) -> Self {
+    pub(crate) fn new(
+        pipeline: Arc<dyn Work>,
+        limit: usize,
+        sequencer: Option<Arc<Sequencer>>,
+    ) -> Self {
         let (jobs, receiver) = flume::unbounded();
         Workers {
             pipeline,
@@ -79,6 +74,7 @@ impl Workers {
             idle: Arc::new(AtomicUsize::new(0)),
             started: AtomicUsize::new(0),
             limit,
+            sequencer,
         }
     }
 
@@ -97,9 +93,11 @@ impl Workers {
             .is_ok();
         if !claimed && self.started.load(Acquire) < self.limit {
             self.started.fetch_add(1, AcqRel);
-            tokio::spawn(
-                Arc::clone(&self.pipeline).worker(self.receiver.clone(), Arc::clone(&self.idle)),
-            );
+            tokio::spawn(Arc::clone(&self.pipeline).worker(
+                self.receiver.clone(),
+                Arc::clone(&self.idle),
+                self.sequencer.clone(),
+            ));
         }
         let _ = self.jobs.send(job);
     }
@@ -108,17 +106,27 @@ impl Workers {
 /// A worker of a queue: runs its deliveries one after the other until the queue is gone. A
 /// panic that escapes a delivery (the handler's own are caught inside) drops that job — its
 /// guard gives the message back — and the worker goes on.
-async fn work<S: Service>(pipeline: Arc<S>, jobs: flume::Receiver<Job>, idle: Arc<AtomicUsize>) {
+async fn work<S: Service>(
+    pipeline: Arc<S>,
+    jobs: flume::Receiver<Job>,
+    idle: Arc<AtomicUsize>,
+    sequencer: Option<Arc<Sequencer>>,
+) {
     while let Ok(job) = jobs.recv_async().await {
         let Job {
             unsettled,
             ctx,
             body,
             tracked: _tracked,
+            key,
         } = job;
         let slot = AssertUnwindSafe(unsettled.process(&*pipeline, ctx, body))
             .catch_unwind()
             .await;
+        // Its key's next delivery may start (once the consume loop has a slot for it).
+        if let (Some(sequencer), Some(key)) = (&sequencer, key) {
+            sequencer.finished(&key);
+        }
         // Idle before the slot is free: the consume loop takes that slot for the next
         // delivery and then claims an idle worker, which must be counted by then — or it
         // would count a busy one as idle later, and a delivery could wait behind a long one

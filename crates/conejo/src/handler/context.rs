@@ -142,6 +142,23 @@ impl Context {
         Arc::get_mut(&mut self.inner).expect("not shared any more")
     }
 
+    /// Gives the delivery a concurrency slot (one that waited for its key).
+    pub(crate) fn put_slot(&self, slot: Slot) {
+        *self.inner.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(slot);
+    }
+
+    /// The context of the delivery's next attempt, handled in place (an ordered queue's
+    /// retry): the same delivery, its attempt one more, its concurrency slot moved over, a
+    /// fresh ledger for what the attempt publishes.
+    pub(crate) fn next_attempt(&self) -> Context {
+        let slot = self.take_slot();
+        let next = self.clone().with_attempt(self.attempt() + 1);
+        if let Some(slot) = slot {
+            next.put_slot(slot);
+        }
+        next
+    }
+
     /// Takes the delivery's concurrency slot (for a blocking handler's thread).
     pub(crate) fn take_slot(&self) -> Option<Slot> {
         self.inner

@@ -156,6 +156,12 @@ pub(crate) struct QueueCounters {
     pub(crate) ack_failures: AtomicU64,
     pub(crate) late_settlements: AtomicU64,
     pub(crate) rotations: AtomicU64,
+    /// Ordered queues: deliveries waiting for their key (a gauge).
+    pub(crate) key_waiting: AtomicU64,
+    /// Ordered queues: keys with a delivery running or waiting (a gauge).
+    pub(crate) keys_busy: AtomicU64,
+    /// Ordered queues: since when the oldest waiting delivery waits.
+    pub(crate) key_oldest_wait: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Every delivery task of the queue (the consumer spawns them here): its length is the
     /// number of deliveries in flight, read without a counter on the hot path.
     pub(crate) tasks: TaskTracker,
@@ -212,6 +218,13 @@ impl QueueCounters {
             late_settlements: self.late_settlements.load(Relaxed),
             rotations: self.rotations.load(Relaxed),
             in_flight: self.tasks.len() as u64,
+            key_waiting: self.key_waiting.load(Relaxed),
+            keys_busy: self.keys_busy.load(Relaxed),
+            oldest_key_wait: self
+                .key_oldest_wait
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|since| since.elapsed()),
         }
     }
 }
@@ -265,8 +278,16 @@ pub struct QueueStats {
     /// deliveries until they ended.
     pub rotations: u64,
     /// Deliveries in flight right now (a gauge, not a counter): started and not yet settled —
-    /// their handler running, or their retry copy or dead letter being published.
+    /// their handler running, or their retry copy or dead letter being published (on an
+    /// [ordered](crate::QueueConfig::ordered_by) queue, also those waiting for their key).
     pub in_flight: u64,
+    /// [Ordered](crate::QueueConfig::ordered_by) queues: deliveries waiting for their key
+    /// (a gauge). A hot key shows here: its waiting deliveries hold the prefetch.
+    pub key_waiting: u64,
+    /// Ordered queues: keys with a delivery running or waiting (a gauge).
+    pub keys_busy: u64,
+    /// Ordered queues: how long the oldest waiting delivery has waited.
+    pub oldest_key_wait: Option<Duration>,
 }
 
 /// Counters of every queue of a service; cheap to clone, readable while it runs.

@@ -16,8 +16,8 @@ use tokio::{
     sync::OnceCell,
 };
 
-use super::{Faults, TestError, TestService, client::Client};
-use crate::{AmqpUrl, Builder, Publisher, app::DeclaredNames, broker::memory::Memory};
+use super::{Faults, TestError, client::Client};
+use crate::{AmqpUrl, Publisher, app::DeclaredNames, broker::memory::Memory};
 
 /// The environment variable [`TestBroker::from_env`] reads: a RabbitMQ URL runs the tests
 /// against that broker (live mode); unset, they run against the in-memory broker.
@@ -172,33 +172,14 @@ impl TestBroker {
         self.inner.memory.clone().map(Faults::new)
     }
 
-    /// Builds and starts the service of `builder` on this broker — the user's builder,
-    /// unchanged: in memory its connections go to the in-memory broker whatever its URL —
-    /// and waits until it consumes every queue.
+    /// The faults of the in-memory broker, or a clear error in live mode (for a test that
+    /// cannot run without them).
     ///
     /// # Errors
-    /// An invalid configuration ([`TestError::Service`]), or a service that stopped (a
-    /// missing queue, a refused declaration…) or did not get ready within 60 s.
-    pub async fn start(&self, builder: Builder) -> Result<TestService, TestError> {
-        let service = self.spawn(builder)?;
-        service.ready().await?;
-        Ok(service)
-    }
-
-    /// As [`start`](Self::start), without waiting until it is ready: for a test of a
-    /// service that cannot connect yet.
-    ///
-    /// # Errors
-    /// An invalid configuration.
-    pub fn spawn(&self, builder: Builder) -> Result<TestService, TestError> {
-        let builder = match &self.inner.memory {
-            Some(memory) => builder.memory(memory),
-            None => builder,
-        };
-        let conejo = builder.build()?;
-        let declared = conejo.declared();
-        self.record(&declared);
-        Ok(TestService::spawn(self.clone(), conejo, declared))
+    /// [`TestError::Unsupported`](TestError::Unsupported) in live mode.
+    pub fn require_faults(&self, test: &str) -> Result<Faults, TestError> {
+        self.faults()
+            .ok_or_else(|| TestError::Unsupported(test.to_owned()))
     }
 
     /// A [`Publisher`] on this broker, of the kind an application without consumers uses
@@ -265,7 +246,7 @@ impl TestBroker {
         }
     }
 
-    fn record(&self, declared: &DeclaredNames) {
+    pub(crate) fn record(&self, declared: &DeclaredNames) {
         if !self.is_live() {
             return;
         }

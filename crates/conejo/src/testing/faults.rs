@@ -1,7 +1,6 @@
 //! Faults a test injects into the in-memory broker: what RabbitMQ, an operator or the
 //! network does to a service, on cue.
 
-use super::TestBroker;
 use crate::broker::memory::Memory;
 
 /// Fault injection on the in-memory broker ([`TestBroker::faults`]). Each fault hits the
@@ -160,17 +159,5 @@ impl Faults {
     #[must_use]
     pub fn connections(&self) -> Vec<String> {
         self.memory.connections()
-    }
-}
-
-impl TestBroker {
-    /// The faults of the in-memory broker, or a clear error in live mode (for a test that
-    /// cannot run without them).
-    ///
-    /// # Errors
-    /// [`TestError::Unsupported`](super::TestError::Unsupported) in live mode.
-    pub fn require_faults(&self, test: &str) -> Result<Faults, super::TestError> {
-        self.faults()
-            .ok_or_else(|| super::TestError::Unsupported(test.to_owned()))
     }
 }

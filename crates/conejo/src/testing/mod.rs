@@ -64,6 +64,7 @@
 
 mod broker;
 mod client;
+mod commands;
 mod consumer;
 mod error;
 mod faults;
@@ -74,7 +75,7 @@ mod service;
 use std::time::Duration;
 
 pub use self::broker::{LIVE_URL_ENV, TestBroker};
-pub use self::client::{Declared, Published, TestQueue, header_binding};
+pub use self::commands::{Declared, Published, TestQueue, header_binding};
 pub use self::consumer::{Capture, TestConsumer, TestDelivery};
 pub use self::error::TestError;
 pub use self::faults::Faults;

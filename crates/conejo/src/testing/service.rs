@@ -7,7 +7,8 @@ use tokio::task::JoinHandle;
 
 use super::{Handled, HandledAs, POLL, TestBroker, TestError};
 use crate::{
-    Conejo, Error, Publisher, QueueStats, ShutdownHandle, Stats, Status, app::DeclaredNames,
+    Builder, Conejo, Error, Publisher, QueueStats, ShutdownHandle, Stats, Status,
+    app::DeclaredNames,
 };
 
 /// How long [`TestService::idle`] and [`TestBroker::start`] wait by default (tokio's time:
@@ -26,12 +27,39 @@ pub struct TestService {
     task: Mutex<Option<JoinHandle<Result<(), Error>>>>,
 }
 
+impl TestBroker {
+    /// Builds and starts the service of `builder` on this broker — the user's builder,
+    /// unchanged: in memory its connections go to the in-memory broker whatever its URL —
+    /// and waits until it consumes every queue.
+    ///
+    /// # Errors
+    /// An invalid configuration ([`TestError::Service`]), or a service that stopped (a
+    /// missing queue, a refused declaration…) or did not get ready within 60 s.
+    pub async fn start(&self, builder: Builder) -> Result<TestService, TestError> {
+        let service = self.spawn(builder)?;
+        service.ready().await?;
+        Ok(service)
+    }
+
+    /// As [`start`](Self::start), without waiting until it is ready: for a test of a
+    /// service that cannot connect yet.
+    ///
+    /// # Errors
+    /// An invalid configuration.
+    pub fn spawn(&self, builder: Builder) -> Result<TestService, TestError> {
+        let builder = match self.memory_broker() {
+            Some(memory) => builder.memory(memory),
+            None => builder,
+        };
+        let conejo = builder.build()?;
+        let declared = conejo.declared();
+        self.record(&declared);
+        Ok(TestService::spawn(self.clone(), conejo, declared))
+    }
+}
+
 impl TestService {
-    pub(super) fn spawn(
-        broker: TestBroker,
-        conejo: Conejo,
-        declared: DeclaredNames,
-    ) -> TestService {
+    fn spawn(broker: TestBroker, conejo: Conejo, declared: DeclaredNames) -> TestService {
         let stats = conejo.stats();
         for queue in &declared.consumed {
             stats.counters(queue).journal.listen();
@@ -135,9 +163,10 @@ impl TestService {
         .await
     }
 
-    /// Waits until nothing is left to do (at most [`DEFAULT_WAIT`]): no handler running,
-    /// nothing ready in its queues, no retry waiting in a wait queue, no publish waiting
-    /// for its confirm — so the test can assert on what happened rather than sleep.
+    /// Waits until nothing is left to do (at most [`DEFAULT_WAIT`]): the service consuming
+    /// every queue, no handler running, nothing ready in its queues, no retry waiting in a
+    /// wait queue, no publish waiting for its confirm — so the test can assert on what
+    /// happened rather than sleep. A service that is reconnecting is not idle.
     ///
     /// # Errors
     /// A timeout naming what was still pending, or the service's error if it stopped.
@@ -190,20 +219,29 @@ impl TestService {
                 publishes.in_flight + publishes.waiting
             ));
         }
-        match self.broker.memory_broker() {
-            Some(memory) => pending.extend(memory.busy()),
-            None => {
-                let waits = self.wait_queues();
-                for queue in self.declared.consumed.iter().chain(&waits) {
-                    match self.broker.ready(queue).await {
-                        Ok(0) => {}
-                        Ok(ready) => pending.push(format!("{ready} ready in '{queue}'")),
-                        // A wait queue no retry needed yet.
-                        Err(error) if error.reply_code() == Some(404) => {}
-                        Err(error) => return Err(error),
-                    }
-                }
+        if !self.status.is_ready() {
+            pending.push("the service is not consuming every queue".to_owned());
+        }
+        // Its queues, and (live) the wait queues its retries went to, as its journal says;
+        // in memory, the broker says what else is pending (unsettled deliveries, messages
+        // waiting to expire anywhere, held publishes).
+        let waits = if self.broker.is_live() {
+            self.wait_queues()
+        } else {
+            Vec::new()
+        };
+        for queue in self.declared.consumed.iter().chain(&waits) {
+            match self.broker.ready(queue).await {
+                Ok(0) => {}
+                Ok(ready) => pending.push(format!("{ready} ready in '{queue}'")),
+                // A wait queue no retry needed yet, or a queue the service could not
+                // declare yet.
+                Err(error) if error.reply_code() == Some(404) => {}
+                Err(error) => return Err(error),
             }
+        }
+        if let Some(memory) = self.broker.memory_broker() {
+            pending.extend(memory.busy());
         }
         Ok((!pending.is_empty()).then(|| pending.join(", ")))
     }

@@ -45,6 +45,9 @@ pub(super) struct Message {
     pub(super) returns: u32,
     /// When it expires in its queue (`x-message-ttl`, or the message's `expiration`).
     pub(super) expires: Option<Instant>,
+    /// Its position in its queue, set when it is enqueued: a requeued message goes back to
+    /// it, as with RabbitMQ (a message given back goes before those enqueued after it).
+    pub(super) position: u64,
 }
 
 /// Why a message is dead-lettered, as RabbitMQ writes it in `x-death`.
@@ -88,7 +91,8 @@ pub(super) struct Queue {
     pub(super) owner: Option<ConnId>,
     /// Messages delivered and not yet settled.
     pub(super) unacked: usize,
-    /// Messages ever published to it (for tests' counts).
+    /// Messages ever published to it (for tests' counts); also the next message's
+    /// position.
     pub(super) published: u64,
 }
 
@@ -413,7 +417,11 @@ impl State {
             self.dead_letter(&queue, message, DeathReason::DeliveryLimit);
             return;
         }
-        target.ready.push_front(message);
+        // Back to where it was: before every ready message enqueued after it.
+        let at = target
+            .ready
+            .partition_point(|ready| ready.position < message.position);
+        target.ready.insert(at, message);
     }
 
     pub(super) fn declare_exchange(
@@ -755,6 +763,7 @@ impl State {
             redelivered: false,
             returns: 0,
             expires: None,
+            position: 0,
         };
         let routed = !queues.is_empty();
         for queue in queues {
@@ -816,6 +825,7 @@ impl State {
         if let Some(at) = message.expires {
             self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
         }
+        message.position = target.published;
         target.published += 1;
         target.ready.push_back(message);
     }
