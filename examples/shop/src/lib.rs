@@ -1,17 +1,26 @@
 //! The shop: message types and handlers shared by the example binaries.
 //!
-//! - `orders-service`: typed JSON orders, handled by an async [`Orders`] handler behind an
-//!   [`Idempotency`] layer (a duplicate order message is acked without storing it twice).
+//! - `orders-service`: typed JSON orders from the `shop` exchange, handled by an async
+//!   [`Orders`] handler behind an [`Idempotency`] layer (a duplicate order message is acked
+//!   without storing it twice), which reserves the items with the [`Stock`] service and
+//!   announces each stored order as `order.stored`. [`orders_service`] is the whole service,
+//!   for the binary and for its tests (`tests/service.rs` runs it without a broker).
 //! - `thumbnail-service`: CPU-heavy [`Thumbnailer`] jobs through the blocking bridge.
 //! - `shop-publisher`: publishes sample messages to both queues.
 //! - `shop-demo`: all of the above in one process, then exits.
 
-use std::time::{Duration, Instant};
+use std::{
+    fmt,
+    future::Future,
+    time::{Duration, Instant},
+};
 
 mod idempotency;
 pub use idempotency::{Idempotency, Idempotent};
 
-use conejo::{BlockingHandler, Context, Handler, HandlerError, Json};
+use conejo::{
+    BlockingHandler, Builder, Context, Exchange, Handler, HandlerError, Json, Message, QueueConfig,
+};
 use lapin::{
     BasicProperties, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
@@ -19,7 +28,14 @@ use lapin::{
 };
 use serde::{Deserialize, Serialize};
 
-/// The order queue.
+/// The shop's topic exchange: the front end publishes [`ORDER_CREATED`] there, the orders
+/// service announces [`ORDER_STORED`].
+pub const SHOP: &str = "shop";
+/// The routing key of a new order.
+pub const ORDER_CREATED: &str = "order.created";
+/// The routing key of the event the orders service publishes once an order is stored.
+pub const ORDER_STORED: &str = "order.stored";
+/// The order queue, bound to [`SHOP`] with [`ORDER_CREATED`].
 pub const ORDERS: &str = "shop.orders";
 /// The thumbnail queue.
 pub const THUMBNAILS: &str = "shop.thumbnails";
@@ -71,11 +87,93 @@ pub struct Order {
     pub quantity: u32,
 }
 
-/// Handles orders: checks them and "stores" them (a short async wait stands for a database).
-#[derive(Debug, Default)]
-pub struct Orders;
+/// The orders service: the [`SHOP`] topic exchange, and the [`ORDERS`] queue bound to it
+/// with [`ORDER_CREATED`], handled by [`Orders`] (reserving with `stock`) behind an
+/// [`Idempotency`] layer. `conejo` is the builder to register it on (`cli::main`'s, made
+/// from the settings; a test's, made from its broker's URL).
+pub fn orders_service(conejo: Builder, stock: impl Stock) -> Builder {
+    conejo
+        .connection_name("orders-service")
+        .exchange(Exchange::topic(SHOP))
+        .queue_with(
+            ORDERS,
+            Orders::new(stock),
+            QueueConfig::new()
+                .bind(SHOP, ORDER_CREATED)
+                .concurrency(32)
+                // Duplicates (a redelivery after a lost ack, a re-sent order) are skipped.
+                .layer(Idempotency::new(100_000)),
+        )
+}
 
-impl Handler for Orders {
+/// The stock service, where an order's items are reserved before it is stored.
+pub trait Stock: Send + Sync + 'static {
+    /// Reserves `order.quantity` items of `order.sku` for `order`.
+    fn reserve(&self, order: &Order) -> impl Future<Output = Result<(), StockError>> + Send;
+}
+
+/// Why the stock service did not reserve an order's items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockError {
+    /// It cannot answer now (restarting, overloaded) and asks to be called again after
+    /// `retry_after`: the order is tried again then.
+    Unavailable {
+        /// When to call again (its `Retry-After`).
+        retry_after: Duration,
+    },
+    /// Not enough items of the SKU: the order cannot be fulfilled as placed.
+    OutOfStock {
+        /// The SKU.
+        sku: String,
+        /// How many are left.
+        available: u32,
+    },
+}
+
+impl fmt::Display for StockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StockError::Unavailable { retry_after } => write!(
+                f,
+                "the stock service is unavailable (retry after {retry_after:?})"
+            ),
+            StockError::OutOfStock { sku, available } => {
+                write!(f, "{sku} is out of stock ({available} left)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StockError {}
+
+/// The stock service as the example binaries run it: a short async wait stands for the
+/// call, and every SKU is in stock. A deployment puts its inventory client here.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Warehouse;
+
+impl Stock for Warehouse {
+    async fn reserve(&self, _order: &Order) -> Result<(), StockError> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok(())
+    }
+}
+
+/// Handles orders: checks them, reserves their items with the [`Stock`] service, "stores"
+/// them (a short async wait stands for a database), then announces them on [`SHOP`] as
+/// [`ORDER_STORED`] — the order is acked only once the broker confirmed that event.
+#[derive(Debug, Default)]
+pub struct Orders<S = Warehouse> {
+    stock: S,
+}
+
+impl<S: Stock> Orders<S> {
+    /// Orders reserving their items with `stock`.
+    pub fn new(stock: S) -> Self {
+        Orders { stock }
+    }
+}
+
+impl<S: Stock> Handler for Orders<S> {
     type Message = Json<Order>;
 
     async fn handle(&self, Json(order): Json<Order>, ctx: &Context) -> Result<(), HandlerError> {
@@ -86,14 +184,37 @@ impl Handler for Orders {
                 order.id
             )));
         }
+        match self.stock.reserve(&order).await {
+            Ok(()) => {}
+            // Tried again when the stock service says, wherever the retry policy would be.
+            Err(error @ StockError::Unavailable { retry_after }) => {
+                return Err(HandlerError::retry_after(
+                    format!("order {}: {error}", order.id),
+                    retry_after,
+                ));
+            }
+            Err(error @ StockError::OutOfStock { .. }) => {
+                return Err(HandlerError::reject(format!("order {}: {error}", order.id)));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
         tracing::info!(
             order = order.id,
             sku = %order.sku,
             quantity = order.quantity,
+            attempt = ctx.attempt(),
             redelivered = ctx.redelivered(),
             "order stored"
         );
+        // Held by this delivery: the order is acked once the broker confirmed the event; an
+        // event it does not take (a nack, a lost connection) fails the order, which is
+        // retried. An event goes to whoever subscribes to it, none being no error: not
+        // `mandatory`.
+        let id = format!("order-{}-stored", order.id);
+        let event = Message::new(SHOP, ORDER_STORED, Json(order))
+            .message_id(id)
+            .mandatory(false);
+        ctx.publish(event).await?;
         Ok(())
     }
 }

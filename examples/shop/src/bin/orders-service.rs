@@ -6,24 +6,16 @@
 //! orders-service --config examples/shop/orders-service.toml --log-format json
 //! CONEJO_QUEUES__SHOP_ORDERS__CONCURRENCY=8 orders-service
 //! ```
+//!
+//! The service itself — exchange, queue, binding, handler, layers — is
+//! [`example_shop::orders_service`], which its tests (`tests/service.rs`) start as it is.
 
 use std::process::ExitCode;
 
-use conejo::QueueConfig;
-use example_shop::{Idempotency, ORDERS, Orders};
+use example_shop::{Warehouse, orders_service};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     // The code registers the handler and its defaults; the settings tune them.
-    conejo::cli::main(|conejo| {
-        conejo.connection_name("orders-service").queue_with(
-            ORDERS,
-            Orders,
-            // Duplicates (a redelivery after a lost ack, a re-sent order) are skipped.
-            QueueConfig::new()
-                .concurrency(32)
-                .layer(Idempotency::new(100_000)),
-        )
-    })
-    .await
+    conejo::cli::main(|conejo| orders_service(conejo, Warehouse)).await
 }

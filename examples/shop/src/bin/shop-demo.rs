@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use conejo::{Blocking, Conejo, QueueConfig};
-use example_shop::{Idempotency, ORDERS, Orders, Publisher, THUMBNAILS, Thumbnailer};
+use example_shop::{Publisher, THUMBNAILS, Thumbnailer, Warehouse, orders_service};
 
 /// Runs the shop end to end.
 #[derive(Parser)]
@@ -25,16 +25,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // CONEJO_* variables tune the demo too (e.g. CONEJO_QUEUES__SHOP_ORDERS__CONCURRENCY=2).
     let settings = conejo::settings::Settings::load(None)?;
-    let service = Conejo::builder(&args.broker.amqp_url)
+    // The orders service as `orders-service` runs it, and the thumbnails beside it.
+    let service = orders_service(Conejo::builder(&args.broker.amqp_url), Warehouse)
         .settings(&settings)
         .connection_name("shop-demo")
-        .queue_with(
-            ORDERS,
-            Orders,
-            QueueConfig::new()
-                .concurrency(8)
-                .layer(Idempotency::new(10_000)),
-        )
         .queue_with(
             THUMBNAILS,
             Blocking::new(Thumbnailer),
