@@ -184,35 +184,72 @@ impl Dispatch {
         {
             return settled;
         }
-        // An ordered queue retries in place: the same delivery, attempt after attempt.
-        let mut again: Option<Context> = None;
-        let settled = loop {
-            let ctx = again.as_ref().unwrap_or(ctx);
-            // No clock read unless the span is recorded by some subscriber.
-            let started = (!span.is_disabled()).then(std::time::Instant::now);
-            let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
-            let result = self.counters.timed(call).await;
-            if let Some(started) = started {
-                span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
+        // No clock read unless the span is recorded by some subscriber.
+        let started = (!span.is_disabled()).then(std::time::Instant::now);
+        let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
+        let result = self.counters.timed(call).await;
+        if let Some(started) = started {
+            span.record("handler_ms", started.elapsed().as_secs_f64() * 1e3);
+        }
+        // What the handler published through its context is confirmed before the delivery
+        // is acked; an unconfirmed one fails the delivery.
+        let result = match (result, ctx.ledger()) {
+            (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
+            (result, _) => result,
+        };
+        match result {
+            Ok(()) => {
+                self.ended(&span, ctx, body, HandledAs::Acked, None, None);
+                Settlement::Ack
             }
-            // What the handler published through its context is confirmed before the
-            // delivery is acked; an unconfirmed one fails the delivery.
-            let result = match (result, ctx.ledger()) {
-                (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
-                (result, _) => result,
-            };
-            match result {
-                Ok(()) => {
-                    self.ended(&span, ctx, body, HandledAs::Acked, None, None);
-                    break Settlement::Ack;
-                }
-                Err(failure) => match Box::pin(self.fail(failure, ctx, body)).await {
-                    Failed::Settled(settled) => break settled,
-                    Failed::Again => {
-                        let next = ctx.next_attempt();
-                        again = Some(next);
+            Err(failure) => Box::pin(self.failed(pipeline, failure, ctx, body)).await,
+        }
+    }
+
+    /// One more attempt (an ordered queue's retry in place), as the first one runs in
+    /// [`handle_in_span`](Self::handle_in_span).
+    async fn attempt<S: Service>(
+        &self,
+        pipeline: &S,
+        ctx: &Context,
+        body: &Bytes,
+    ) -> Result<(), Failure> {
+        let call = pipeline.call(Delivery::new(body.clone(), ctx.clone()));
+        let result = self.counters.timed(call).await;
+        match (result, ctx.ledger()) {
+            (Ok(()), Some(ledger)) => Box::pin(ledger.settle()).await.map_err(Failure::Publish),
+            (result, _) => result,
+        }
+    }
+
+    /// A failed attempt: retried through a wait queue or dead-lettered — or, on an ordered
+    /// queue, retried in place, attempt after attempt, until one succeeds or the failure is
+    /// settled otherwise.
+    async fn failed<S: Service>(
+        &self,
+        pipeline: &S,
+        failure: Failure,
+        ctx: &Context,
+        body: &Bytes,
+    ) -> Settlement {
+        let (mut failure, mut again): (Failure, Option<Context>) = (failure, None);
+        let settled = loop {
+            let current = again.as_ref().unwrap_or(ctx);
+            match self.fail(failure, current, body).await {
+                Failed::Settled(settled) => break settled,
+                Failed::Again => {
+                    let next = current.next_attempt();
+                    let result = self.attempt(pipeline, &next, body).await;
+                    again = Some(next);
+                    match result {
+                        Ok(()) => {
+                            let last = again.as_ref().unwrap_or(ctx);
+                            self.ended(&Span::current(), last, body, HandledAs::Acked, None, None);
+                            break Settlement::Ack;
+                        }
+                        Err(next_failure) => failure = next_failure,
                     }
-                },
+                }
             }
         };
         // The slot goes back with the delivery, wherever its attempts moved it.
