@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     Conejo, Context, Handler, HandlerError, Message, OrderKey, QueueConfig, RetryPolicy,
-    testing::{HandledAs, TestBroker},
+    testing::{HandledAs, Published, TestBroker},
 };
 
 /// Records, per key, the sequence numbers it handled, and how many ran at once (overall
@@ -281,10 +281,11 @@ async fn deliveries_without_a_key_are_not_ordered() {
         broker.send("events", format!("none:{seq}")).await.unwrap();
     }
     for seq in 0..4 {
-        broker
+        let published = broker
             .publish(Message::new("", "events", format!("keyed:{seq}")).header("order-id", 42))
             .await
             .unwrap();
+        assert_eq!(published, Published::Accepted);
     }
     service.idle().await.unwrap();
     assert!(
