@@ -95,6 +95,10 @@ pub struct QueueConfig {
     pub(crate) layers: Layers,
     /// Per-key ordering: what a delivery's key is.
     pub(crate) ordered_by: Option<OrderKey>,
+    /// One consumer at a time, cluster-wide (`x-single-active-consumer`).
+    pub(crate) single_active: bool,
+    /// Consumer arguments (`x-priority`).
+    pub(crate) consumer_arguments: FieldTable,
 }
 
 impl Default for QueueConfig {
@@ -115,6 +119,8 @@ impl Default for QueueConfig {
             dead_letter_routing_key: None,
             layers: Layers::default(),
             ordered_by: None,
+            single_active: false,
+            consumer_arguments: FieldTable::default(),
         }
     }
 }
@@ -309,6 +315,35 @@ impl QueueConfig {
         self
     }
 
+    /// One consumer at a time for the whole queue (`x-single-active-consumer`): among the
+    /// replicas of a service consuming it, the broker delivers to the first registered
+    /// only; when it goes (its process dies or stops, its connection drops) the next one
+    /// takes over. With [`ordered_by`](Self::ordered_by) — or a concurrency of 1 — that is
+    /// one queue's order kept across replicas.
+    ///
+    /// What conejo does about it: it never moves the queue to a fresh channel (a rotation
+    /// would register a new consumer behind the others and hand the active role away); at
+    /// shutdown it keeps the active role until its running deliveries end, and only then
+    /// cancels and gives back what it had not started — so the next consumer starts after
+    /// them, in order. A lost connection loses the role at once (the broker requeues what
+    /// was unacked, and the next consumer gets it, in order). With
+    /// [`passive`](Self::passive), says that the existing queue is one.
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active = true;
+        self
+    }
+
+    /// This consumer's priority (`x-priority`): the broker delivers to the highest-priority
+    /// consumers of the queue that have room in their prefetch, and to lower ones only when
+    /// those are full or gone. Default 0; negative values are allowed.
+    pub fn consumer_priority(mut self, priority: i32) -> Self {
+        self.consumer_arguments.insert(
+            ShortString::from("x-priority"),
+            AMQPValue::LongInt(priority),
+        );
+        self
+    }
+
     /// The prefetch that will be applied for an async handler (whose default concurrency
     /// is 16).
     #[must_use]
@@ -409,6 +444,12 @@ impl QueueConfig {
     /// delivery limit and dead-letter exchange that back conejo's poison detection.
     pub(crate) fn declared_arguments(&self, queue: &str) -> FieldTable {
         let mut arguments = self.arguments.clone();
+        if self.single_active && !arguments.contains_key("x-single-active-consumer") {
+            arguments.insert(
+                ShortString::from("x-single-active-consumer"),
+                AMQPValue::Boolean(true),
+            );
+        }
         if !self.is_quorum() {
             return arguments;
         }
@@ -463,6 +504,12 @@ impl QueueConfig {
             policy: self.policy(),
             timeout: self.timeout,
             ordered_by: self.ordered_by.as_ref().map(|key| Arc::clone(&key.key)),
+            single_active: self.single_active
+                || matches!(
+                    self.arguments.inner().get("x-single-active-consumer"),
+                    Some(AMQPValue::Boolean(true))
+                ),
+            consumer_arguments: self.consumer_arguments.clone(),
             name,
         }
     }
@@ -506,6 +553,11 @@ pub(crate) struct ResolvedQueue {
     pub(crate) timeout: Option<Duration>,
     /// Per-key ordering: what a delivery's key is.
     pub(crate) ordered_by: Option<KeyFn>,
+    /// One consumer at a time, cluster-wide: no channel rotation, and a shutdown that keeps
+    /// the active role until the running deliveries end.
+    pub(crate) single_active: bool,
+    /// Consumer arguments (`x-priority`).
+    pub(crate) consumer_arguments: FieldTable,
 }
 
 impl fmt::Debug for ResolvedQueue {
@@ -569,6 +621,8 @@ impl fmt::Debug for QueueConfig {
             .field("dead_letter_routing_key", &self.dead_letter_routing_key)
             .field("layers", &self.layers)
             .field("ordered_by", &self.ordered_by)
+            .field("single_active", &self.single_active)
+            .field("consumer_arguments", &self.consumer_arguments)
             .finish()
     }
 }

@@ -18,6 +18,7 @@ use super::{
 use crate::{
     Error,
     broker::{self, BrokerError, Connection, ConsumeOptions, Deliveries},
+    config::queue::ResolvedQueue,
     config::service::Timing,
     handler::context::Signals,
     observe::status::StatusWriter,
@@ -239,7 +240,7 @@ async fn consume(
                 .map_err(|e| ("qos", e))?;
             topology::declare_queue(&channel, &settings).await?;
             let deliveries = channel
-                .consume(&settings.name, &tag, ConsumeOptions::default())
+                .consume(&settings.name, &tag, consume_options(&settings))
                 .await
                 .map_err(|e| ("consume", e))?;
             Ok::<_, SetupError>((channel, deliveries))
@@ -272,7 +273,7 @@ async fn consume_instead(
                 .await
                 .map_err(|e| ("qos", e))?;
             let (consumed, cancelled) = futures::join!(
-                channel.consume(&settings.name, &tag, ConsumeOptions::default()),
+                channel.consume(&settings.name, &tag, consume_options(&settings)),
                 old.handle.channel.cancel(&old.tag),
             );
             let failed = match (consumed, cancelled) {
@@ -322,4 +323,12 @@ pub(crate) async fn check(queue: &Queue, connection: &Connection) -> Result<Queu
         concurrency: settings.concurrency,
         prefetch: settings.prefetch,
     })
+}
+
+/// How the queue's consumer registers: with its arguments (`x-priority`).
+fn consume_options(settings: &ResolvedQueue) -> ConsumeOptions {
+    ConsumeOptions {
+        arguments: settings.consumer_arguments.clone(),
+        ..ConsumeOptions::default()
+    }
 }

@@ -78,6 +78,7 @@ pub(crate) async fn consume(
             break ChannelEnd::ConnectionLost;
         }
         if moving.is_none()
+            && !queue.settings.single_active
             && channel.settle().is_stuck()
             && queue.retiring.len() < MAX_RETIRING
             && Instant::now() >= rotate_after
@@ -317,6 +318,22 @@ async fn give_back_unstarted(
 /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
 /// let in-flight handlers finish until the deadline, give back what did not finish.
 async fn stop(queue: &Queue, mut channel: Channel, last_tag: u64, deadline: Instant) {
+    if queue.settings.single_active {
+        // The active role is kept until the running deliveries end: cancelled first, the
+        // consumer would hand it to the next one, which would start on later messages
+        // while these still run.
+        let running = queue.tasks.len();
+        info!(
+            queue = %queue.name(),
+            running,
+            "stopping a single-active consumer: waiting for running handlers before \
+             handing the role over"
+        );
+        // Nothing starts any more (the consume loop ended): closed, the tracker's wait ends
+        // when the last running delivery does.
+        queue.tasks.close();
+        let _ = tokio::time::timeout_at(deadline, queue.tasks.wait()).await;
+    }
     let (released, given_back) = give_back_unstarted(queue, &mut channel, deadline).await;
     let last_tag = given_back.unwrap_or(last_tag);
     channel.tasks.close();
