@@ -1,6 +1,6 @@
-//! A small conejo service for process-level tests (signals, exit codes, crash loops):
-//! consumes one existing queue with a handler that sleeps, and reports on stdout, one line
-//! per event: `started <message-id>` and `finished <message-id>`. With `--abort-on BODY` it
+//! A small conejo service for process-level tests (signals, exit codes, crash loops,
+//! replicas): consumes one existing queue with a handler that sleeps, and reports on stdout,
+//! one line per event: `started <message-id>` and `finished <message-id>`. With `--abort-on BODY` it
 //! aborts the whole process (SIGABRT) on a message with that body, as a poison message would.
 //! Exits 0 after a clean shutdown, 1 with the error on stderr otherwise.
 
@@ -39,6 +39,15 @@ struct Args {
     /// Deliveries without a result before a message is dead-lettered as poison (0: off).
     #[arg(long, default_value_t = conejo::DEFAULT_POISON_LIMIT)]
     poison_limit: u32,
+    /// The queue has a single active consumer (`x-single-active-consumer`).
+    #[arg(long)]
+    single_active: bool,
+    /// This consumer's priority (`x-priority`).
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Order deliveries by this header (per-key ordering).
+    #[arg(long)]
+    ordered_by_header: Option<String>,
 }
 
 /// Sleeps, reporting start and end on stdout.
@@ -73,6 +82,20 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let mut config = QueueConfig::new()
+        .passive()
+        .concurrency(args.concurrency)
+        .prefetch(args.prefetch)
+        .poison_limit(Some(args.poison_limit).filter(|&limit| limit > 0));
+    if args.single_active {
+        config = config.single_active_consumer();
+    }
+    if let Some(priority) = args.priority {
+        config = config.consumer_priority(priority);
+    }
+    if let Some(header) = &args.ordered_by_header {
+        config = config.ordered_by(conejo::OrderKey::header(header));
+    }
     let service = Conejo::builder(&args.amqp_url)
         .connection_name(args.connection_name)
         .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms))
@@ -82,11 +105,7 @@ async fn main() -> ExitCode {
                 pause: Duration::from_millis(args.handler_ms),
                 abort_on: args.abort_on.map(String::into_bytes),
             },
-            QueueConfig::new()
-                .passive()
-                .concurrency(args.concurrency)
-                .prefetch(args.prefetch)
-                .poison_limit(Some(args.poison_limit).filter(|&limit| limit > 0)),
+            config,
         )
         .build();
     let result = match service {

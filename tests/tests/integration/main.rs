@@ -38,6 +38,9 @@ mod poison;
 mod resilience;
 // Handlers that hog the application's runtime do not cost the connection (heavy).
 mod heartbeat;
+// Replicas as processes: a single active consumer handing over when the active one is
+// killed or stops, consumer priorities.
+mod scale_out;
 // TLS against a private node that asks for a client certificate (heavy).
 mod tls;
 // `/metrics`, `/readyz`, `/livez` and the runtime lags (heavy).

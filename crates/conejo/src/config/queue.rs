@@ -326,8 +326,11 @@ impl QueueConfig {
     /// shutdown it keeps the active role until its running deliveries end, and only then
     /// cancels and gives back what it had not started — so the next consumer starts after
     /// them, in order. A lost connection loses the role at once (the broker requeues what
-    /// was unacked, and the next consumer gets it, in order). With
-    /// [`passive`](Self::passive), says that the existing queue is one.
+    /// was unacked, and the next consumer gets it, in order). On a classic queue, conejo's
+    /// redelivery counting republishes what a hand-over gives back to the back of the queue:
+    /// for order across hand-overs, use a quorum queue or
+    /// [`poison_limit(None)`](Self::poison_limit). With [`passive`](Self::passive), says
+    /// that the existing queue is one.
     pub fn single_active_consumer(mut self) -> Self {
         self.single_active = true;
         self

@@ -319,20 +319,7 @@ async fn give_back_unstarted(
 /// let in-flight handlers finish until the deadline, give back what did not finish.
 async fn stop(queue: &Queue, mut channel: Channel, last_tag: u64, deadline: Instant) {
     if queue.settings.single_active {
-        // The active role is kept until the running deliveries end: cancelled first, the
-        // consumer would hand it to the next one, which would start on later messages
-        // while these still run.
-        let running = queue.tasks.len();
-        info!(
-            queue = %queue.name(),
-            running,
-            "stopping a single-active consumer: waiting for running handlers before \
-             handing the role over"
-        );
-        // Nothing starts any more (the consume loop ended): closed, the tracker's wait ends
-        // when the last running delivery does.
-        queue.tasks.close();
-        let _ = tokio::time::timeout_at(deadline, queue.tasks.wait()).await;
+        return stop_single_active(queue, channel, last_tag, deadline).await;
     }
     let (released, given_back) = give_back_unstarted(queue, &mut channel, deadline).await;
     let last_tag = given_back.unwrap_or(last_tag);
@@ -364,6 +351,38 @@ async fn stop(queue: &Queue, mut channel: Channel, last_tag: u64, deadline: Inst
     // they passed the same deadline).
     queue.retiring.close();
     let _ = tokio::time::timeout_at(deadline + LOST_CLEANUP, queue.retiring.wait()).await;
+}
+
+/// Graceful stop of a single-active consumer: it keeps the active role until its running
+/// handlers end (cancelled first, it would hand the role to the next consumer, which would
+/// start on later messages while these still run), sends their acks, then closes the
+/// channel — which gives back, in place, what was prefetched and not started, as the broker
+/// hands the role over: the next consumer starts where this one stopped, in order.
+async fn stop_single_active(queue: &Queue, channel: Channel, last_tag: u64, deadline: Instant) {
+    channel.tasks.close();
+    queue.tasks.close();
+    info!(
+        queue = %queue.name(),
+        in_flight = queue.tasks.len(),
+        "stopping a single-active consumer: waiting for running handlers before handing \
+         the role over"
+    );
+    if tokio::time::timeout_at(deadline, queue.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            queue = %queue.name(),
+            still_running = queue.tasks.len(),
+            "shutdown deadline passed; giving back the messages of handlers still running"
+        );
+        channel.settle().abandon(last_tag).await;
+    }
+    channel.settle().close().await;
+    match channel.handle.clone().close().await {
+        Ok(()) => debug!(queue = %queue.name(), "channel closed; the active role handed over"),
+        Err(error) => warn!(queue = %queue.name(), %error, "channel close failed"),
+    }
 }
 
 /// Set once shutdown starts or the connection is lost, by a task watching both tokens: the

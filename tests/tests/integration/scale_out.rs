@@ -1,0 +1,365 @@
+//! Replicas of one service on one queue, as separate processes (`conejo-fixture`): a single
+//! active consumer handing over when the active replica is killed or stops, and consumer
+//! priorities. Against the shared broker — the replicas are killed, never the broker.
+
+use std::{
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
+use conejo_tests::{Scenario, amqp_url, unique_name};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Semaphore,
+};
+
+/// What a replica reported, in the order the test read it: (replica, event, message id, when).
+type Events = Arc<Mutex<Vec<(usize, &'static str, String, Instant)>>>;
+
+/// One replica: a `conejo-fixture` process consuming `queue`.
+struct Replica {
+    child: Child,
+}
+
+impl Replica {
+    fn spawn(index: usize, queue: &str, extra: &[&str], events: &Events) -> anyhow::Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
+            .args(["--queue", queue, "--single-active"])
+            .args(["--connection-name", &format!("replica-{index}")])
+            .args(extra)
+            .env("AMQP_URL", amqp_url())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start conejo-fixture")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let events = Arc::clone(events);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let event = if let Some(id) = line.strip_prefix("started ") {
+                    ("started", id)
+                } else if let Some(id) = line.strip_prefix("finished ") {
+                    ("finished", id)
+                } else {
+                    continue;
+                };
+                events
+                    .lock()
+                    .unwrap()
+                    .push((index, event.0, event.1.to_owned(), Instant::now()));
+            }
+        });
+        Ok(Replica { child })
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    async fn terminate(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("already exited")?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
+        anyhow::ensure!(status.success(), "replica exited with {status:?}");
+        Ok(())
+    }
+
+    async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+fn count(events: &Events, replica: usize, kind: &str) -> usize {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(r, k, _, _)| *r == replica && *k == kind)
+        .count()
+}
+
+/// Polls `check` every 20 ms until it holds, at most `limit`.
+async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        anyhow::ensure!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A queue with a single active consumer, holding `n` messages with ids `0`…`n-1`.
+async fn single_active_queue(prefix: &str, n: usize) -> anyhow::Result<Scenario> {
+    let scenario = Scenario::undeclared(prefix).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    scenario
+        .broker
+        .declare_queue_with_args(&scenario.queue, arguments)
+        .await?;
+    for id in 0..n {
+        scenario
+            .broker
+            .publish_with_properties(
+                &scenario.queue,
+                id.to_string().as_bytes(),
+                lapin::BasicProperties::default().with_message_id(id.to_string().into()),
+            )
+            .await?;
+    }
+    Ok(scenario)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
+-> anyhow::Result<()> {
+    const N: usize = 300;
+    let scenario = single_active_queue("sac-kill", N).await?;
+    let events: Events = Arc::default();
+    let replica = [
+        "--handler-ms",
+        "10",
+        "--concurrency",
+        "4",
+        "--prefetch",
+        "10",
+    ];
+    let first = Replica::spawn(0, &scenario.queue, &replica, &events)?;
+    until(
+        "the first replica is active",
+        Duration::from_secs(30),
+        || count(&events, 0, "finished") >= 40,
+    )
+    .await?;
+    // Registered second, it waits: the broker delivers to the first only.
+    let second = Replica::spawn(1, &scenario.queue, &replica, &events)?;
+    wait_consumers(&scenario, 2).await?;
+    let waiting_since = Instant::now();
+    while waiting_since.elapsed() < Duration::from_millis(200) && count(&events, 0, "finished") < N
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        count(&events, 1, "started"),
+        0,
+        "the waiting replica got deliveries"
+    );
+    let handled_before = count(&events, 0, "finished");
+    anyhow::ensure!(
+        handled_before < N,
+        "the first replica finished before the kill"
+    );
+    let killed = Instant::now();
+    first.kill().await?;
+    until(
+        "the second replica takes over",
+        Duration::from_secs(30),
+        || count(&events, 1, "started") > 0,
+    )
+    .await?;
+    let took_over = killed.elapsed();
+    let finished_ids = || -> std::collections::BTreeSet<String> {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.1 == "finished")
+            .map(|e| e.2.clone())
+            .collect()
+    };
+    until("every message handled", Duration::from_secs(60), || {
+        finished_ids().len() == N
+    })
+    .await?;
+    let finished = finished_ids();
+    assert_eq!(finished.len(), N);
+    let total = count(&events, 0, "finished") + count(&events, 1, "finished");
+    let duplicates = total - N;
+    eprintln!(
+        "killed after {handled_before} handled; the waiting replica consumed {took_over:?} \
+         later; {duplicates} duplicates"
+    );
+    // At most the killed replica's unacked window came back.
+    assert!(duplicates <= 10, "{duplicates} duplicates");
+    second.terminate().await?;
+    scenario.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_active_consumer_hands_over_in_order_when_the_active_replica_stops()
+-> anyhow::Result<()> {
+    const N: usize = 200;
+    let scenario = single_active_queue("sac-stop", N).await?;
+    let events: Events = Arc::default();
+    // One at a time: the queue's order is the handled order, across both replicas. No
+    // redelivery counting: on a classic queue it republishes what the hand-over gives back
+    // to the back of the queue.
+    let replica = [
+        "--handler-ms",
+        "20",
+        "--concurrency",
+        "1",
+        "--prefetch",
+        "10",
+        "--poison-limit",
+        "0",
+    ];
+    let first = Replica::spawn(0, &scenario.queue, &replica, &events)?;
+    until(
+        "the first replica is active",
+        Duration::from_secs(30),
+        || count(&events, 0, "finished") >= 20,
+    )
+    .await?;
+    let second = Replica::spawn(1, &scenario.queue, &replica, &events)?;
+    wait_consumers(&scenario, 2).await?;
+    let stopped = Instant::now();
+    first.terminate().await?;
+    let handed_over = stopped.elapsed();
+    until("every message handled", Duration::from_secs(60), || {
+        count(&events, 0, "finished") + count(&events, 1, "finished") >= N
+    })
+    .await?;
+    let order: Vec<(usize, usize)> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.1 == "finished")
+        .map(|e| (e.0, e.2.parse().expect("a numeric id")))
+        .collect();
+    let ids: Vec<usize> = order.iter().map(|&(_, id)| id).collect();
+    assert_eq!(
+        ids,
+        (0..N).collect::<Vec<_>>(),
+        "handled once each, in queue order, across the hand-over"
+    );
+    let by_first = order.iter().filter(|&&(r, _)| r == 0).count();
+    eprintln!(
+        "the first replica handled {by_first}, stopped in {handed_over:?}; the second the \
+         other {} in order, no duplicate",
+        N - by_first
+    );
+    assert!(by_first >= 20 && by_first < N);
+    second.terminate().await?;
+    scenario.cleanup().await
+}
+
+/// Waits until the broker counts `n` consumers on the scenario's queue.
+async fn wait_consumers(scenario: &Scenario, n: u32) -> anyhow::Result<()> {
+    scenario
+        .broker
+        .wait_for_consumer_count(&scenario.queue, n, Duration::from_secs(30))
+        .await
+}
+
+/// Holds each delivery until the test lets it go; counts what it handled.
+#[derive(Clone)]
+struct Held {
+    gate: Arc<Semaphore>,
+    handled: Arc<Mutex<Vec<String>>>,
+}
+
+impl Handler for Held {
+    type Message = String;
+    async fn handle(&self, body: String, _: &Context) -> Result<(), HandlerError> {
+        self.gate.acquire().await.expect("open").forget();
+        self.handled.lock().unwrap().push(body);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_higher_priority_consumer_gets_the_messages_while_it_has_room() -> anyhow::Result<()> {
+    let scenario = Scenario::new("priority").await?;
+    let queue = &scenario.queue;
+    let consumer = |priority: i32| {
+        Held {
+            gate: Arc::new(Semaphore::new(0)),
+            handled: Arc::default(),
+        }
+        .with_priority(priority)
+    };
+    let (high, high_config) = consumer(10);
+    let (low, low_config) = consumer(0);
+    let high_service = scenario.spawn(
+        Conejo::builder(amqp_url())
+            .connection_name(unique_name("high"))
+            .queue_with(queue, high.clone(), high_config),
+    )?;
+    let low_service = scenario.spawn(
+        Conejo::builder(amqp_url())
+            .connection_name(unique_name("low"))
+            .queue_with(queue, low.clone(), low_config),
+    )?;
+    wait_consumers(&scenario, 2).await?;
+    // One message at a time, each handled before the next: the high consumer has room
+    // every time, and gets them all.
+    for n in 0..20 {
+        scenario
+            .broker
+            .publish_bytes(queue, format!("a{n}").as_bytes())
+            .await?;
+        high.gate.add_permits(1);
+        until(
+            "handled by the high consumer",
+            Duration::from_secs(10),
+            || high.handled.lock().unwrap().len() == n + 1,
+        )
+        .await?;
+    }
+    assert!(
+        low.handled.lock().unwrap().is_empty(),
+        "the low consumer got one with room above"
+    );
+    // The high consumer's window (4) full and held: the rest go to the low one.
+    for n in 0..10 {
+        scenario
+            .broker
+            .publish_bytes(queue, format!("b{n}").as_bytes())
+            .await?;
+    }
+    low.gate.add_permits(10);
+    until(
+        "the overflow handled by the low consumer",
+        Duration::from_secs(10),
+        || low.handled.lock().unwrap().len() == 6,
+    )
+    .await?;
+    high.gate.add_permits(10);
+    until(
+        "the high consumer's window handled",
+        Duration::from_secs(10),
+        || high.handled.lock().unwrap().len() == 24,
+    )
+    .await?;
+    eprintln!(
+        "high: {:?}; low: {:?}",
+        high.handled.lock().unwrap().len(),
+        low.handled.lock().unwrap()
+    );
+    high_service.stop().await??;
+    low_service.stop().await??;
+    scenario.cleanup().await
+}
+
+impl Held {
+    /// This handler with a queue configuration of the given consumer priority, a window of
+    /// four.
+    fn with_priority(self, priority: i32) -> (Held, QueueConfig) {
+        (
+            self,
+            conejo_tests::queue_config()
+                .concurrency(4)
+                .prefetch(4)
+                .consumer_priority(priority),
+        )
+    }
+}
