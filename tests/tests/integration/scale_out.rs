@@ -247,7 +247,7 @@ async fn a_single_active_consumer_hands_over_in_order_when_the_active_replica_st
          other {} in order, no duplicate",
         N - by_first
     );
-    assert!(by_first >= 20 && by_first < N);
+    assert!((20..N).contains(&by_first));
     second.terminate().await?;
     scenario.cleanup().await
 }
