@@ -304,10 +304,13 @@ impl QueueConfig {
     ///   service, consume partition queues with a single active consumer each (the
     ///   consistent-hash partitioning of the README's "Scaling out").
     ///
-    /// On a classic queue, conejo's redelivery counting republishes a redelivered message
-    /// to the back of the queue, which would reorder it: an ordered classic queue needs
-    /// [`poison_limit(None)`](Self::poison_limit) (a quorum queue, where the broker counts,
-    /// does not). `build()` says so.
+    /// - **Across redeliveries** (a lost connection, a shutdown, a hand-over) order is the
+    ///   broker's: a classic queue puts a given-back message back in its place, so the order
+    ///   holds; a quorum queue (RabbitMQ 3.x, measured on 3.10.8) puts it at the *back*, behind
+    ///   the key's later messages that were never delivered. For strict order through
+    ///   faults, use a classic queue with [`poison_limit(None)`](Self::poison_limit) —
+    ///   conejo's redelivery counting republishes a redelivered message to the back of a
+    ///   classic queue, so `build()` refuses an ordered classic queue with it on.
     ///
     /// [`QueueStats`]: crate::QueueStats
     pub fn ordered_by(mut self, key: OrderKey) -> Self {
@@ -326,11 +329,10 @@ impl QueueConfig {
     /// shutdown it keeps the active role until its running deliveries end, and only then
     /// cancels and gives back what it had not started — so the next consumer starts after
     /// them, in order. A lost connection loses the role at once (the broker requeues what
-    /// was unacked, and the next consumer gets it, in order). On a classic queue, conejo's
-    /// redelivery counting republishes what a hand-over gives back to the back of the queue:
-    /// for order across hand-overs, use a quorum queue or
-    /// [`poison_limit(None)`](Self::poison_limit). With [`passive`](Self::passive), says
-    /// that the existing queue is one.
+    /// was unacked, and the next consumer gets it). What a hand-over gives back keeps its
+    /// place in a classic queue with [`poison_limit(None)`](Self::poison_limit) (redelivery
+    /// counting republishes it to the back); a quorum queue (RabbitMQ 3.x) puts it at the
+    /// back. With [`passive`](Self::passive), says that the existing queue is one.
     pub fn single_active_consumer(mut self) -> Self {
         self.single_active = true;
         self
@@ -405,7 +407,8 @@ impl QueueConfig {
             return invalid(
                 "ordered_by on a classic queue needs .poison_limit(None): counting \
                  redeliveries republishes a message to the back of the queue, out of its \
-                 key's order (a quorum queue, whose broker counts them, keeps both)",
+                 key's order (or use a quorum queue, whose broker counts them — but which \
+                 gives a redelivered message back at the back of the queue)",
             );
         }
         Ok(())

@@ -62,9 +62,11 @@ impl Handler for Recorder {
     }
 }
 
+/// Strict order through redeliveries: a classic queue (which gives a message back in its
+/// place) without redelivery counting.
 fn ordered(concurrency: usize) -> QueueConfig {
     QueueConfig::new()
-        .quorum()
+        .poison_limit(None)
         .concurrency(concurrency)
         .ordered_by(OrderKey::from_fn(|_, body| {
             let text = std::str::from_utf8(body).ok()?;
@@ -273,6 +275,7 @@ async fn deliveries_without_a_key_are_not_ordered() {
         .quorum()
         .concurrency(8)
         .ordered_by(OrderKey::header("order-id"));
+    // (A quorum queue: ordering needs no more than its broker-side delivery count.)
     let service = broker
         .start(Conejo::builder(broker.url()).queue_with("events", recorder.clone(), config))
         .await
