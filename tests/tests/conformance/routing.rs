@@ -211,7 +211,17 @@ pub(crate) async fn headers_match_all_or_any(broker: &TestBroker) -> Outcome {
     let present = broker.name("conformance.headers.present");
     let everything = broker.name("conformance.headers.everything");
     let nothing = broker.name("conformance.headers.nothing");
-    for queue in [&all, &any, &default, &wide, &present, &everything, &nothing] {
+    let with_x = broker.name("conformance.headers.with-x");
+    for queue in [
+        &all,
+        &any,
+        &default,
+        &wide,
+        &present,
+        &everything,
+        &nothing,
+        &with_x,
+    ] {
         broker.declare_queue(&TestQueue::new(queue)).await?;
     }
     broker
@@ -249,6 +259,11 @@ pub(crate) async fn headers_match_all_or_any(broker: &TestBroker) -> Outcome {
     broker
         .bind_with(&nothing, &exchange, "", header_binding(false, []))
         .await?;
+    // `any-with-x`: `x-` headers count too.
+    let mut table = FieldTable::default();
+    table.insert(ShortString::from("x-match"), long_string("any-with-x"));
+    table.insert(ShortString::from("x-tenant"), long_string("acme"));
+    broker.bind_with(&with_x, &exchange, "", table).await?;
 
     let message = |body: &'static str| Message::new(&exchange, "any.key", body).mandatory(false);
     let sent = [
@@ -272,6 +287,7 @@ pub(crate) async fn headers_match_all_or_any(broker: &TestBroker) -> Outcome {
         message("level-text").header("level", "5"),
         message("traced").header("trace", "abc"),
         message("x-match-header").header("x-match", "any"),
+        message("x-tenant").header("x-tenant", "acme"),
     ];
     for message in sent {
         assert_eq!(publish(broker, message).await?, Published::Accepted);
@@ -296,9 +312,11 @@ pub(crate) async fn headers_match_all_or_any(broker: &TestBroker) -> Outcome {
                 "level-text",
                 "traced",
                 "x-match-header",
+                "x-tenant",
             ],
         ),
         (&nothing, vec![]),
+        (&with_x, vec!["x-tenant"]),
     ];
     for (queue, bodies) in expect {
         assert_eq!(take_bodies(broker, queue).await?, bodies, "{queue}");
