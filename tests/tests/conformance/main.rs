@@ -118,6 +118,7 @@ scenarios! {
     consumers::auto_delete_queue_goes_with_its_last_consumer,
     refusals::conflicting_redeclare,
     refusals::equivalent_redeclare,
+    refusals::invalid_queue_arguments,
     refusals::conflicting_exchange_redeclare,
     refusals::passive_declare_of_missing_queue,
     refusals::publish_to_missing_exchange,

@@ -92,6 +92,14 @@ pub(crate) async fn conflicting_redeclare(broker: &TestBroker) -> Outcome {
         // A fresh channel: the queue is as it was.
         assert_eq!(broker.ready(&queue).await?, 0);
     }
+    let reserved = broker.name("amq.conformance");
+    assert_eq!(
+        refusal(broker.declare_queue(&TestQueue::new(&reserved)).await)?,
+        (
+            403,
+            format!("ACCESS_REFUSED - queue name '{reserved}' contains reserved prefix 'amq.*'")
+        )
+    );
     still_works(broker, &queue).await?;
     // A passive declaration checks nothing but existence.
     let passive = broker.passive(&queue).await?;
@@ -121,6 +129,9 @@ pub(crate) async fn equivalent_redeclare(broker: &TestBroker) -> Outcome {
         TestQueue::new(&queue)
             .message_ttl(Duration::from_millis(60_000))
             .argument("x-conejo-custom", "two"),
+        TestQueue::new(&queue)
+            .message_ttl(Duration::from_millis(60_000))
+            .argument("x-queue-type", "classic"),
     ] {
         let declared = broker.declare_queue(&redeclared).await?;
         assert_eq!(
@@ -130,6 +141,12 @@ pub(crate) async fn equivalent_redeclare(broker: &TestBroker) -> Outcome {
         );
     }
     assert_eq!(broker.take(&queue).await?.len(), 2);
+    // Declared a classic queue in so many words, redeclared without: the same.
+    let typed = broker.name("conformance.equivalent.typed");
+    broker
+        .declare_queue(&TestQueue::new(&typed).argument("x-queue-type", "classic"))
+        .await?;
+    broker.declare_queue(&TestQueue::new(&typed)).await?;
     broker.cleanup().await?;
     Ok(())
 }
@@ -350,6 +367,109 @@ pub(crate) async fn unknown_delivery_tag(broker: &TestBroker) -> Outcome {
     until_ready(broker, &queue, 1).await?;
     let back = broker.take(&queue).await?;
     assert_eq!((back[0].text(), back[0].redelivered()), ("m3".into(), true));
+    broker.cleanup().await?;
+    Ok(())
+}
+
+/// Arguments RabbitMQ refuses on a new queue (406, naming the argument and why): a TTL that
+/// is not a non-negative integer, a zero `x-expires`, a dead-letter routing key without an
+/// exchange, a dead-letter exchange that is not a string, an unknown queue type or overflow
+/// mode, a queue type's argument on a queue of another type. Nothing is created.
+pub(crate) async fn invalid_queue_arguments(broker: &TestBroker) -> Outcome {
+    type Case = (&'static str, fn(TestQueue) -> TestQueue, String);
+    let invalid = |arg: &str, why: &str| format!("invalid arg '{arg}' for {{queue}}: {why}");
+    let cases: Vec<Case> = vec![
+        (
+            "ttl-text",
+            |q| q.argument("x-message-ttl", "100"),
+            invalid("x-message-ttl", "\"expected integer, got longstr\""),
+        ),
+        (
+            "ttl-negative",
+            |q| q.argument("x-message-ttl", -5i64),
+            invalid("x-message-ttl", "{value_negative,-5}"),
+        ),
+        (
+            "expires-zero",
+            |q| q.argument("x-expires", 0i64),
+            invalid("x-expires", "{value_zero,0}"),
+        ),
+        (
+            "key-alone",
+            |q| q.dead_letter_routing_key("dead"),
+            invalid(
+                "x-dead-letter-routing-key",
+                "routing_key_but_no_dlx_defined",
+            ),
+        ),
+        (
+            "dlx-number",
+            |q| q.argument("x-dead-letter-exchange", 5i64),
+            "invalid type 'long' for arg 'x-dead-letter-exchange' in {queue}".to_owned(),
+        ),
+        (
+            // The type first.
+            "type-unknown",
+            |q| {
+                q.argument("x-message-ttl", "x")
+                    .argument("x-queue-type", "bogus")
+            },
+            invalid("x-queue-type", "\"unsupported queue type 'bogus'\""),
+        ),
+        (
+            "overflow-unknown",
+            |q| q.argument("x-overflow", "bogus"),
+            invalid("x-overflow", "invalid_overflow"),
+        ),
+        (
+            "single-active-number",
+            |q| q.argument("x-single-active-consumer", 1i64),
+            invalid("x-single-active-consumer", "{unacceptable_type,long}"),
+        ),
+        (
+            "classic-delivery-limit",
+            |q| q.delivery_limit(5),
+            "invalid arg 'x-delivery-limit' for {queue} of queue type rabbit_classic_queue"
+                .to_owned(),
+        ),
+        (
+            // The values before the type's arguments.
+            "classic-limit-and-ttl",
+            |q| q.delivery_limit(5).argument("x-message-ttl", "x"),
+            invalid("x-message-ttl", "\"expected integer, got longstr\""),
+        ),
+        (
+            "quorum-priority",
+            |q| q.quorum().argument("x-max-priority", 5i64),
+            "invalid arg 'x-max-priority' for {queue} of queue type rabbit_quorum_queue".to_owned(),
+        ),
+    ];
+    for (base, arguments, text) in cases {
+        let queue = broker.name(&format!("conformance.invalid.{base}"));
+        let declared = arguments(TestQueue::new(&queue));
+        let text = format!(
+            "PRECONDITION_FAILED - {}",
+            text.replace("{queue}", &format!("queue '{queue}' in vhost '/'"))
+        );
+        assert_eq!(
+            refusal(broker.declare_queue(&declared).await)?,
+            (406, text),
+            "{declared:?}"
+        );
+        assert_eq!(refusal(broker.passive(&queue).await)?.0, 404);
+    }
+    // What conejo's wait queues declare is valid.
+    let queue = broker.name("conformance.invalid.none");
+    broker
+        .declare_queue(
+            &TestQueue::new(&queue)
+                .argument("x-message-ttl", AMQPValue::LongUInt(1000))
+                .dead_letter_exchange("")
+                .dead_letter_routing_key("elsewhere")
+                .argument("x-queue-type", "classic"),
+        )
+        .await?;
+    still_works(broker, &queue).await?;
     broker.cleanup().await?;
     Ok(())
 }

@@ -425,14 +425,39 @@ impl State {
         arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         self.channel(channel)?;
+        if name.is_empty() {
+            let text = "ACCESS_REFUSED - operation not permitted on the default exchange";
+            return Err(self.channel_error(channel, amqp_error(403, text.to_owned())));
+        }
         if let Some(existing) = self.exchanges.get(name) {
-            if !options.passive
-                && (existing.kind != kind
-                    || existing.options.durable != options.durable
-                    || existing.arguments != arguments)
-            {
+            if options.passive {
+                return Ok(());
+            }
+            // RabbitMQ's order; of the arguments, only `alternate-exchange` is compared.
+            let received = (kind_name(&kind), options.durable, options.auto_delete);
+            let current = (
+                kind_name(&existing.kind),
+                existing.options.durable,
+                existing.options.auto_delete,
+            );
+            let inequivalent = if received.0 != current.0 {
+                Some(("type", quoted(received.0), quoted(current.0)))
+            } else if received.1 != current.1 {
+                Some(("durable", quoted(received.1), quoted(current.1)))
+            } else if received.2 != current.2 {
+                Some(("auto_delete", quoted(received.2), quoted(current.2)))
+            } else {
+                const ALTERNATE: &str = "alternate-exchange";
+                let (current, received) = (
+                    existing.arguments.inner().get(ALTERNATE),
+                    arguments.inner().get(ALTERNATE),
+                );
+                inequivalent_argument(current, received).map(|(r, c)| (ALTERNATE, r, c))
+            };
+            if let Some((arg, received, current)) = inequivalent {
                 let text = format!(
-                    "PRECONDITION_FAILED - inequivalent arg 'type' or 'durable' for exchange '{name}' in vhost '/'"
+                    "PRECONDITION_FAILED - inequivalent arg '{arg}' for exchange '{name}' in \
+                     vhost '/': received {received} but current is {current}"
                 );
                 return Err(self.channel_error(channel, amqp_error(406, text)));
             }
@@ -442,7 +467,7 @@ impl State {
             let text = format!("NOT_FOUND - no exchange '{name}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.starts_with("amq.") {
             let text =
                 format!("ACCESS_REFUSED - exchange name '{name}' contains reserved prefix 'amq.*'");
             return Err(self.channel_error(channel, amqp_error(403, text)));
@@ -467,28 +492,36 @@ impl State {
         arguments: FieldTable,
     ) -> Result<QueueState, BrokerError> {
         let connection = self.channel(channel)?.connection;
+        if !options.passive && name.starts_with("amq.") {
+            let text =
+                format!("ACCESS_REFUSED - queue name '{name}' contains reserved prefix 'amq.*'");
+            return Err(self.channel_error(channel, amqp_error(403, text)));
+        }
         if let Some(existing) = self.queues.get(name) {
-            if existing.owner.is_some_and(|owner| owner != connection) {
+            // A passive declaration needs access; any other the same exclusivity.
+            let owner = options.exclusive.then_some(connection);
+            let locked = if options.passive {
+                existing.owner.is_some_and(|owner| owner != connection)
+            } else {
+                existing.owner != owner
+            };
+            if locked {
                 let text = format!(
-                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' in vhost '/'"
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' in \
+                     vhost '/'. It could be originally declared on another connection or the \
+                     exclusive property value does not match that of the original declaration."
                 );
                 return Err(self.channel_error(channel, amqp_error(405, text)));
             }
-            if !options.passive {
-                if existing.options.durable != options.durable {
-                    let text = format!(
-                        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{name}' in vhost '/'"
-                    );
-                    return Err(self.channel_error(channel, amqp_error(406, text)));
-                }
-                for (key, value) in arguments.inner() {
-                    if existing.arguments.inner().get(key) != Some(value) {
-                        let text = format!(
-                            "PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}' in vhost '/'"
-                        );
-                        return Err(self.channel_error(channel, amqp_error(406, text)));
-                    }
-                }
+            if !options.passive
+                && let Some((arg, received, current)) =
+                    queue_inequivalence(existing, options, &arguments)
+            {
+                let text = format!(
+                    "PRECONDITION_FAILED - inequivalent arg '{arg}' for queue '{name}' in vhost \
+                     '/': received {received} but current is {current}"
+                );
+                return Err(self.channel_error(channel, amqp_error(406, text)));
             }
             return Ok(QueueState {
                 messages: u32::try_from(existing.ready.len()).unwrap_or(u32::MAX),
@@ -499,6 +532,10 @@ impl State {
             let text = format!("NOT_FOUND - no queue '{name}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
+        if let Some(why) = invalid_arguments(name, &arguments) {
+            let text = format!("PRECONDITION_FAILED - {why}");
+            return Err(self.channel_error(channel, amqp_error(406, text)));
+        }
         let queue = Queue {
             options,
             arguments,
@@ -508,11 +545,24 @@ impl State {
             unacked: 0,
             published: 0,
         };
-        if queue.is_quorum() && (!options.durable || options.exclusive || options.auto_delete) {
-            let text = format!(
-                "PRECONDITION_FAILED - invalid property 'auto-delete', 'exclusive' or 'durable' for queue '{name}' in vhost '/'"
-            );
-            return Err(self.channel_error(channel, amqp_error(406, text)));
+        if queue.is_quorum() {
+            // RabbitMQ's checks, in its order.
+            let invalid = if options.auto_delete {
+                Some("auto-delete")
+            } else if options.exclusive {
+                Some("exclusive-owner")
+            } else if !options.durable {
+                Some("non-durable")
+            } else {
+                None
+            };
+            if let Some(property) = invalid {
+                let text = format!(
+                    "PRECONDITION_FAILED - invalid property '{property}' for queue '{name}' in \
+                     vhost '/'"
+                );
+                return Err(self.channel_error(channel, amqp_error(406, text)));
+            }
         }
         self.queues.insert(name.to_owned(), queue);
         Ok(QueueState {
@@ -530,14 +580,20 @@ impl State {
         arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         self.channel(channel)?;
+        if exchange.is_empty() {
+            let text = "ACCESS_REFUSED - operation not permitted on the default exchange";
+            return Err(self.channel_error(channel, amqp_error(403, text.to_owned())));
+        }
+        // The exchange first: with both missing, RabbitMQ names the exchange.
+        if !self.exchanges.contains_key(exchange) {
+            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        }
         if !self.queues.contains_key(queue) {
             let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
-        let Some(target) = self.exchanges.get_mut(exchange) else {
-            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
-            return Err(self.channel_error(channel, amqp_error(404, text)));
-        };
+        let target = self.exchanges.get_mut(exchange).expect("the exchange");
         let binding = (queue.to_owned(), routing_key.to_owned(), arguments);
         if !target.bindings.contains(&binding) {
             target.bindings.push(binding);
@@ -1158,6 +1214,309 @@ fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, mess
             ShortString::from("x-first-death-exchange"),
             AMQPValue::LongString(LongString::from(message.exchange.as_str())),
         );
+    }
+}
+
+/// RabbitMQ's name of an exchange type.
+fn kind_name(kind: &ExchangeKind) -> &str {
+    match kind {
+        ExchangeKind::Direct => "direct",
+        ExchangeKind::Fanout => "fanout",
+        ExchangeKind::Topic => "topic",
+        ExchangeKind::Headers => "headers",
+        ExchangeKind::Custom(name) => name.as_str(),
+    }
+}
+
+/// A value as RabbitMQ quotes it in an inequivalence (`'true'`, `'topic'`, `'100'`).
+fn quoted(value: impl std::fmt::Display) -> String {
+    format!("'{value}'")
+}
+
+/// The arguments RabbitMQ compares when a classic queue is redeclared, in its order (its
+/// `queue_arguments`); the others it does not compare.
+const CLASSIC_ARGUMENTS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-queue-master-locator",
+    "x-queue-version",
+];
+
+/// …and a quorum queue.
+const QUORUM_ARGUMENTS: &[&str] = &[
+    "x-expires",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-overflow",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-delivery-limit",
+    "x-dead-letter-strategy",
+    "x-message-ttl",
+    "x-queue-leader-locator",
+];
+
+/// What differs, for RabbitMQ, between `existing` and a redeclaration of it: (what,
+/// received, current) — `durable`, `auto_delete`, then the arguments its type compares.
+fn queue_inequivalence(
+    existing: &Queue,
+    options: QueueOptions,
+    arguments: &FieldTable,
+) -> Option<(&'static str, String, String)> {
+    if existing.options.durable != options.durable {
+        let (received, current) = (quoted(options.durable), quoted(existing.options.durable));
+        return Some(("durable", received, current));
+    }
+    if existing.options.auto_delete != options.auto_delete {
+        let (received, current) = (
+            quoted(options.auto_delete),
+            quoted(existing.options.auto_delete),
+        );
+        return Some(("auto_delete", received, current));
+    }
+    let compared = if existing.is_quorum() {
+        QUORUM_ARGUMENTS
+    } else {
+        CLASSIC_ARGUMENTS
+    };
+    compared.iter().find_map(|&name| {
+        let (current, received) = (existing.argument(name), arguments.inner().get(name));
+        // A classic queue is one whether it says so or not.
+        let classic = |value: Option<&AMQPValue>| {
+            value
+                .is_none_or(|v| matches!(v, AMQPValue::LongString(t) if t.as_bytes() == b"classic"))
+        };
+        if name == "x-queue-type" && classic(current) && classic(received) {
+            return None;
+        }
+        inequivalent_argument(current, received)
+            .map(|(received, current)| (name, received, current))
+    })
+}
+
+/// The arguments only another queue type takes, which RabbitMQ refuses on a classic queue…
+const NOT_CLASSIC: &[&str] = &[
+    "x-delivery-limit",
+    "x-quorum-initial-group-size",
+    "x-dead-letter-strategy",
+    "x-queue-leader-locator",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+];
+
+/// …and on a quorum queue.
+const NOT_QUORUM: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-queue-master-locator",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+];
+
+/// A check of one argument's value (all the arguments at hand): RabbitMQ's complaint.
+type ArgumentCheck = fn(&AMQPValue, &FieldTable) -> Result<(), String>;
+
+/// Why RabbitMQ refuses a new queue's `arguments`, if it does, in the order it checks them:
+/// the dead-letter exchange's type, the queue type, the values of the arguments it knows,
+/// then the arguments the queue's type does not take.
+fn invalid_arguments(name: &str, arguments: &FieldTable) -> Option<String> {
+    let args = arguments.inner();
+    let queue = format!("queue '{name}' in vhost '/'");
+    let invalid = |arg: &str, why: String| Some(format!("invalid arg '{arg}' for {queue}: {why}"));
+    const DLX: &str = "x-dead-letter-exchange";
+    if let Some(exchange) = args.get(DLX)
+        && !is_text(exchange)
+    {
+        let kind = type_name(exchange);
+        return Some(format!("invalid type '{kind}' for arg '{DLX}' in {queue}"));
+    }
+    let quorum = match args.get("x-queue-type") {
+        None => false,
+        Some(AMQPValue::LongString(kind)) => match kind.as_bytes() {
+            b"classic" => false,
+            b"quorum" => true,
+            // Not emulated: taken as classic.
+            b"stream" => false,
+            other => {
+                let other = String::from_utf8_lossy(other);
+                return invalid(
+                    "x-queue-type",
+                    format!("\"unsupported queue type '{other}'\""),
+                );
+            }
+        },
+        Some(other) => return invalid("x-queue-type", unacceptable(other)),
+    };
+    let checks: [(&str, ArgumentCheck); 10] = [
+        ("x-expires", |v, _| match integer(v)? {
+            0 => Err("{value_zero,0}".to_owned()),
+            n => non_negative(n),
+        }),
+        ("x-message-ttl", |v, _| non_negative(integer(v)?)),
+        ("x-dead-letter-routing-key", |v, args| {
+            if !is_text(v) {
+                Err(unacceptable(v))
+            } else if args.contains_key(DLX) {
+                Ok(())
+            } else {
+                Err("routing_key_but_no_dlx_defined".to_owned())
+            }
+        }),
+        ("x-max-length", |v, _| non_negative(integer(v)?)),
+        ("x-max-length-bytes", |v, _| non_negative(integer(v)?)),
+        ("x-max-in-memory-length", |v, _| non_negative(integer(v)?)),
+        ("x-max-in-memory-bytes", |v, _| non_negative(integer(v)?)),
+        ("x-max-priority", |v, _| match integer(v)? {
+            n if n > 255 => Err(format!("{{max_value_exceeded,{n}}}")),
+            n => non_negative(n),
+        }),
+        ("x-overflow", |v, _| match v {
+            AMQPValue::LongString(mode)
+                if [&b"drop-head"[..], b"reject-publish", b"reject-publish-dlx"]
+                    .contains(&mode.as_bytes()) =>
+            {
+                Ok(())
+            }
+            AMQPValue::LongString(_) => Err("invalid_overflow".to_owned()),
+            other => Err(unacceptable(other)),
+        }),
+        ("x-single-active-consumer", |v, _| match v {
+            AMQPValue::Boolean(_) => Ok(()),
+            other => Err(unacceptable(other)),
+        }),
+    ];
+    for (arg, check) in checks {
+        if let Some(value) = args.get(arg)
+            && let Err(why) = check(value, arguments)
+        {
+            return invalid(arg, why);
+        }
+    }
+    let (refused, kind) = if quorum {
+        (NOT_QUORUM, "rabbit_quorum_queue")
+    } else {
+        (NOT_CLASSIC, "rabbit_classic_queue")
+    };
+    let arg = refused.iter().find(|arg| args.contains_key(**arg))?;
+    Some(format!(
+        "invalid arg '{arg}' for {queue} of queue type {kind}"
+    ))
+}
+
+fn is_text(value: &AMQPValue) -> bool {
+    matches!(value, AMQPValue::LongString(_) | AMQPValue::ShortString(_))
+}
+
+/// An integer argument's value, or RabbitMQ's complaint.
+fn integer(value: &AMQPValue) -> Result<i64, String> {
+    match value {
+        AMQPValue::Timestamp(_) => None,
+        other => int(other),
+    }
+    .ok_or_else(|| format!("\"expected integer, got {}\"", type_name(value)))
+}
+
+fn non_negative(n: i64) -> Result<(), String> {
+    if n < 0 {
+        Err(format!("{{value_negative,{n}}}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// RabbitMQ's complaint of an argument of the wrong type.
+fn unacceptable(value: &AMQPValue) -> String {
+    format!("{{unacceptable_type,{}}}", type_name(value))
+}
+
+/// Whether an argument differs as RabbitMQ compares it — integers of any width are one type,
+/// floats another — and if so how its text gives the two: the bare values when both are set,
+/// `none` or `the value '…' of type '…'` when one is not.
+fn inequivalent_argument(
+    current: Option<&AMQPValue>,
+    received: Option<&AMQPValue>,
+) -> Option<(String, String)> {
+    match (current, received) {
+        (None, None) => None,
+        (Some(current), Some(received)) => {
+            let same = match (int(current), int(received)) {
+                (Some(a), Some(b)) => a == b,
+                _ => current == received,
+            };
+            (!same).then(|| (quoted(value_text(received)), quoted(value_text(current))))
+        }
+        (current, received) => Some((described(received), described(current))),
+    }
+}
+
+/// `none`, or `the value '…' of type '…'`.
+fn described(value: Option<&AMQPValue>) -> String {
+    match value {
+        None => "none".to_owned(),
+        Some(value) => format!(
+            "the value '{}' of type '{}'",
+            value_text(value),
+            type_name(value)
+        ),
+    }
+}
+
+/// A value as RabbitMQ prints it.
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::Float(f) => format!("{f:?}"),
+        AMQPValue::Double(f) => format!("{f:?}"),
+        other => match int(other) {
+            Some(n) => n.to_string(),
+            None => format!("{other:?}"),
+        },
+    }
+}
+
+/// RabbitMQ's name of a field's type.
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
     }
 }
 
