@@ -348,6 +348,7 @@ impl State {
         let unacked = std::mem::take(&mut channel.unacked);
         let consumers = std::mem::take(&mut channel.consumers);
         let connection = channel.connection;
+        let mut consumed = Vec::new();
         for (tag, consumer) in consumers {
             if let Some(error) = error {
                 let _ = consumer.sender.send(Err(error.clone()));
@@ -355,8 +356,12 @@ impl State {
             if let Some(queue) = self.queues.get_mut(&consumer.queue) {
                 queue.consumers.retain(|key| key != &(id, tag.clone()));
             }
+            consumed.push(consumer.queue);
         }
         self.requeue_all(unacked);
+        for queue in consumed {
+            self.consumer_gone(&queue);
+        }
         if let Some(connection) = self.connections.get_mut(&connection) {
             connection.channels.remove(&id);
         }
@@ -688,8 +693,21 @@ impl State {
             queue
                 .consumers
                 .retain(|key| key != &(channel, tag.to_owned()));
+            self.consumer_gone(&consumer.queue);
         }
         Ok(())
+    }
+
+    /// A consumer of `queue` went: an auto-delete queue goes with its last consumer (it had
+    /// one, as this one was), messages and all, as RabbitMQ deletes it.
+    fn consumer_gone(&mut self, queue: &str) {
+        if self
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.options.auto_delete && q.consumers.is_empty())
+        {
+            self.delete_queue(queue);
+        }
     }
 
     /// Settles `tag` (and, with `multiple`, every earlier unsettled one) on `channel`.
@@ -711,8 +729,11 @@ impl State {
             Vec::new()
         };
         if tags.is_empty() && !(multiple && tag == 0) {
+            // An ack has no answer: the broker closes the channel, and the client learns of
+            // it from the channel (its consumers, its next operation), not from the ack.
             let text = format!("PRECONDITION_FAILED - unknown delivery tag {tag}");
-            return Err(self.channel_error(channel, amqp_error(406, text)));
+            self.channel_error(channel, amqp_error(406, text));
+            return Ok(());
         }
         let mut settled = Vec::with_capacity(tags.len());
         for tag in tags {
@@ -1056,6 +1077,7 @@ impl State {
                                 .consumers
                                 .retain(|key| key != &(channel_id, tag.clone()));
                         }
+                        self.consumer_gone(&name);
                     }
                     continue;
                 }
@@ -1076,6 +1098,7 @@ impl State {
                             .consumers
                             .retain(|key| key != &(channel_id, tag.clone()));
                     }
+                    self.consumer_gone(&name);
                 }
             }
         }
