@@ -11,7 +11,7 @@ use conejo::{
 
 use crate::{
     Outcome,
-    support::{delivered, nothing_more, publish, publish_to, until_ready},
+    support::{WAIT, delivered, nothing_more, publish, publish_to, until_ready},
 };
 
 /// A retry as conejo makes one, by the broker alone: a rejected message goes to a wait
@@ -293,6 +293,48 @@ pub(crate) async fn expired_while_unacked_is_dead_lettered_on_requeue(
     nothing_more(&mut consumer).await?;
     assert_eq!(broker.ready(&queue).await?, 0);
     consumer.close().await?;
+    watch.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}
+
+/// Two queues whose TTLs dead-letter to each other: RabbitMQ drops the message when it
+/// would come back to a queue it expired in with no reject since, rather than loop.
+pub(crate) async fn expiry_cycle_is_dropped(broker: &TestBroker) -> Outcome {
+    let ping = broker.name("conformance.cycle.ping");
+    let pong = broker.name("conformance.cycle.pong");
+    for (queue, other) in [(&ping, &pong), (&pong, &ping)] {
+        broker
+            .declare_queue(
+                &TestQueue::new(queue)
+                    .message_ttl(Duration::from_millis(50))
+                    .dead_letter_exchange("")
+                    .dead_letter_routing_key(other),
+            )
+            .await?;
+    }
+    broker.send(&ping, "ball").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (a, b) = (broker.ready(&ping).await?, broker.ready(&pong).await?);
+        if (a, b) == (0, 0) {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still going round after {WAIT:?}: {a} in ping, {b} in pong"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And it stays gone: ten TTLs later, nothing came back.
+    let idle = broker.name("conformance.cycle.idle");
+    broker.declare_queue(&TestQueue::new(&idle)).await?;
+    let mut watch = broker.consume(&idle, 1).await?;
+    nothing_more(&mut watch).await?;
+    assert_eq!(
+        (broker.ready(&ping).await?, broker.ready(&pong).await?),
+        (0, 0)
+    );
     watch.close().await?;
     broker.cleanup().await?;
     Ok(())

@@ -231,7 +231,8 @@ pub(super) struct State {
     pub(super) faults: Faults,
     /// Publishes waiting while their connection is blocked: (connection, work).
     pub(super) parked: Vec<(ConnId, Parked)>,
-    /// The earliest expiry of any ready message, for the expiry task.
+    /// The earliest expiry of a message at the head of its queue, for the expiry task (one
+    /// behind the head expires only once it is the head).
     pub(super) next_expiry: Option<Instant>,
     /// A resource alarm's reason while one is raised: connections that publish are blocked.
     pub(super) alarm: Option<String>,
@@ -419,6 +420,9 @@ impl State {
             return;
         }
         target.ready.push_front(message);
+        // A message keeps its expiry while delivered: back at the head past it, it expires
+        // now (RabbitMQ drops expired messages from the head after a requeue).
+        self.expire_head(&queue, Instant::now());
     }
 
     pub(super) fn declare_exchange(
@@ -890,15 +894,14 @@ impl State {
             (a, b) => a.or(b),
         };
         message.expires = ttl.map(|ttl| Instant::now() + ttl);
-        if let Some(at) = message.expires {
-            self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
-        }
         target.published += 1;
         target.ready.push_back(message);
     }
 
     /// Dead-letters `message` from `queue` (to its dead-letter exchange, with `x-death`), or
-    /// drops it when the queue has none.
+    /// drops it when the queue has none, its exchange is missing, or it would come back to a
+    /// queue it died in with no reject since (RabbitMQ's cycle detection: an expiry loop
+    /// ends).
     fn dead_letter(&mut self, queue: &str, message: Message, reason: DeathReason) {
         let Some(target) = self.queues.get(queue) else {
             return;
@@ -911,34 +914,62 @@ impl State {
         record_death(&mut headers, queue, reason, &message);
         // A dead letter loses its own expiration, as with RabbitMQ.
         let properties = strip_expiration(message.properties.clone().with_headers(headers));
-        let _ = self.publish(None, &exchange, &routing_key, message.body, properties);
-    }
-
-    /// Dead-letters (or drops) every ready message that expired, from the head of each
-    /// queue, as RabbitMQ does; returns the next expiry still pending.
-    pub(super) fn expire(&mut self, now: Instant) -> Option<Instant> {
-        let names: Vec<String> = self.queues.keys().cloned().collect();
-        let mut next: Option<Instant> = None;
-        for name in names {
-            while let Some(queue) = self.queues.get_mut(&name)
-                && queue
-                    .ready
-                    .front()
-                    .and_then(|m| m.expires)
-                    .is_some_and(|at| at <= now)
+        let Some(queues) = self.route(&exchange, &routing_key, &properties) else {
+            return;
+        };
+        let dead = Message {
+            exchange: ShortString::from(exchange),
+            routing_key: ShortString::from(routing_key),
+            properties,
+            body: message.body,
+            redelivered: false,
+            returns: 0,
+            expires: None,
+        };
+        for queue in queues {
+            if matches!(reason, DeathReason::Rejected)
+                || !is_cycle(&queue, dead.properties.headers())
             {
-                let message = queue.ready.pop_front().expect("a front message");
-                self.dead_letter(&name, message, DeathReason::Expired);
-            }
-            if let Some(queue) = self.queues.get(&name) {
-                for at in queue.ready.iter().filter_map(|m| m.expires) {
-                    next = Some(next.map_or(at, |n: Instant| n.min(at)));
-                }
+                self.enqueue(&queue, dead.clone());
             }
         }
-        self.next_expiry = next;
         self.deliver();
-        next
+    }
+
+    /// Dead-letters (or drops) the messages at the head of `queue` whose expiry passed, as
+    /// RabbitMQ does: a classic queue expires messages at its head only.
+    fn expire_head(&mut self, name: &str, now: Instant) {
+        while let Some(queue) = self.queues.get_mut(name)
+            && queue
+                .ready
+                .front()
+                .and_then(|m| m.expires)
+                .is_some_and(|at| at <= now)
+        {
+            let message = queue.ready.pop_front().expect("a front message");
+            self.dead_letter(name, message, DeathReason::Expired);
+        }
+    }
+
+    /// Expires what is due at the head of each queue; returns the next expiry pending.
+    pub(super) fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in names {
+            self.expire_head(&name, now);
+        }
+        self.deliver();
+        self.refresh_expiry()
+    }
+
+    /// The earliest expiry of a message at the head of a queue — the one the expiry task
+    /// waits for: one behind the head waits for the head to go, as with RabbitMQ.
+    pub(super) fn refresh_expiry(&mut self) -> Option<Instant> {
+        self.next_expiry = self
+            .queues
+            .values()
+            .filter_map(|q| q.ready.front().and_then(|m| m.expires))
+            .min();
+        self.next_expiry
     }
 
     /// True while the network is stalled for `connection` (the harness's own is exempt).
@@ -994,7 +1025,10 @@ impl State {
             .filter(|(_, q)| !q.ready.is_empty() && !q.consumers.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
+        let now = Instant::now();
         for name in names {
+            // What expired at the head is dead-lettered, not delivered.
+            self.expire_head(&name, now);
             while let Some(queue) = self.queues.get_mut(&name)
                 && !queue.ready.is_empty()
             {
@@ -1026,7 +1060,7 @@ impl State {
                     break;
                 };
                 let queue = self.queues.get_mut(&name).expect("the queue");
-                let mut message = queue.ready.pop_front().expect("a ready message");
+                let message = queue.ready.pop_front().expect("a ready message");
                 queue.unacked += 1;
                 let quorum = queue.is_quorum();
                 let channel = self.channels.get_mut(&channel_id).expect("the channel");
@@ -1081,7 +1115,7 @@ impl State {
                     }
                     continue;
                 }
-                message.expires = None;
+                // It keeps its expiry: given back past it, it expires then.
                 channel.unacked.insert(
                     tag_number,
                     Unacked {
@@ -1115,15 +1149,24 @@ impl State {
         queue: &str,
     ) -> Result<Option<(Incoming, u32)>, BrokerError> {
         self.channel(channel)?;
-        let Some(target) = self.queues.get_mut(queue) else {
+        if !self.queues.contains_key(queue) {
             let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
-        };
+        }
+        let now = Instant::now();
+        self.expire_head(queue, now);
+        let target = self.queues.get_mut(queue).expect("the queue");
         let Some(message) = target.ready.pop_front() else {
             return Ok(None);
         };
         target.unacked += 1;
-        let remaining = u32::try_from(target.ready.len()).unwrap_or(u32::MAX);
+        // What expired behind it is at the head now: RabbitMQ drops it after the fetch, and
+        // counts what remains.
+        self.expire_head(queue, now);
+        let remaining = self
+            .queues
+            .get(queue)
+            .map_or(0, |q| u32::try_from(q.ready.len()).unwrap_or(u32::MAX));
         let open = self.channel(channel)?;
         open.next_tag += 1;
         let tag = open.next_tag;
@@ -1173,7 +1216,10 @@ fn strip_expiration(properties: BasicProperties) -> BasicProperties {
     stripped
 }
 
-/// Adds (or counts) `queue`'s entry in the message's `x-death` header, as RabbitMQ does.
+/// Adds (or counts) `queue`'s entry in the message's `x-death` header, as RabbitMQ 3.10 does:
+/// a first death there for that reason gets a new entry (with the message's
+/// `original-expiration`, if it had one); a later one counts in the existing entry, which
+/// keeps its time, exchange and routing keys. Either way the entry moves to the front.
 fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, message: &Message) {
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(array)) => array.as_slice().to_vec(),
@@ -1187,38 +1233,39 @@ fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, mess
         AMQPValue::FieldTable(table) => same(table),
         _ => false,
     });
-    let mut entry = match position.map(|i| deaths.remove(i)) {
-        Some(AMQPValue::FieldTable(table)) => table,
+    let entry = match position.map(|i| deaths.remove(i)) {
+        Some(AMQPValue::FieldTable(mut entry)) => {
+            let count = entry.inner().get("count").and_then(int).unwrap_or(0) + 1;
+            entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
+            entry
+        }
         _ => {
-            let mut table = FieldTable::default();
-            table.insert(
-                ShortString::from("queue"),
-                AMQPValue::LongString(LongString::from(queue)),
-            );
-            table.insert(
-                ShortString::from("reason"),
-                AMQPValue::LongString(LongString::from(reason.as_str())),
-            );
-            table.insert(
+            let mut entry = FieldTable::default();
+            let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+            entry.insert(ShortString::from("queue"), text(queue));
+            entry.insert(ShortString::from("reason"), text(reason.as_str()));
+            entry.insert(
                 ShortString::from("exchange"),
-                AMQPValue::LongString(LongString::from(message.exchange.as_str())),
+                text(message.exchange.as_str()),
             );
-            table.insert(
+            entry.insert(
                 ShortString::from("routing-keys"),
-                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
-                    LongString::from(message.routing_key.as_str()),
-                )])),
+                AMQPValue::FieldArray(FieldArray::from(vec![text(message.routing_key.as_str())])),
             );
-            table.insert(ShortString::from("count"), AMQPValue::LongLongInt(0));
-            table
+            entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            entry.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+            if let Some(expiration) = message.properties.expiration() {
+                entry.insert(
+                    ShortString::from("original-expiration"),
+                    text(expiration.as_str()),
+                );
+            }
+            entry
         }
     };
-    let count = entry.inner().get("count").and_then(int).unwrap_or(0) + 1;
-    entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    entry.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
     deaths.insert(0, AMQPValue::FieldTable(entry));
     headers.insert(
         ShortString::from("x-death"),
@@ -1238,6 +1285,35 @@ fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, mess
             AMQPValue::LongString(LongString::from(message.exchange.as_str())),
         );
     }
+}
+
+/// True when a dead letter (its `x-death` written) going to `queue` would close a cycle
+/// without a reject in it: `queue` is among the queues it died in, and neither that death nor
+/// any since is a reject — RabbitMQ then drops it rather than loop forever.
+fn is_cycle(queue: &str, headers: &Option<FieldTable>) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) =
+        headers.as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return false;
+    };
+    let field = |entry: &AMQPValue, name: &str| match entry {
+        AMQPValue::FieldTable(table) => text_of(table.inner().get(name)),
+        _ => None,
+    };
+    let deaths = deaths.as_slice();
+    let Some(at) = deaths
+        .iter()
+        .position(|entry| field(entry, "queue").as_deref() == Some(queue))
+    else {
+        return false;
+    };
+    // An entry that is not a table was put there by a client: not a cycle of the broker's.
+    deaths[..=at].iter().all(|entry| match entry {
+        AMQPValue::FieldTable(table) => {
+            text_of(table.inner().get("reason")).as_deref() != Some(DeathReason::Rejected.as_str())
+        }
+        _ => false,
+    })
 }
 
 /// RabbitMQ's name of an exchange type.
