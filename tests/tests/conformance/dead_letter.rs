@@ -5,13 +5,15 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use conejo::{
     Exchange, Message,
-    testing::{Death, Published, TestBroker, TestMessage, TestQueue},
+    testing::{Death, Published, TestBroker, TestError, TestMessage, TestQueue},
     types::{AMQPValue, FieldTable},
 };
 
 use crate::{
     Outcome,
-    support::{WAIT, delivered, nothing_more, publish, publish_to, until_ready},
+    support::{
+        WAIT, bodies, delivered, nothing_more, publish, publish_to, take_bodies, until_ready,
+    },
 };
 
 /// A retry as conejo makes one, by the broker alone: a rejected message goes to a wait
@@ -336,6 +338,78 @@ pub(crate) async fn expiry_cycle_is_dropped(broker: &TestBroker) -> Outcome {
         (0, 0)
     );
     watch.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}
+
+/// A queue at its `x-max-length` (of ready messages: what is delivered and unacked does not
+/// count): by default it drops its head, dead-lettered as `maxlen`; with `x-overflow:
+/// reject-publish` it refuses the new message (the publisher's confirm is a nack), with
+/// `reject-publish-dlx` it also dead-letters it.
+pub(crate) async fn max_length_drops_the_head_or_refuses(broker: &TestBroker) -> Outcome {
+    let dead = broker.name("conformance.maxlen.dead");
+    broker.declare_queue(&TestQueue::new(&dead)).await?;
+    let bounded = |queue: &str| {
+        TestQueue::new(queue)
+            .argument("x-max-length", 2i64)
+            .dead_letter_exchange("")
+            .dead_letter_routing_key(&dead)
+    };
+    let drops = broker.name("conformance.maxlen.drop-head");
+    broker.declare_queue(&bounded(&drops)).await?;
+    for n in 1..=3 {
+        broker.send(&drops, format!("m{n}")).await?;
+    }
+    assert_eq!(broker.ready(&drops).await?, 2);
+    let dropped = broker.take(&dead).await?;
+    assert_eq!(bodies(&dropped), ["m1"]);
+    assert_eq!(
+        deaths(&dropped[0]),
+        [death(&drops, "maxlen", 1, "", &drops)]
+    );
+    assert_first_death(&dropped[0], &drops, "maxlen", "");
+    // Delivered and unacked, m2 leaves room: m4 fits.
+    let mut consumer = broker.consume(&drops, 1).await?;
+    let held = delivered(&mut consumer).await?;
+    assert_eq!(held.message.text(), "m2");
+    broker.send(&drops, "m4").await?;
+    assert_eq!(broker.ready(&drops).await?, 2);
+    assert_eq!(broker.ready(&dead).await?, 0);
+    // Given back, it makes three: the head goes — m2 itself.
+    held.requeue().await?;
+    until_ready(broker, &dead, 1).await?;
+    assert_eq!(take_bodies(broker, &dead).await?, ["m2"]);
+    consumer.close().await?;
+    assert_eq!(take_bodies(broker, &drops).await?, ["m3", "m4"]);
+
+    for (overflow, dead_lettered) in [("reject-publish", false), ("reject-publish-dlx", true)] {
+        let queue = broker.name(&format!("conformance.maxlen.{overflow}"));
+        broker
+            .declare_queue(&bounded(&queue).argument("x-overflow", overflow))
+            .await?;
+        broker.send(&queue, "r1").await?;
+        broker.send(&queue, "r2").await?;
+        let refused = broker.publish(Message::to_queue(&queue, "r3")).await;
+        assert!(
+            matches!(refused, Err(TestError::Nacked { .. })),
+            "{overflow}: {refused:?}"
+        );
+        assert_eq!(
+            take_bodies(broker, &queue).await?,
+            ["r1", "r2"],
+            "{overflow}"
+        );
+        let dead_letters = broker.take(&dead).await?;
+        if dead_lettered {
+            assert_eq!(bodies(&dead_letters), ["r3"]);
+            assert_eq!(
+                deaths(&dead_letters[0]),
+                [death(&queue, "maxlen", 1, "", &queue)]
+            );
+        } else {
+            assert!(dead_letters.is_empty(), "{overflow}: {dead_letters:?}");
+        }
+    }
     broker.cleanup().await?;
     Ok(())
 }

@@ -37,7 +37,7 @@ mod support;
 mod routing;
 // Expiry and dead-lettering: a TTL wait queue's retry round trip, `x-death` and
 // `x-first-death-*` on a reject, a message's own expiration, expiry at the head only, an
-// expired message given back, an expiry cycle.
+// expired message given back, an expiry cycle, a queue at its maximum length.
 mod dead_letter;
 // Consumers: the prefetch window, `multiple` acks, requeues and the redelivered flag, a
 // cancel, a closed channel, an auto-delete queue.
@@ -111,6 +111,7 @@ scenarios! {
     dead_letter::expiry_happens_at_the_head,
     dead_letter::expired_while_unacked_is_dead_lettered_on_requeue,
     dead_letter::expiry_cycle_is_dropped,
+    dead_letter::max_length_drops_the_head_or_refuses,
     consumers::prefetch_window,
     consumers::ack_multiple_settles_earlier_deliveries,
     consumers::requeue_marks_redelivered,

@@ -317,7 +317,7 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
     }
     let routed = if state.faults.return_publishes > 0 {
         state.faults.return_publishes -= 1;
-        false
+        state::Routed::default()
     } else {
         state.publish(Some(channel), &exchange, &routing_key, body, properties)?
     };
@@ -333,9 +333,11 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
             return Err(error);
         }
     }
+    // A queue at its maximum length that refused it: a nack, not a return (it was routed).
     Ok(match (confirm, routed, mandatory) {
         (false, _, _) => Confirmed::NotRequested,
-        (true, false, true) => Confirmed::Returned {
+        (true, state::Routed { rejected: true, .. }, _) => Confirmed::Nack,
+        (true, state::Routed { queued: false, .. }, true) => Confirmed::Returned {
             code: 312,
             text: "NO_ROUTE".to_owned(),
         },

@@ -1,10 +1,11 @@
 //! The in-memory transport (feature `test-util`): a broker in the process that behaves as
 //! RabbitMQ (3.10) does for what conejo uses — exchanges (direct, topic, fanout, headers, the
 //! default), queues with their arguments (message TTL, dead-letter exchange and routing key,
-//! quorum delivery counts and limits, exclusive, auto-delete), expiry at the head of a queue,
-//! dead-lettering with `x-death` (and RabbitMQ's cycle detection), consumers with a
-//! prefetch, acks and nacks (`multiple` included), publisher confirms and `mandatory`
-//! returns, `basic.get` — and refuses what RabbitMQ refuses, with its reply codes and texts:
+//! quorum delivery counts and limits, maximum length and overflow, exclusive, auto-delete),
+//! expiry at the head of a queue, dead-lettering with `x-death` (and RabbitMQ's cycle
+//! detection), consumers with a prefetch, acks and nacks (`multiple` included), publisher
+//! confirms and `mandatory` returns, `basic.get` — and refuses what RabbitMQ refuses, with
+//! its reply codes and texts:
 //! a passive declaration of something missing (404), an inequivalent redeclaration, invalid
 //! queue arguments or an unknown delivery tag (406), reserved names and the default exchange
 //! (403), a publish to a missing exchange (404, closing the channel). The conformance suite

@@ -53,6 +53,7 @@ pub(super) enum DeathReason {
     Rejected,
     Expired,
     DeliveryLimit,
+    MaxLength,
 }
 
 impl DeathReason {
@@ -61,6 +62,7 @@ impl DeathReason {
             DeathReason::Rejected => "rejected",
             DeathReason::Expired => "expired",
             DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::MaxLength => "maxlen",
         }
     }
 }
@@ -132,6 +134,64 @@ impl Queue {
         self.int_argument("x-delivery-limit")
             .and_then(|n| u32::try_from(n).ok())
     }
+
+    /// What it does at its `x-max-length` or `x-max-length-bytes` (`x-overflow`).
+    fn overflow(&self) -> Overflow {
+        match self.text_argument("x-overflow").as_deref() {
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDeadLetter,
+            _ => Overflow::DropHead,
+        }
+    }
+
+    /// Its limits: ready messages (`x-max-length`) and their bodies' bytes
+    /// (`x-max-length-bytes`). What is delivered and unacked does not count.
+    fn limits(&self) -> (Option<usize>, Option<usize>) {
+        let limit = |name| {
+            self.int_argument(name)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        (limit("x-max-length"), limit("x-max-length-bytes"))
+    }
+
+    fn ready_bytes(&self) -> usize {
+        self.ready.iter().map(|m| m.body.len()).sum()
+    }
+
+    /// True when one more message of `size` bytes would take it past a limit.
+    fn would_overflow(&self, size: usize) -> bool {
+        let (length, bytes) = self.limits();
+        length.is_some_and(|max| self.ready.len() + 1 > max)
+            || bytes.is_some_and(|max| self.ready_bytes() + size > max)
+    }
+
+    /// True while it holds more than its limits.
+    fn over_limit(&self) -> bool {
+        let (length, bytes) = self.limits();
+        length.is_some_and(|max| self.ready.len() > max)
+            || bytes.is_some_and(|max| self.ready_bytes() > max)
+    }
+}
+
+/// What a queue at its maximum length does (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    /// Drops (dead-letters) its oldest ready messages: the default.
+    DropHead,
+    /// Refuses the new message: its publisher's confirm is a nack.
+    RejectPublish,
+    /// …and dead-letters it.
+    RejectPublishDeadLetter,
+}
+
+/// Where a published message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Routed {
+    /// A queue took it.
+    pub(super) queued: bool,
+    /// A queue at its maximum length refused it (`x-overflow: reject-publish`): the
+    /// confirm is a nack.
+    pub(super) rejected: bool,
 }
 
 /// A consumer, by channel and tag.
@@ -420,6 +480,9 @@ impl State {
             return;
         }
         target.ready.push_front(message);
+        // Back in the count of ready messages, it may take the queue past its length: its
+        // head goes (RabbitMQ drops after a requeue too).
+        self.drop_over_limit(&queue);
         // A message keeps its expiry while delivered: back at the head past it, it expires
         // now (RabbitMQ drops expired messages from the head after a requeue).
         self.expire_head(&queue, Instant::now());
@@ -777,7 +840,7 @@ impl State {
         routing_key: &str,
         body: Bytes,
         properties: BasicProperties,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<Routed, BrokerError> {
         let mut properties = properties;
         if properties.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
             let Some(id) =
@@ -805,7 +868,7 @@ impl State {
                     .and_then(|c| c.reply.as_ref())
             });
             let Some((_, sender)) = target else {
-                return Ok(false);
+                return Ok(Routed::default());
             };
             let reply = crate::broker::incoming(
                 0,
@@ -815,7 +878,10 @@ impl State {
                 properties,
                 &body,
             );
-            return Ok(sender.send(Ok(reply)).is_ok());
+            return Ok(Routed {
+                queued: sender.send(Ok(reply)).is_ok(),
+                rejected: false,
+            });
         }
         let queues = match self.route(exchange, routing_key, &properties) {
             Some(queues) => queues,
@@ -837,12 +903,51 @@ impl State {
             returns: 0,
             expires: None,
         };
-        let routed = !queues.is_empty();
-        for queue in queues {
-            self.enqueue(&queue, message.clone());
+        let mut routed = Routed::default();
+        for queue in &queues {
+            if self.offer(queue, message.clone()) {
+                routed.queued = true;
+            } else {
+                routed.rejected = true;
+            }
         }
         self.deliver();
+        for queue in &queues {
+            self.drop_over_limit(queue);
+        }
         Ok(routed)
+    }
+
+    /// Offers a message to `queue`: enqueued, or refused by a queue at its maximum length
+    /// that rejects publishes (and dead-lettered if it says so). Returns whether it took it.
+    fn offer(&mut self, queue: &str, message: Message) -> bool {
+        let Some(target) = self.queues.get(queue) else {
+            return true;
+        };
+        if target.would_overflow(message.body.len()) {
+            match target.overflow() {
+                Overflow::DropHead => {}
+                Overflow::RejectPublish => return false,
+                Overflow::RejectPublishDeadLetter => {
+                    self.dead_letter(queue, message, DeathReason::MaxLength);
+                    return false;
+                }
+            }
+        }
+        self.enqueue(queue, message);
+        true
+    }
+
+    /// Dead-letters (or drops) the oldest ready messages of a queue past its maximum length
+    /// that drops its head.
+    fn drop_over_limit(&mut self, name: &str) {
+        while let Some(queue) = self.queues.get_mut(name)
+            && queue.overflow() == Overflow::DropHead
+            && queue.over_limit()
+        {
+            let message = queue.ready.pop_front().expect("a ready message");
+            self.dead_letter(name, message, DeathReason::MaxLength);
+        }
     }
 
     /// The queues `exchange` routes the message to; `None` when the exchange does not exist.
@@ -926,14 +1031,20 @@ impl State {
             returns: 0,
             expires: None,
         };
-        for queue in queues {
-            if matches!(reason, DeathReason::Rejected)
-                || !is_cycle(&queue, dead.properties.headers())
-            {
-                self.enqueue(&queue, dead.clone());
-            }
+        let queues: Vec<String> = queues
+            .into_iter()
+            .filter(|queue| {
+                matches!(reason, DeathReason::Rejected)
+                    || !is_cycle(queue, dead.properties.headers())
+            })
+            .collect();
+        for queue in &queues {
+            self.offer(queue, dead.clone());
         }
         self.deliver();
+        for queue in &queues {
+            self.drop_over_limit(queue);
+        }
     }
 
     /// Dead-letters (or drops) the messages at the head of `queue` whose expiry passed, as
