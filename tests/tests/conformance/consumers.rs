@@ -8,7 +8,7 @@ use conejo::testing::{TestBroker, TestQueue};
 
 use crate::{
     Outcome,
-    support::{WAIT, bodies, delivered, nothing_more, until_ready},
+    support::{WAIT, bodies, delivered, nothing_more, refusal, until_ready},
 };
 
 /// Declares `queue` and sends it `m1`…`m<count>`.
@@ -221,6 +221,56 @@ pub(crate) async fn auto_delete_queue_goes_with_its_last_consumer(broker: &TestB
         }
     }
     one.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}
+
+/// Two consumers of one queue share it in turn, one message each, whatever their room.
+pub(crate) async fn consumers_take_turns(broker: &TestBroker) -> Outcome {
+    let queue = queue_of(broker, "conformance.turns", 0).await?;
+    let mut one = broker.consume(&queue, 0).await?;
+    let mut two = broker.consume(&queue, 0).await?;
+    assert_eq!(broker.passive(&queue).await?.consumers, 2);
+    for n in 1..=4 {
+        broker.send(&queue, format!("m{n}")).await?;
+    }
+    let mut got = Vec::new();
+    for (name, consumer) in [("one", &mut one), ("two", &mut two)] {
+        for _ in 0..2 {
+            let delivery = delivered(consumer).await?;
+            got.push((name, delivery.message.text()));
+            delivery.ack().await?;
+        }
+        nothing_more(consumer).await?;
+    }
+    assert_eq!(
+        got,
+        [
+            ("one", "m1".to_owned()),
+            ("one", "m3".to_owned()),
+            ("two", "m2".to_owned()),
+            ("two", "m4".to_owned()),
+        ]
+    );
+    one.close().await?;
+    two.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}
+
+/// A queue deleted under its consumer: the broker cancels it (its deliveries end), the
+/// delivery it held can still be acked on its channel, and the queue is gone.
+pub(crate) async fn deleted_queue_cancels_its_consumer(broker: &TestBroker) -> Outcome {
+    let queue = queue_of(broker, "conformance.deleted", 2).await?;
+    let mut consumer = broker.consume(&queue, 1).await?;
+    let held = delivered(&mut consumer).await?;
+    broker.delete_queue(&queue).await?;
+    if let Some(delivery) = consumer.next(WAIT).await? {
+        bail!("delivered after its queue was deleted: {delivery:?}");
+    }
+    held.ack().await?;
+    assert_eq!(refusal(broker.passive(&queue).await)?.0, 404);
+    consumer.close().await?;
     broker.cleanup().await?;
     Ok(())
 }

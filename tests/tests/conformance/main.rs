@@ -40,7 +40,8 @@ mod routing;
 // expired message given back, an expiry cycle, a queue at its maximum length.
 mod dead_letter;
 // Consumers: the prefetch window, `multiple` acks, requeues and the redelivered flag, a
-// cancel, a closed channel, an auto-delete queue.
+// cancel, a closed channel, an auto-delete queue, turns between consumers, a queue deleted
+// under its consumer.
 mod consumers;
 // What the broker refuses, with its reply codes and texts, and the harness working again
 // on a fresh channel afterwards.
@@ -118,6 +119,8 @@ scenarios! {
     consumers::closed_channel_requeues_unacked,
     consumers::cancel_stops_deliveries,
     consumers::auto_delete_queue_goes_with_its_last_consumer,
+    consumers::consumers_take_turns,
+    consumers::deleted_queue_cancels_its_consumer,
     refusals::conflicting_redeclare,
     refusals::equivalent_redeclare,
     refusals::invalid_queue_arguments,
