@@ -274,3 +274,39 @@ pub(crate) async fn deleted_queue_cancels_its_consumer(broker: &TestBroker) -> O
     broker.cleanup().await?;
     Ok(())
 }
+
+/// Deliveries given back in any order go back to where they were in the queue: ahead of
+/// what was never delivered, in their first order.
+pub(crate) async fn requeued_messages_keep_their_order(broker: &TestBroker) -> Outcome {
+    let queue = queue_of(broker, "conformance.order", 5).await?;
+    let mut consumer = broker.consume(&queue, 4).await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(delivered(&mut consumer).await?);
+    }
+    consumer.cancel().await?;
+    let (m1, m2, m3, m4) = {
+        let mut held = held.into_iter();
+        let mut next = || held.next().expect("four deliveries");
+        (next(), next(), next(), next())
+    };
+    m3.requeue().await?;
+    m1.requeue().await?;
+    m2.ack().await?;
+    m4.requeue().await?;
+    until_ready(broker, &queue, 4).await?;
+    let back = broker.take(&queue).await?;
+    let seen: Vec<(String, bool)> = back.iter().map(|m| (m.text(), m.redelivered())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("m1".into(), true),
+            ("m3".into(), true),
+            ("m4".into(), true),
+            ("m5".into(), false)
+        ]
+    );
+    consumer.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}

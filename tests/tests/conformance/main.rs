@@ -46,7 +46,7 @@ mod consumers;
 // What the broker refuses, with its reply codes and texts, and the harness working again
 // on a fresh channel afterwards.
 mod refusals;
-// Quorum queues: delivery counts, the delivery limit, what they refuse.
+// Quorum queues: delivery counts, the delivery limit, where returns go, what they refuse.
 mod quorum;
 // A conejo service on either broker: a retry through its wait queue, a dead letter.
 mod service;
@@ -116,6 +116,7 @@ scenarios! {
     consumers::prefetch_window,
     consumers::ack_multiple_settles_earlier_deliveries,
     consumers::requeue_marks_redelivered,
+    consumers::requeued_messages_keep_their_order,
     consumers::closed_channel_requeues_unacked,
     consumers::cancel_stops_deliveries,
     consumers::auto_delete_queue_goes_with_its_last_consumer,
@@ -130,6 +131,7 @@ scenarios! {
     refusals::bind_refusals,
     refusals::unknown_delivery_tag,
     quorum::delivery_count_and_limit,
+    quorum::returns_go_to_the_back_in_their_order,
     quorum::refuses_what_a_quorum_queue_cannot_be,
     service::service_retry_round_trip,
 }

@@ -117,3 +117,45 @@ pub(crate) async fn refuses_what_a_quorum_queue_cannot_be(broker: &TestBroker) -
     broker.cleanup().await?;
     Ok(())
 }
+
+/// A quorum queue (3.10) puts what is given back at its back, in the order it came back —
+/// behind what was never delivered (a classic queue puts it back in its place).
+pub(crate) async fn returns_go_to_the_back_in_their_order(broker: &TestBroker) -> Outcome {
+    let queue = broker.name("conformance.quorum.returns");
+    broker
+        .declare_queue(&TestQueue::new(&queue).quorum())
+        .await?;
+    for n in 1..=5 {
+        broker.send(&queue, format!("m{n}")).await?;
+    }
+    let mut consumer = broker.consume(&queue, 4).await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(delivered(&mut consumer).await?);
+    }
+    consumer.cancel().await?;
+    let (m1, m2, m3, m4) = {
+        let mut held = held.into_iter();
+        let mut next = || held.next().expect("four deliveries");
+        (next(), next(), next(), next())
+    };
+    m3.requeue().await?;
+    m1.requeue().await?;
+    m2.ack().await?;
+    m4.requeue().await?;
+    until_ready(broker, &queue, 4).await?;
+    let back = broker.take(&queue).await?;
+    let seen: Vec<(String, bool)> = back.iter().map(|m| (m.text(), m.redelivered())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("m5".into(), false),
+            ("m3".into(), true),
+            ("m1".into(), true),
+            ("m4".into(), true)
+        ]
+    );
+    consumer.close().await?;
+    broker.cleanup().await?;
+    Ok(())
+}

@@ -45,6 +45,9 @@ pub(super) struct Message {
     pub(super) returns: u32,
     /// When it expires in its queue (`x-message-ttl`, or the message's `expiration`).
     pub(super) expires: Option<Instant>,
+    /// Its place in its queue, in the order messages came in: a classic queue gives a
+    /// message back to that place.
+    pub(super) seq: u64,
 }
 
 /// Why a message is dead-lettered, as RabbitMQ writes it in `x-death`.
@@ -92,6 +95,8 @@ pub(super) struct Queue {
     pub(super) unacked: usize,
     /// Messages ever published to it (for tests' counts).
     pub(super) published: u64,
+    /// The place the next message takes ([`Message::seq`]).
+    pub(super) next_seq: u64,
 }
 
 impl Queue {
@@ -455,14 +460,17 @@ impl State {
         self.deliver();
     }
 
-    /// Puts deliveries back in their queues, at the front in delivery order, marked
-    /// redelivered (RabbitMQ requeues to about where they were).
+    /// Puts deliveries back in their queues, in delivery order, marked redelivered.
     fn requeue_all(&mut self, unacked: BTreeMap<u64, Unacked>) {
-        for (_, delivery) in unacked.into_iter().rev() {
+        for (_, delivery) in unacked {
             self.requeue(delivery);
         }
     }
 
+    /// Gives a delivery back to its queue, as RabbitMQ 3.10 does: to its place in a classic
+    /// queue (ahead of what came in after it), to the back of a quorum queue (in the order
+    /// messages come back) — unless that is once too many for a quorum queue's delivery
+    /// limit, or it expired meanwhile.
     fn requeue(&mut self, delivery: Unacked) {
         let Unacked {
             queue, mut message, ..
@@ -479,12 +487,22 @@ impl State {
             self.dead_letter(&queue, message, DeathReason::DeliveryLimit);
             return;
         }
-        target.ready.push_front(message);
+        if target.is_quorum() {
+            target.ready.push_back(message);
+        } else {
+            let place = target
+                .ready
+                .iter()
+                .position(|m| m.seq > message.seq)
+                .unwrap_or(target.ready.len());
+            target.ready.insert(place, message);
+        }
         // Back in the count of ready messages, it may take the queue past its length: its
         // head goes (RabbitMQ drops after a requeue too).
         self.drop_over_limit(&queue);
         // A message keeps its expiry while delivered: back at the head past it, it expires
-        // now (RabbitMQ drops expired messages from the head after a requeue).
+        // now (RabbitMQ drops expired messages from the head after a requeue; one further
+        // back waits to be the head).
         self.expire_head(&queue, Instant::now());
     }
 
@@ -616,6 +634,7 @@ impl State {
             owner: options.exclusive.then_some(connection),
             unacked: 0,
             published: 0,
+            next_seq: 0,
         };
         if queue.is_quorum() {
             // RabbitMQ's checks, in its order.
@@ -902,6 +921,7 @@ impl State {
             redelivered: false,
             returns: 0,
             expires: None,
+            seq: 0,
         };
         let mut routed = Routed::default();
         for queue in &queues {
@@ -999,6 +1019,8 @@ impl State {
             (a, b) => a.or(b),
         };
         message.expires = ttl.map(|ttl| Instant::now() + ttl);
+        message.seq = target.next_seq;
+        target.next_seq += 1;
         target.published += 1;
         target.ready.push_back(message);
     }
@@ -1030,6 +1052,7 @@ impl State {
             redelivered: false,
             returns: 0,
             expires: None,
+            seq: 0,
         };
         let queues: Vec<String> = queues
             .into_iter()
