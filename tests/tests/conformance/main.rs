@@ -131,7 +131,7 @@ scenarios! {
     refusals::bind_refusals,
     refusals::unknown_delivery_tag,
     quorum::delivery_count_and_limit,
-    quorum::returns_go_to_the_back_in_their_order,
+    quorum::where_returns_go,
     quorum::refuses_what_a_quorum_queue_cannot_be,
     service::service_retry_round_trip,
 }

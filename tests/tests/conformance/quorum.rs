@@ -1,6 +1,6 @@
 //! Quorum queues: delivery counts, the delivery limit, and what they cannot be.
 
-use conejo::testing::{TestBroker, TestQueue};
+use conejo::testing::{TestBroker, TestMessage, TestQueue};
 
 use crate::{
     Outcome,
@@ -118,44 +118,84 @@ pub(crate) async fn refuses_what_a_quorum_queue_cannot_be(broker: &TestBroker) -
     Ok(())
 }
 
-/// A quorum queue (3.10) puts what is given back at its back, in the order it came back —
-/// behind what was never delivered (a classic queue puts it back in its place).
-pub(crate) async fn returns_go_to_the_back_in_their_order(broker: &TestBroker) -> Outcome {
-    let queue = broker.name("conformance.quorum.returns");
-    broker
-        .declare_queue(&TestQueue::new(&queue).quorum())
-        .await?;
-    for n in 1..=5 {
-        broker.send(&queue, format!("m{n}")).await?;
+/// Where a quorum queue (3.10) puts what is given back: what a consumer that went held,
+/// and what is given back to a queue with a delivery limit, ahead of what was never
+/// delivered, in the order it came back; a nack to a queue without a delivery limit, at its
+/// back (3.10 republishes it, so that repeated requeues do not grow its log). A classic
+/// queue puts it back in its place. A `basic.get` from a quorum queue says
+/// `x-delivery-count` even when it is 0.
+pub(crate) async fn where_returns_go(broker: &TestBroker) -> Outcome {
+    let count = |text: &str, returned: bool| (text.to_owned(), returned, Some(i64::from(returned)));
+    for limit in [None, Some(10)] {
+        let queue = broker.name(&format!("conformance.quorum.returns-{limit:?}"));
+        let declared = TestQueue::new(&queue).quorum();
+        let declared = match limit {
+            Some(limit) => declared.delivery_limit(limit),
+            None => declared,
+        };
+        broker.declare_queue(&declared).await?;
+        for n in 1..=5 {
+            broker.send(&queue, format!("m{n}")).await?;
+        }
+        let mut consumer = broker.consume(&queue, 4).await?;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(delivered(&mut consumer).await?);
+        }
+        consumer.cancel().await?;
+        let (m1, m2, m3, m4) = {
+            let mut held = held.into_iter();
+            let mut next = || held.next().expect("four deliveries");
+            (next(), next(), next(), next())
+        };
+        m3.requeue().await?;
+        m1.requeue().await?;
+        m2.ack().await?;
+        m4.requeue().await?;
+        until_ready(broker, &queue, 4).await?;
+        let nacked = [count("m3", true), count("m1", true), count("m4", true)];
+        let expected: Vec<_> = match limit {
+            None => std::iter::once(count("m5", false)).chain(nacked).collect(),
+            Some(_) => nacked.into_iter().chain([count("m5", false)]).collect(),
+        };
+        assert_eq!(
+            seen(&broker.take(&queue).await?),
+            expected,
+            "limit {limit:?}"
+        );
+        consumer.close().await?;
+
+        // What a closed channel held comes first, whatever the limit.
+        for n in 1..=4 {
+            broker.send(&queue, format!("c{n}")).await?;
+        }
+        let mut consumer = broker.consume(&queue, 2).await?;
+        let held = (
+            delivered(&mut consumer).await?,
+            delivered(&mut consumer).await?,
+        );
+        drop(held);
+        consumer.close().await?;
+        until_ready(broker, &queue, 4).await?;
+        assert_eq!(
+            seen(&broker.take(&queue).await?),
+            [
+                count("c1", true),
+                count("c2", true),
+                count("c3", false),
+                count("c4", false)
+            ],
+            "limit {limit:?}"
+        );
     }
-    let mut consumer = broker.consume(&queue, 4).await?;
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(delivered(&mut consumer).await?);
-    }
-    consumer.cancel().await?;
-    let (m1, m2, m3, m4) = {
-        let mut held = held.into_iter();
-        let mut next = || held.next().expect("four deliveries");
-        (next(), next(), next(), next())
-    };
-    m3.requeue().await?;
-    m1.requeue().await?;
-    m2.ack().await?;
-    m4.requeue().await?;
-    until_ready(broker, &queue, 4).await?;
-    let back = broker.take(&queue).await?;
-    let seen: Vec<(String, bool)> = back.iter().map(|m| (m.text(), m.redelivered())).collect();
-    assert_eq!(
-        seen,
-        [
-            ("m5".into(), false),
-            ("m3".into(), true),
-            ("m1".into(), true),
-            ("m4".into(), true)
-        ]
-    );
-    consumer.close().await?;
     broker.cleanup().await?;
     Ok(())
+}
+
+/// Body, redelivered flag, `x-delivery-count`.
+fn seen(messages: &[TestMessage]) -> Vec<(String, bool, Option<i64>)> {
+    messages
+        .iter()
+        .map(|m| (m.text(), m.redelivered(), m.header_int("x-delivery-count")))
+        .collect()
 }

@@ -97,6 +97,10 @@ pub(super) struct Queue {
     pub(super) published: u64,
     /// The place the next message takes ([`Message::seq`]).
     pub(super) next_seq: u64,
+    /// A quorum queue's returns queue: how many of the messages at the front of `ready`
+    /// came back from a consumer that went (or, with a delivery limit, were given back);
+    /// they are served first, in the order they came back.
+    pub(super) returned: usize,
 }
 
 impl Queue {
@@ -157,6 +161,13 @@ impl Queue {
                 .and_then(|n| usize::try_from(n).ok())
         };
         (limit("x-max-length"), limit("x-max-length-bytes"))
+    }
+
+    /// Takes its next ready message (from its returns first).
+    fn pop_ready(&mut self) -> Option<Message> {
+        let message = self.ready.pop_front()?;
+        self.returned = self.returned.saturating_sub(1);
+        Some(message)
     }
 
     fn ready_bytes(&self) -> usize {
@@ -460,18 +471,22 @@ impl State {
         self.deliver();
     }
 
-    /// Puts deliveries back in their queues, in delivery order, marked redelivered.
+    /// Puts the deliveries of a channel that closed back in their queues, in delivery order,
+    /// marked redelivered.
     fn requeue_all(&mut self, unacked: BTreeMap<u64, Unacked>) {
         for (_, delivery) in unacked {
-            self.requeue(delivery);
+            self.requeue(delivery, false);
         }
     }
 
-    /// Gives a delivery back to its queue, as RabbitMQ 3.10 does: to its place in a classic
-    /// queue (ahead of what came in after it), to the back of a quorum queue (in the order
-    /// messages come back) — unless that is once too many for a quorum queue's delivery
-    /// limit, or it expired meanwhile.
-    fn requeue(&mut self, delivery: Unacked) {
+    /// Gives a delivery back to its queue (`nacked`: by a nack or reject with requeue; else
+    /// because its channel closed), as RabbitMQ 3.10 does — unless that is once too many for
+    /// a quorum queue's delivery limit, or it expired meanwhile:
+    /// - a classic queue puts it back in its place, ahead of what came in after it;
+    /// - a quorum queue serves it before what was never delivered, in the order messages
+    ///   came back — except a nacked one on a queue without a delivery limit, which goes to
+    ///   the back (3.10 republishes it, so that repeated requeues do not grow its log).
+    fn requeue(&mut self, delivery: Unacked, nacked: bool) {
         let Unacked {
             queue, mut message, ..
         } = delivery;
@@ -488,7 +503,13 @@ impl State {
             return;
         }
         if target.is_quorum() {
-            target.ready.push_back(message);
+            if nacked && target.delivery_limit().is_none() {
+                target.ready.push_back(message);
+            } else {
+                let place = target.returned.min(target.ready.len());
+                target.ready.insert(place, message);
+                target.returned = place + 1;
+            }
         } else {
             let place = target
                 .ready
@@ -635,6 +656,7 @@ impl State {
             unacked: 0,
             published: 0,
             next_seq: 0,
+            returned: 0,
         };
         if queue.is_quorum() {
             // RabbitMQ's checks, in its order.
@@ -836,7 +858,7 @@ impl State {
         }
         for delivery in settled {
             if requeue {
-                self.requeue(delivery);
+                self.requeue(delivery, true);
                 continue;
             }
             if let Some(queue) = self.queues.get_mut(&delivery.queue) {
@@ -965,7 +987,7 @@ impl State {
             && queue.overflow() == Overflow::DropHead
             && queue.over_limit()
         {
-            let message = queue.ready.pop_front().expect("a ready message");
+            let message = queue.pop_ready().expect("a ready message");
             self.dead_letter(name, message, DeathReason::MaxLength);
         }
     }
@@ -1080,7 +1102,7 @@ impl State {
                 .and_then(|m| m.expires)
                 .is_some_and(|at| at <= now)
         {
-            let message = queue.ready.pop_front().expect("a front message");
+            let message = queue.pop_ready().expect("a front message");
             self.dead_letter(name, message, DeathReason::Expired);
         }
     }
@@ -1194,7 +1216,7 @@ impl State {
                     break;
                 };
                 let queue = self.queues.get_mut(&name).expect("the queue");
-                let message = queue.ready.pop_front().expect("a ready message");
+                let message = queue.pop_ready().expect("a ready message");
                 queue.unacked += 1;
                 let quorum = queue.is_quorum();
                 let channel = self.channels.get_mut(&channel_id).expect("the channel");
@@ -1290,10 +1312,21 @@ impl State {
         let now = Instant::now();
         self.expire_head(queue, now);
         let target = self.queues.get_mut(queue).expect("the queue");
-        let Some(message) = target.ready.pop_front() else {
+        let Some(message) = target.pop_ready() else {
             return Ok(None);
         };
         target.unacked += 1;
+        // A quorum queue's basic.get always says the count, 0 included (a consumer's
+        // deliveries only from the first return on).
+        let mut properties = message.properties.clone();
+        if target.is_quorum() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                ShortString::from("x-delivery-count"),
+                AMQPValue::LongLongInt(i64::from(message.returns)),
+            );
+            properties = properties.with_headers(headers);
+        }
         // What expired behind it is at the head now: RabbitMQ drops it after the fetch, and
         // counts what remains.
         self.expire_head(queue, now);
@@ -1309,7 +1342,7 @@ impl State {
             message.exchange.clone(),
             message.routing_key.clone(),
             message.redelivered,
-            message.properties.clone(),
+            properties,
             &message.body,
         );
         open.unacked.insert(
