@@ -27,6 +27,21 @@
 //! of its concern, listed once in [`scenarios!`] below. Waits are bounded polls or
 //! [`TestConsumer::next`](conejo::testing::TestConsumer::next) with a limit, never sleeps:
 //! in memory the paused clock makes them free, live they are short (TTLs of 50–200 ms).
+//! `.config/nextest.toml` kills a scenario that runs past 30 s (a hang, in memory: a clock
+//! that cannot advance).
+//!
+//! **Which RabbitMQ.** The expectations are RabbitMQ 3.10's, the broker these scenarios
+//! were checked against; a few are its own and say so (where a quorum queue puts what is
+//! given back; later versions add `x-last-death-*` headers, and RabbitMQ 4 gives quorum
+//! queues a delivery limit of 20 by default).
+//!
+//! **Not covered, not emulated.** The in-memory broker does not emulate, and these
+//! scenarios do not cover: stream queues (declared, they behave as classic ones), message
+//! priorities (`x-max-priority` is validated, not applied), queue expiry (`x-expires`),
+//! single active consumers, consumer priorities, `alternate-exchange` routing,
+//! exchange-to-exchange bindings, `CC`/`BCC` headers, server-named queues, `queue.purge`,
+//! `basic.recover`, the broker's consumer timeout (a fault injects it instead), and quorum
+//! dead-lettering's `at-least-once` strategy (every dead letter is published at once).
 
 use conejo::testing::TestBroker;
 
