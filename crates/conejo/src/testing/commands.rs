@@ -140,21 +140,27 @@ impl TestBroker {
     /// 406 when it exists with other settings; 404 for a passive one that does not exist.
     pub async fn declare_exchange(&self, exchange: &Exchange) -> Result<(), TestError> {
         let what = format!("declare exchange '{}'", exchange.name());
-        self.created_exchange(exchange.name());
-        let exchange = exchange.clone();
-        self.client()
+        let declared = exchange.clone();
+        let result = self
+            .client()
             .await?
             .on_control(what, |channel| async move {
                 channel
                     .declare_exchange(
-                        exchange.name(),
-                        exchange.kind.clone(),
-                        exchange.options(),
-                        exchange.arguments.clone(),
+                        declared.name(),
+                        declared.kind.clone(),
+                        declared.options(),
+                        declared.arguments.clone(),
                     )
                     .await
             })
-            .await
+            .await;
+        // For cleanup: unless nothing was created (a passive check, a refusal — of a
+        // reserved `amq.` name, which cleanup could not delete either).
+        if !exchange.options().passive && !is_refusal(&result) {
+            self.created_exchange(exchange.name());
+        }
+        result
     }
 
     /// Declares `queue`.
@@ -163,8 +169,7 @@ impl TestBroker {
     /// 406 PRECONDITION_FAILED when it exists with other arguments.
     pub async fn declare_queue(&self, queue: &TestQueue) -> Result<Declared, TestError> {
         let what = format!("declare queue '{}'", queue.name);
-        self.created_queue(&queue.name);
-        let state = self
+        let result = self
             .client()
             .await?
             .on_control(what, |channel| async move {
@@ -172,7 +177,12 @@ impl TestBroker {
                     .declare_queue(&queue.name, queue.options, queue.arguments.clone())
                     .await
             })
-            .await?;
+            .await;
+        // For cleanup, unless refused: then nothing was created.
+        if !is_refusal(&result) {
+            self.created_queue(&queue.name);
+        }
+        let state = result?;
         Ok(Declared {
             messages: state.messages,
             consumers: state.consumers,
@@ -356,6 +366,11 @@ impl TestBroker {
             })
             .await
     }
+}
+
+/// True when the broker refused the operation (nothing was created).
+fn is_refusal<T>(result: &Result<T, TestError>) -> bool {
+    matches!(result, Err(TestError::Refused { .. }))
 }
 
 /// A headers-exchange binding's arguments: `x-match` (`all` or `any`) and the headers.

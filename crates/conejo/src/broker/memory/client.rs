@@ -324,7 +324,7 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
     }
     let routed = if state.faults.return_publishes > 0 {
         state.faults.return_publishes -= 1;
-        false
+        state::Routed::default()
     } else {
         state.publish(Some(channel), &exchange, &routing_key, body, properties)?
     };
@@ -343,11 +343,13 @@ fn route_publish(state: &mut State, publish: Publish) -> Result<Confirmed, Broke
     Ok(answer(confirm, routed, mandatory))
 }
 
-/// The broker's answer to a publish it routed (or not).
-fn answer(confirm: bool, routed: bool, mandatory: bool) -> Confirmed {
+/// The broker's answer to a publish it routed (or not). A queue at its maximum length that
+/// refused it gives a nack, not a return (it was routed).
+fn answer(confirm: bool, routed: state::Routed, mandatory: bool) -> Confirmed {
     match (confirm, routed, mandatory) {
         (false, _, _) => Confirmed::NotRequested,
-        (true, false, true) => Confirmed::Returned {
+        (true, state::Routed { rejected: true, .. }, _) => Confirmed::Nack,
+        (true, state::Routed { queued: false, .. }, true) => Confirmed::Returned {
             code: 312,
             text: "NO_ROUTE".to_owned(),
         },

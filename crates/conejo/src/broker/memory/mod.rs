@@ -1,11 +1,15 @@
 //! The in-memory transport (feature `test-util`): a broker in the process that behaves as
-//! RabbitMQ does for what conejo uses — exchanges (direct, topic, fanout, headers, the
+//! RabbitMQ (3.10) does for what conejo uses — exchanges (direct, topic, fanout, headers, the
 //! default), queues with their arguments (message TTL, dead-letter exchange and routing key,
-//! quorum delivery counts and limits, exclusive), consumers with a prefetch, acks and
-//! nacks (`multiple` included), publisher confirms and `mandatory` returns, `basic.get` —
-//! and refuses what RabbitMQ refuses, with its reply codes: a passive declaration of
-//! something missing (404), an inequivalent redeclaration or an unknown delivery tag (406),
-//! a publish to a missing exchange (404, closing the channel).
+//! quorum delivery counts and limits, maximum length and overflow, exclusive, auto-delete),
+//! expiry at the head of a queue, dead-lettering with `x-death` (and RabbitMQ's cycle
+//! detection), consumers with a prefetch, acks and nacks (`multiple` included), publisher
+//! confirms and `mandatory` returns, `basic.get` — and refuses what RabbitMQ refuses, with
+//! its reply codes and texts:
+//! a passive declaration of something missing (404), an inequivalent redeclaration, invalid
+//! queue arguments or an unknown delivery tag (406), reserved names and the default exchange
+//! (403), a publish to a missing exchange (404, closing the channel). The conformance suite
+//! (`tests/tests/conformance`) runs the same scenarios against both.
 //!
 //! Time is tokio's: with a paused clock, a retry's wait queue expires as soon as the test
 //! lets time pass.
@@ -131,12 +135,14 @@ impl Memory {
         &self.handle
     }
 
-    /// Runs `change` on the state; wakes the expiry task if it moved the earliest expiry,
-    /// and the held operations if the network is (or was) stalled.
+    /// Runs `change` on the state; wakes the expiry task if it moved the earliest expiry (of a
+    /// message at the head of its queue: any change may move a head), and the held
+    /// operations if the network is (or was) stalled.
     fn with_state<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
         let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         let (expiry, stalled) = (state.next_expiry, state.stall.is_some());
         let result = change(&mut state);
+        state.refresh_expiry();
         if state.next_expiry != expiry {
             self.shared.expiry.notify_one();
         }

@@ -31,7 +31,11 @@ impl Memory {
         body: Bytes,
         properties: BasicProperties,
     ) -> Result<bool, BrokerError> {
-        self.with_state(|state| state.publish(None, exchange, routing_key, body, properties))
+        self.with_state(|state| {
+            state
+                .publish(None, exchange, routing_key, body, properties)
+                .map(|routed| routed.queued)
+        })
     }
 
     /// Declares a queue as an outside client would (a durable, non-exclusive one unless said).

@@ -45,9 +45,9 @@ pub(super) struct Message {
     pub(super) returns: u32,
     /// When it expires in its queue (`x-message-ttl`, or the message's `expiration`).
     pub(super) expires: Option<Instant>,
-    /// Its position in its queue, set when it is enqueued: a requeued message goes back to
-    /// it, as with RabbitMQ (a message given back goes before those enqueued after it).
-    pub(super) position: u64,
+    /// Its place in its queue, in the order messages came in: a classic queue gives a
+    /// message back to that place.
+    pub(super) seq: u64,
 }
 
 /// Why a message is dead-lettered, as RabbitMQ writes it in `x-death`.
@@ -56,6 +56,7 @@ pub(super) enum DeathReason {
     Rejected,
     Expired,
     DeliveryLimit,
+    MaxLength,
 }
 
 impl DeathReason {
@@ -64,6 +65,7 @@ impl DeathReason {
             DeathReason::Rejected => "rejected",
             DeathReason::Expired => "expired",
             DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::MaxLength => "maxlen",
         }
     }
 }
@@ -94,6 +96,12 @@ pub(super) struct Queue {
     /// Messages ever published to it (for tests' counts); also the next message's
     /// position.
     pub(super) published: u64,
+    /// The place the next message takes ([`Message::seq`]).
+    pub(super) next_seq: u64,
+    /// A quorum queue's returns queue: how many of the messages at the front of `ready`
+    /// came back from a consumer that went (or, with a delivery limit, were given back);
+    /// they are served first, in the order they came back.
+    pub(super) returned: usize,
 }
 
 impl Queue {
@@ -136,6 +144,71 @@ impl Queue {
         self.int_argument("x-delivery-limit")
             .and_then(|n| u32::try_from(n).ok())
     }
+
+    /// What it does at its `x-max-length` or `x-max-length-bytes` (`x-overflow`).
+    fn overflow(&self) -> Overflow {
+        match self.text_argument("x-overflow").as_deref() {
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDeadLetter,
+            _ => Overflow::DropHead,
+        }
+    }
+
+    /// Its limits: ready messages (`x-max-length`) and their bodies' bytes
+    /// (`x-max-length-bytes`). What is delivered and unacked does not count.
+    fn limits(&self) -> (Option<usize>, Option<usize>) {
+        let limit = |name| {
+            self.int_argument(name)
+                .and_then(|n| usize::try_from(n).ok())
+        };
+        (limit("x-max-length"), limit("x-max-length-bytes"))
+    }
+
+    /// Takes its next ready message (from its returns first).
+    fn pop_ready(&mut self) -> Option<Message> {
+        let message = self.ready.pop_front()?;
+        self.returned = self.returned.saturating_sub(1);
+        Some(message)
+    }
+
+    fn ready_bytes(&self) -> usize {
+        self.ready.iter().map(|m| m.body.len()).sum()
+    }
+
+    /// True when one more message of `size` bytes would take it past a limit.
+    fn would_overflow(&self, size: usize) -> bool {
+        let (length, bytes) = self.limits();
+        length.is_some_and(|max| self.ready.len() + 1 > max)
+            || bytes.is_some_and(|max| self.ready_bytes() + size > max)
+    }
+
+    /// True while it holds more than its limits.
+    fn over_limit(&self) -> bool {
+        let (length, bytes) = self.limits();
+        length.is_some_and(|max| self.ready.len() > max)
+            || bytes.is_some_and(|max| self.ready_bytes() > max)
+    }
+}
+
+/// What a queue at its maximum length does (`x-overflow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overflow {
+    /// Drops (dead-letters) its oldest ready messages: the default.
+    DropHead,
+    /// Refuses the new message: its publisher's confirm is a nack.
+    RejectPublish,
+    /// …and dead-letters it.
+    RejectPublishDeadLetter,
+}
+
+/// Where a published message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Routed {
+    /// A queue took it.
+    pub(super) queued: bool,
+    /// A queue at its maximum length refused it (`x-overflow: reject-publish`): the
+    /// confirm is a nack.
+    pub(super) rejected: bool,
 }
 
 /// A consumer, by channel and tag.
@@ -235,7 +308,8 @@ pub(super) struct State {
     pub(super) faults: Faults,
     /// Publishes waiting while their connection is blocked: (connection, work).
     pub(super) parked: Vec<(ConnId, Parked)>,
-    /// The earliest expiry of any ready message, for the expiry task.
+    /// The earliest expiry of a message at the head of its queue, for the expiry task (one
+    /// behind the head expires only once it is the head).
     pub(super) next_expiry: Option<Instant>,
     /// A resource alarm's reason while one is raised: connections that publish are blocked.
     pub(super) alarm: Option<String>,
@@ -352,6 +426,7 @@ impl State {
         let unacked = std::mem::take(&mut channel.unacked);
         let consumers = std::mem::take(&mut channel.consumers);
         let connection = channel.connection;
+        let mut consumed = Vec::new();
         for (tag, consumer) in consumers {
             if let Some(error) = error {
                 let _ = consumer.sender.send(Err(error.clone()));
@@ -359,8 +434,12 @@ impl State {
             if let Some(queue) = self.queues.get_mut(&consumer.queue) {
                 queue.consumers.retain(|key| key != &(id, tag.clone()));
             }
+            consumed.push(consumer.queue);
         }
         self.requeue_all(unacked);
+        for queue in consumed {
+            self.consumer_gone(&queue);
+        }
         if let Some(connection) = self.connections.get_mut(&connection) {
             connection.channels.remove(&id);
         }
@@ -393,15 +472,22 @@ impl State {
         self.deliver();
     }
 
-    /// Puts deliveries back in their queues, at the front in delivery order, marked
-    /// redelivered (RabbitMQ requeues to about where they were).
+    /// Puts the deliveries of a channel that closed back in their queues, in delivery order,
+    /// marked redelivered.
     fn requeue_all(&mut self, unacked: BTreeMap<u64, Unacked>) {
-        for (_, delivery) in unacked.into_iter().rev() {
-            self.requeue(delivery);
+        for (_, delivery) in unacked {
+            self.requeue(delivery, false);
         }
     }
 
-    fn requeue(&mut self, delivery: Unacked) {
+    /// Gives a delivery back to its queue (`nacked`: by a nack or reject with requeue; else
+    /// because its channel closed), as RabbitMQ 3.10 does — unless that is once too many for
+    /// a quorum queue's delivery limit, or it expired meanwhile:
+    /// - a classic queue puts it back in its place, ahead of what came in after it;
+    /// - a quorum queue serves it before what was never delivered, in the order messages
+    ///   came back — except a nacked one on a queue without a delivery limit, which goes to
+    ///   the back (3.10 republishes it, so that repeated requeues do not grow its log).
+    fn requeue(&mut self, delivery: Unacked, nacked: bool) {
         let Unacked {
             queue, mut message, ..
         } = delivery;
@@ -417,11 +503,29 @@ impl State {
             self.dead_letter(&queue, message, DeathReason::DeliveryLimit);
             return;
         }
-        // Back to where it was: before every ready message enqueued after it.
-        let at = target
-            .ready
-            .partition_point(|ready| ready.position < message.position);
-        target.ready.insert(at, message);
+        if target.is_quorum() {
+            if nacked && target.delivery_limit().is_none() {
+                target.ready.push_back(message);
+            } else {
+                let place = target.returned.min(target.ready.len());
+                target.ready.insert(place, message);
+                target.returned = place + 1;
+            }
+        } else {
+            let place = target
+                .ready
+                .iter()
+                .position(|m| m.seq > message.seq)
+                .unwrap_or(target.ready.len());
+            target.ready.insert(place, message);
+        }
+        // Back in the count of ready messages, it may take the queue past its length: its
+        // head goes (RabbitMQ drops after a requeue too).
+        self.drop_over_limit(&queue);
+        // A message keeps its expiry while delivered: back at the head past it, it expires
+        // now (RabbitMQ drops expired messages from the head after a requeue; one further
+        // back waits to be the head).
+        self.expire_head(&queue, Instant::now());
     }
 
     pub(super) fn declare_exchange(
@@ -433,14 +537,39 @@ impl State {
         arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         self.channel(channel)?;
+        if name.is_empty() {
+            let text = "ACCESS_REFUSED - operation not permitted on the default exchange";
+            return Err(self.channel_error(channel, amqp_error(403, text.to_owned())));
+        }
         if let Some(existing) = self.exchanges.get(name) {
-            if !options.passive
-                && (existing.kind != kind
-                    || existing.options.durable != options.durable
-                    || existing.arguments != arguments)
-            {
+            if options.passive {
+                return Ok(());
+            }
+            // RabbitMQ's order; of the arguments, only `alternate-exchange` is compared.
+            let received = (kind_name(&kind), options.durable, options.auto_delete);
+            let current = (
+                kind_name(&existing.kind),
+                existing.options.durable,
+                existing.options.auto_delete,
+            );
+            let inequivalent = if received.0 != current.0 {
+                Some(("type", quoted(received.0), quoted(current.0)))
+            } else if received.1 != current.1 {
+                Some(("durable", quoted(received.1), quoted(current.1)))
+            } else if received.2 != current.2 {
+                Some(("auto_delete", quoted(received.2), quoted(current.2)))
+            } else {
+                const ALTERNATE: &str = "alternate-exchange";
+                let (current, received) = (
+                    existing.arguments.inner().get(ALTERNATE),
+                    arguments.inner().get(ALTERNATE),
+                );
+                inequivalent_argument(current, received).map(|(r, c)| (ALTERNATE, r, c))
+            };
+            if let Some((arg, received, current)) = inequivalent {
                 let text = format!(
-                    "PRECONDITION_FAILED - inequivalent arg 'type' or 'durable' for exchange '{name}' in vhost '/'"
+                    "PRECONDITION_FAILED - inequivalent arg '{arg}' for exchange '{name}' in \
+                     vhost '/': received {received} but current is {current}"
                 );
                 return Err(self.channel_error(channel, amqp_error(406, text)));
             }
@@ -450,7 +579,7 @@ impl State {
             let text = format!("NOT_FOUND - no exchange '{name}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.starts_with("amq.") {
             let text =
                 format!("ACCESS_REFUSED - exchange name '{name}' contains reserved prefix 'amq.*'");
             return Err(self.channel_error(channel, amqp_error(403, text)));
@@ -475,28 +604,36 @@ impl State {
         arguments: FieldTable,
     ) -> Result<QueueState, BrokerError> {
         let connection = self.channel(channel)?.connection;
+        if !options.passive && name.starts_with("amq.") {
+            let text =
+                format!("ACCESS_REFUSED - queue name '{name}' contains reserved prefix 'amq.*'");
+            return Err(self.channel_error(channel, amqp_error(403, text)));
+        }
         if let Some(existing) = self.queues.get(name) {
-            if existing.owner.is_some_and(|owner| owner != connection) {
+            // A passive declaration needs access; any other the same exclusivity.
+            let owner = options.exclusive.then_some(connection);
+            let locked = if options.passive {
+                existing.owner.is_some_and(|owner| owner != connection)
+            } else {
+                existing.owner != owner
+            };
+            if locked {
                 let text = format!(
-                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' in vhost '/'"
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{name}' in \
+                     vhost '/'. It could be originally declared on another connection or the \
+                     exclusive property value does not match that of the original declaration."
                 );
                 return Err(self.channel_error(channel, amqp_error(405, text)));
             }
-            if !options.passive {
-                if existing.options.durable != options.durable {
-                    let text = format!(
-                        "PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{name}' in vhost '/'"
-                    );
-                    return Err(self.channel_error(channel, amqp_error(406, text)));
-                }
-                for (key, value) in arguments.inner() {
-                    if existing.arguments.inner().get(key) != Some(value) {
-                        let text = format!(
-                            "PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}' in vhost '/'"
-                        );
-                        return Err(self.channel_error(channel, amqp_error(406, text)));
-                    }
-                }
+            if !options.passive
+                && let Some((arg, received, current)) =
+                    queue_inequivalence(existing, options, &arguments)
+            {
+                let text = format!(
+                    "PRECONDITION_FAILED - inequivalent arg '{arg}' for queue '{name}' in vhost \
+                     '/': received {received} but current is {current}"
+                );
+                return Err(self.channel_error(channel, amqp_error(406, text)));
             }
             return Ok(QueueState {
                 messages: u32::try_from(existing.ready.len()).unwrap_or(u32::MAX),
@@ -507,6 +644,10 @@ impl State {
             let text = format!("NOT_FOUND - no queue '{name}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
+        if let Some(why) = invalid_arguments(name, &arguments) {
+            let text = format!("PRECONDITION_FAILED - {why}");
+            return Err(self.channel_error(channel, amqp_error(406, text)));
+        }
         let queue = Queue {
             options,
             arguments,
@@ -515,12 +656,27 @@ impl State {
             owner: options.exclusive.then_some(connection),
             unacked: 0,
             published: 0,
+            next_seq: 0,
+            returned: 0,
         };
-        if queue.is_quorum() && (!options.durable || options.exclusive || options.auto_delete) {
-            let text = format!(
-                "PRECONDITION_FAILED - invalid property 'auto-delete', 'exclusive' or 'durable' for queue '{name}' in vhost '/'"
-            );
-            return Err(self.channel_error(channel, amqp_error(406, text)));
+        if queue.is_quorum() {
+            // RabbitMQ's checks, in its order.
+            let invalid = if options.auto_delete {
+                Some("auto-delete")
+            } else if options.exclusive {
+                Some("exclusive-owner")
+            } else if !options.durable {
+                Some("non-durable")
+            } else {
+                None
+            };
+            if let Some(property) = invalid {
+                let text = format!(
+                    "PRECONDITION_FAILED - invalid property '{property}' for queue '{name}' in \
+                     vhost '/'"
+                );
+                return Err(self.channel_error(channel, amqp_error(406, text)));
+            }
         }
         self.queues.insert(name.to_owned(), queue);
         Ok(QueueState {
@@ -538,14 +694,20 @@ impl State {
         arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         self.channel(channel)?;
+        if exchange.is_empty() {
+            let text = "ACCESS_REFUSED - operation not permitted on the default exchange";
+            return Err(self.channel_error(channel, amqp_error(403, text.to_owned())));
+        }
+        // The exchange first: with both missing, RabbitMQ names the exchange.
+        if !self.exchanges.contains_key(exchange) {
+            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
+            return Err(self.channel_error(channel, amqp_error(404, text)));
+        }
         if !self.queues.contains_key(queue) {
             let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
-        let Some(target) = self.exchanges.get_mut(exchange) else {
-            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
-            return Err(self.channel_error(channel, amqp_error(404, text)));
-        };
+        let target = self.exchanges.get_mut(exchange).expect("the exchange");
         let binding = (queue.to_owned(), routing_key.to_owned(), arguments);
         if !target.bindings.contains(&binding) {
             target.bindings.push(binding);
@@ -640,8 +802,21 @@ impl State {
             queue
                 .consumers
                 .retain(|key| key != &(channel, tag.to_owned()));
+            self.consumer_gone(&consumer.queue);
         }
         Ok(())
+    }
+
+    /// A consumer of `queue` went: an auto-delete queue goes with its last consumer (it had
+    /// one, as this one was), messages and all, as RabbitMQ deletes it.
+    fn consumer_gone(&mut self, queue: &str) {
+        if self
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.options.auto_delete && q.consumers.is_empty())
+        {
+            self.delete_queue(queue);
+        }
     }
 
     /// Settles `tag` (and, with `multiple`, every earlier unsettled one) on `channel`.
@@ -663,8 +838,11 @@ impl State {
             Vec::new()
         };
         if tags.is_empty() && !(multiple && tag == 0) {
+            // An ack has no answer: the broker closes the channel, and the client learns of
+            // it from the channel (its consumers, its next operation), not from the ack.
             let text = format!("PRECONDITION_FAILED - unknown delivery tag {tag}");
-            return Err(self.channel_error(channel, amqp_error(406, text)));
+            self.channel_error(channel, amqp_error(406, text));
+            return Ok(());
         }
         let mut settled = Vec::with_capacity(tags.len());
         for tag in tags {
@@ -681,7 +859,7 @@ impl State {
         }
         for delivery in settled {
             if requeue {
-                self.requeue(delivery);
+                self.requeue(delivery, true);
                 continue;
             }
             if let Some(queue) = self.queues.get_mut(&delivery.queue) {
@@ -704,7 +882,7 @@ impl State {
         routing_key: &str,
         body: Bytes,
         properties: BasicProperties,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<Routed, BrokerError> {
         let mut properties = properties;
         if properties.reply_to().as_ref().map(ShortString::as_str) == Some(REPLY_TO) {
             let Some(id) =
@@ -732,7 +910,7 @@ impl State {
                     .and_then(|c| c.reply.as_ref())
             });
             let Some((_, sender)) = target else {
-                return Ok(false);
+                return Ok(Routed::default());
             };
             let reply = crate::broker::incoming(
                 0,
@@ -742,7 +920,10 @@ impl State {
                 properties,
                 &body,
             );
-            return Ok(sender.send(Ok(reply)).is_ok());
+            return Ok(Routed {
+                queued: sender.send(Ok(reply)).is_ok(),
+                rejected: false,
+            });
         }
         let queues = match self.route(exchange, routing_key, &properties) {
             Some(queues) => queues,
@@ -763,14 +944,53 @@ impl State {
             redelivered: false,
             returns: 0,
             expires: None,
-            position: 0,
+            seq: 0,
         };
-        let routed = !queues.is_empty();
-        for queue in queues {
-            self.enqueue(&queue, message.clone());
+        let mut routed = Routed::default();
+        for queue in &queues {
+            if self.offer(queue, message.clone()) {
+                routed.queued = true;
+            } else {
+                routed.rejected = true;
+            }
         }
         self.deliver();
+        for queue in &queues {
+            self.drop_over_limit(queue);
+        }
         Ok(routed)
+    }
+
+    /// Offers a message to `queue`: enqueued, or refused by a queue at its maximum length
+    /// that rejects publishes (and dead-lettered if it says so). Returns whether it took it.
+    fn offer(&mut self, queue: &str, message: Message) -> bool {
+        let Some(target) = self.queues.get(queue) else {
+            return true;
+        };
+        if target.would_overflow(message.body.len()) {
+            match target.overflow() {
+                Overflow::DropHead => {}
+                Overflow::RejectPublish => return false,
+                Overflow::RejectPublishDeadLetter => {
+                    self.dead_letter(queue, message, DeathReason::MaxLength);
+                    return false;
+                }
+            }
+        }
+        self.enqueue(queue, message);
+        true
+    }
+
+    /// Dead-letters (or drops) the oldest ready messages of a queue past its maximum length
+    /// that drops its head.
+    fn drop_over_limit(&mut self, name: &str) {
+        while let Some(queue) = self.queues.get_mut(name)
+            && queue.overflow() == Overflow::DropHead
+            && queue.over_limit()
+        {
+            let message = queue.pop_ready().expect("a ready message");
+            self.dead_letter(name, message, DeathReason::MaxLength);
+        }
     }
 
     /// The queues `exchange` routes the message to; `None` when the exchange does not exist.
@@ -822,16 +1042,16 @@ impl State {
             (a, b) => a.or(b),
         };
         message.expires = ttl.map(|ttl| Instant::now() + ttl);
-        if let Some(at) = message.expires {
-            self.next_expiry = Some(self.next_expiry.map_or(at, |next| next.min(at)));
-        }
-        message.position = target.published;
+        message.seq = target.next_seq;
+        target.next_seq += 1;
         target.published += 1;
         target.ready.push_back(message);
     }
 
     /// Dead-letters `message` from `queue` (to its dead-letter exchange, with `x-death`), or
-    /// drops it when the queue has none.
+    /// drops it when the queue has none, its exchange is missing, or it would come back to a
+    /// queue it died in with no reject since (RabbitMQ's cycle detection: an expiry loop
+    /// ends).
     fn dead_letter(&mut self, queue: &str, message: Message, reason: DeathReason) {
         let Some(target) = self.queues.get(queue) else {
             return;
@@ -844,34 +1064,69 @@ impl State {
         record_death(&mut headers, queue, reason, &message);
         // A dead letter loses its own expiration, as with RabbitMQ.
         let properties = strip_expiration(message.properties.clone().with_headers(headers));
-        let _ = self.publish(None, &exchange, &routing_key, message.body, properties);
+        let Some(queues) = self.route(&exchange, &routing_key, &properties) else {
+            return;
+        };
+        let dead = Message {
+            exchange: ShortString::from(exchange),
+            routing_key: ShortString::from(routing_key),
+            properties,
+            body: message.body,
+            redelivered: false,
+            returns: 0,
+            expires: None,
+            seq: 0,
+        };
+        let queues: Vec<String> = queues
+            .into_iter()
+            .filter(|queue| {
+                matches!(reason, DeathReason::Rejected)
+                    || !is_cycle(queue, dead.properties.headers())
+            })
+            .collect();
+        for queue in &queues {
+            self.offer(queue, dead.clone());
+        }
+        self.deliver();
+        for queue in &queues {
+            self.drop_over_limit(queue);
+        }
     }
 
-    /// Dead-letters (or drops) every ready message that expired, from the head of each
-    /// queue, as RabbitMQ does; returns the next expiry still pending.
+    /// Dead-letters (or drops) the messages at the head of `queue` whose expiry passed, as
+    /// RabbitMQ does: a classic queue expires messages at its head only.
+    fn expire_head(&mut self, name: &str, now: Instant) {
+        while let Some(queue) = self.queues.get_mut(name)
+            && queue
+                .ready
+                .front()
+                .and_then(|m| m.expires)
+                .is_some_and(|at| at <= now)
+        {
+            let message = queue.pop_ready().expect("a front message");
+            self.dead_letter(name, message, DeathReason::Expired);
+        }
+    }
+
+    /// Expires what is due at the head of each queue; returns the next expiry pending.
     pub(super) fn expire(&mut self, now: Instant) -> Option<Instant> {
         let names: Vec<String> = self.queues.keys().cloned().collect();
-        let mut next: Option<Instant> = None;
         for name in names {
-            while let Some(queue) = self.queues.get_mut(&name)
-                && queue
-                    .ready
-                    .front()
-                    .and_then(|m| m.expires)
-                    .is_some_and(|at| at <= now)
-            {
-                let message = queue.ready.pop_front().expect("a front message");
-                self.dead_letter(&name, message, DeathReason::Expired);
-            }
-            if let Some(queue) = self.queues.get(&name) {
-                for at in queue.ready.iter().filter_map(|m| m.expires) {
-                    next = Some(next.map_or(at, |n: Instant| n.min(at)));
-                }
-            }
+            self.expire_head(&name, now);
         }
-        self.next_expiry = next;
         self.deliver();
-        next
+        self.refresh_expiry()
+    }
+
+    /// The earliest expiry of a message at the head of a queue — the one the expiry task
+    /// waits for: one behind the head waits for the head to go, as with RabbitMQ.
+    pub(super) fn refresh_expiry(&mut self) -> Option<Instant> {
+        self.next_expiry = self
+            .queues
+            .values()
+            .filter_map(|q| q.ready.front().and_then(|m| m.expires))
+            .min();
+        self.next_expiry
     }
 
     /// True while the network is stalled for `connection` (the harness's own is exempt).
@@ -927,7 +1182,10 @@ impl State {
             .filter(|(_, q)| !q.ready.is_empty() && !q.consumers.is_empty())
             .map(|(name, _)| name.clone())
             .collect();
+        let now = Instant::now();
         for name in names {
+            // What expired at the head is dead-lettered, not delivered.
+            self.expire_head(&name, now);
             while let Some(queue) = self.queues.get_mut(&name)
                 && !queue.ready.is_empty()
             {
@@ -959,7 +1217,7 @@ impl State {
                     break;
                 };
                 let queue = self.queues.get_mut(&name).expect("the queue");
-                let mut message = queue.ready.pop_front().expect("a ready message");
+                let message = queue.pop_ready().expect("a ready message");
                 queue.unacked += 1;
                 let quorum = queue.is_quorum();
                 let channel = self.channels.get_mut(&channel_id).expect("the channel");
@@ -1010,10 +1268,11 @@ impl State {
                                 .consumers
                                 .retain(|key| key != &(channel_id, tag.clone()));
                         }
+                        self.consumer_gone(&name);
                     }
                     continue;
                 }
-                message.expires = None;
+                // It keeps its expiry: given back past it, it expires then.
                 channel.unacked.insert(
                     tag_number,
                     Unacked {
@@ -1030,6 +1289,7 @@ impl State {
                             .consumers
                             .retain(|key| key != &(channel_id, tag.clone()));
                     }
+                    self.consumer_gone(&name);
                 }
             }
         }
@@ -1046,15 +1306,35 @@ impl State {
         queue: &str,
     ) -> Result<Option<(Incoming, u32)>, BrokerError> {
         self.channel(channel)?;
-        let Some(target) = self.queues.get_mut(queue) else {
+        if !self.queues.contains_key(queue) {
             let text = format!("NOT_FOUND - no queue '{queue}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
-        };
-        let Some(message) = target.ready.pop_front() else {
+        }
+        let now = Instant::now();
+        self.expire_head(queue, now);
+        let target = self.queues.get_mut(queue).expect("the queue");
+        let Some(message) = target.pop_ready() else {
             return Ok(None);
         };
         target.unacked += 1;
-        let remaining = u32::try_from(target.ready.len()).unwrap_or(u32::MAX);
+        // A quorum queue's basic.get always says the count, 0 included (a consumer's
+        // deliveries only from the first return on).
+        let mut properties = message.properties.clone();
+        if target.is_quorum() {
+            let mut headers = properties.headers().clone().unwrap_or_default();
+            headers.insert(
+                ShortString::from("x-delivery-count"),
+                AMQPValue::LongLongInt(i64::from(message.returns)),
+            );
+            properties = properties.with_headers(headers);
+        }
+        // What expired behind it is at the head now: RabbitMQ drops it after the fetch, and
+        // counts what remains.
+        self.expire_head(queue, now);
+        let remaining = self
+            .queues
+            .get(queue)
+            .map_or(0, |q| u32::try_from(q.ready.len()).unwrap_or(u32::MAX));
         let open = self.channel(channel)?;
         open.next_tag += 1;
         let tag = open.next_tag;
@@ -1063,7 +1343,7 @@ impl State {
             message.exchange.clone(),
             message.routing_key.clone(),
             message.redelivered,
-            message.properties.clone(),
+            properties,
             &message.body,
         );
         open.unacked.insert(
@@ -1104,7 +1384,10 @@ fn strip_expiration(properties: BasicProperties) -> BasicProperties {
     stripped
 }
 
-/// Adds (or counts) `queue`'s entry in the message's `x-death` header, as RabbitMQ does.
+/// Adds (or counts) `queue`'s entry in the message's `x-death` header, as RabbitMQ 3.10 does:
+/// a first death there for that reason gets a new entry (with the message's
+/// `original-expiration`, if it had one); a later one counts in the existing entry, which
+/// keeps its time, exchange and routing keys. Either way the entry moves to the front.
 fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, message: &Message) {
     let mut deaths: Vec<AMQPValue> = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(array)) => array.as_slice().to_vec(),
@@ -1118,38 +1401,39 @@ fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, mess
         AMQPValue::FieldTable(table) => same(table),
         _ => false,
     });
-    let mut entry = match position.map(|i| deaths.remove(i)) {
-        Some(AMQPValue::FieldTable(table)) => table,
+    let entry = match position.map(|i| deaths.remove(i)) {
+        Some(AMQPValue::FieldTable(mut entry)) => {
+            let count = entry.inner().get("count").and_then(int).unwrap_or(0) + 1;
+            entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
+            entry
+        }
         _ => {
-            let mut table = FieldTable::default();
-            table.insert(
-                ShortString::from("queue"),
-                AMQPValue::LongString(LongString::from(queue)),
-            );
-            table.insert(
-                ShortString::from("reason"),
-                AMQPValue::LongString(LongString::from(reason.as_str())),
-            );
-            table.insert(
+            let mut entry = FieldTable::default();
+            let text = |value: &str| AMQPValue::LongString(LongString::from(value));
+            entry.insert(ShortString::from("queue"), text(queue));
+            entry.insert(ShortString::from("reason"), text(reason.as_str()));
+            entry.insert(
                 ShortString::from("exchange"),
-                AMQPValue::LongString(LongString::from(message.exchange.as_str())),
+                text(message.exchange.as_str()),
             );
-            table.insert(
+            entry.insert(
                 ShortString::from("routing-keys"),
-                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(
-                    LongString::from(message.routing_key.as_str()),
-                )])),
+                AMQPValue::FieldArray(FieldArray::from(vec![text(message.routing_key.as_str())])),
             );
-            table.insert(ShortString::from("count"), AMQPValue::LongLongInt(0));
-            table
+            entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            entry.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
+            if let Some(expiration) = message.properties.expiration() {
+                entry.insert(
+                    ShortString::from("original-expiration"),
+                    text(expiration.as_str()),
+                );
+            }
+            entry
         }
     };
-    let count = entry.inner().get("count").and_then(int).unwrap_or(0) + 1;
-    entry.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    entry.insert(ShortString::from("time"), AMQPValue::Timestamp(now));
     deaths.insert(0, AMQPValue::FieldTable(entry));
     headers.insert(
         ShortString::from("x-death"),
@@ -1168,6 +1452,338 @@ fn record_death(headers: &mut FieldTable, queue: &str, reason: DeathReason, mess
             ShortString::from("x-first-death-exchange"),
             AMQPValue::LongString(LongString::from(message.exchange.as_str())),
         );
+    }
+}
+
+/// True when a dead letter (its `x-death` written) going to `queue` would close a cycle
+/// without a reject in it: `queue` is among the queues it died in, and neither that death nor
+/// any since is a reject — RabbitMQ then drops it rather than loop forever.
+fn is_cycle(queue: &str, headers: &Option<FieldTable>) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) =
+        headers.as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return false;
+    };
+    let field = |entry: &AMQPValue, name: &str| match entry {
+        AMQPValue::FieldTable(table) => text_of(table.inner().get(name)),
+        _ => None,
+    };
+    let deaths = deaths.as_slice();
+    let Some(at) = deaths
+        .iter()
+        .position(|entry| field(entry, "queue").as_deref() == Some(queue))
+    else {
+        return false;
+    };
+    // An entry that is not a table was put there by a client: not a cycle of the broker's.
+    deaths[..=at].iter().all(|entry| match entry {
+        AMQPValue::FieldTable(table) => {
+            text_of(table.inner().get("reason")).as_deref() != Some(DeathReason::Rejected.as_str())
+        }
+        _ => false,
+    })
+}
+
+/// RabbitMQ's name of an exchange type.
+fn kind_name(kind: &ExchangeKind) -> &str {
+    match kind {
+        ExchangeKind::Direct => "direct",
+        ExchangeKind::Fanout => "fanout",
+        ExchangeKind::Topic => "topic",
+        ExchangeKind::Headers => "headers",
+        ExchangeKind::Custom(name) => name.as_str(),
+    }
+}
+
+/// A value as RabbitMQ quotes it in an inequivalence (`'true'`, `'topic'`, `'100'`).
+fn quoted(value: impl std::fmt::Display) -> String {
+    format!("'{value}'")
+}
+
+/// The arguments RabbitMQ compares when a classic queue is redeclared, in its order (its
+/// `queue_arguments`); the others it does not compare.
+const CLASSIC_ARGUMENTS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-queue-master-locator",
+    "x-queue-version",
+];
+
+/// …and a quorum queue.
+const QUORUM_ARGUMENTS: &[&str] = &[
+    "x-expires",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-overflow",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-delivery-limit",
+    "x-dead-letter-strategy",
+    "x-message-ttl",
+    "x-queue-leader-locator",
+];
+
+/// What differs, for RabbitMQ, between `existing` and a redeclaration of it: (what,
+/// received, current) — `durable`, `auto_delete`, then the arguments its type compares.
+fn queue_inequivalence(
+    existing: &Queue,
+    options: QueueOptions,
+    arguments: &FieldTable,
+) -> Option<(&'static str, String, String)> {
+    if existing.options.durable != options.durable {
+        let (received, current) = (quoted(options.durable), quoted(existing.options.durable));
+        return Some(("durable", received, current));
+    }
+    if existing.options.auto_delete != options.auto_delete {
+        let (received, current) = (
+            quoted(options.auto_delete),
+            quoted(existing.options.auto_delete),
+        );
+        return Some(("auto_delete", received, current));
+    }
+    let compared = if existing.is_quorum() {
+        QUORUM_ARGUMENTS
+    } else {
+        CLASSIC_ARGUMENTS
+    };
+    compared.iter().find_map(|&name| {
+        let (current, received) = (existing.argument(name), arguments.inner().get(name));
+        // A classic queue is one whether it says so or not.
+        let classic = |value: Option<&AMQPValue>| {
+            value
+                .is_none_or(|v| matches!(v, AMQPValue::LongString(t) if t.as_bytes() == b"classic"))
+        };
+        if name == "x-queue-type" && classic(current) && classic(received) {
+            return None;
+        }
+        inequivalent_argument(current, received)
+            .map(|(received, current)| (name, received, current))
+    })
+}
+
+/// The arguments only another queue type takes, which RabbitMQ refuses on a classic queue…
+const NOT_CLASSIC: &[&str] = &[
+    "x-delivery-limit",
+    "x-quorum-initial-group-size",
+    "x-dead-letter-strategy",
+    "x-queue-leader-locator",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+];
+
+/// …and on a quorum queue.
+const NOT_QUORUM: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-queue-master-locator",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+];
+
+/// A check of one argument's value (all the arguments at hand): RabbitMQ's complaint.
+type ArgumentCheck = fn(&AMQPValue, &FieldTable) -> Result<(), String>;
+
+/// Why RabbitMQ refuses a new queue's `arguments`, if it does, in the order it checks them:
+/// the dead-letter exchange's type, the queue type, the values of the arguments it knows,
+/// then the arguments the queue's type does not take.
+fn invalid_arguments(name: &str, arguments: &FieldTable) -> Option<String> {
+    let args = arguments.inner();
+    let queue = format!("queue '{name}' in vhost '/'");
+    let invalid = |arg: &str, why: String| Some(format!("invalid arg '{arg}' for {queue}: {why}"));
+    const DLX: &str = "x-dead-letter-exchange";
+    if let Some(exchange) = args.get(DLX)
+        && !is_text(exchange)
+    {
+        let kind = type_name(exchange);
+        return Some(format!("invalid type '{kind}' for arg '{DLX}' in {queue}"));
+    }
+    let quorum = match args.get("x-queue-type") {
+        None => false,
+        Some(AMQPValue::LongString(kind)) => match kind.as_bytes() {
+            b"classic" => false,
+            b"quorum" => true,
+            // Not emulated: taken as classic.
+            b"stream" => false,
+            other => {
+                let other = String::from_utf8_lossy(other);
+                return invalid(
+                    "x-queue-type",
+                    format!("\"unsupported queue type '{other}'\""),
+                );
+            }
+        },
+        Some(other) => return invalid("x-queue-type", unacceptable(other)),
+    };
+    let checks: [(&str, ArgumentCheck); 10] = [
+        ("x-expires", |v, _| match integer(v)? {
+            0 => Err("{value_zero,0}".to_owned()),
+            n => non_negative(n),
+        }),
+        ("x-message-ttl", |v, _| non_negative(integer(v)?)),
+        ("x-dead-letter-routing-key", |v, args| {
+            if !is_text(v) {
+                Err(unacceptable(v))
+            } else if args.contains_key(DLX) {
+                Ok(())
+            } else {
+                Err("routing_key_but_no_dlx_defined".to_owned())
+            }
+        }),
+        ("x-max-length", |v, _| non_negative(integer(v)?)),
+        ("x-max-length-bytes", |v, _| non_negative(integer(v)?)),
+        ("x-max-in-memory-length", |v, _| non_negative(integer(v)?)),
+        ("x-max-in-memory-bytes", |v, _| non_negative(integer(v)?)),
+        ("x-max-priority", |v, _| match integer(v)? {
+            n if n > 255 => Err(format!("{{max_value_exceeded,{n}}}")),
+            n => non_negative(n),
+        }),
+        ("x-overflow", |v, _| match v {
+            AMQPValue::LongString(mode)
+                if [&b"drop-head"[..], b"reject-publish", b"reject-publish-dlx"]
+                    .contains(&mode.as_bytes()) =>
+            {
+                Ok(())
+            }
+            AMQPValue::LongString(_) => Err("invalid_overflow".to_owned()),
+            other => Err(unacceptable(other)),
+        }),
+        ("x-single-active-consumer", |v, _| match v {
+            AMQPValue::Boolean(_) => Ok(()),
+            other => Err(unacceptable(other)),
+        }),
+    ];
+    for (arg, check) in checks {
+        if let Some(value) = args.get(arg)
+            && let Err(why) = check(value, arguments)
+        {
+            return invalid(arg, why);
+        }
+    }
+    let (refused, kind) = if quorum {
+        (NOT_QUORUM, "rabbit_quorum_queue")
+    } else {
+        (NOT_CLASSIC, "rabbit_classic_queue")
+    };
+    let arg = refused.iter().find(|arg| args.contains_key(**arg))?;
+    Some(format!(
+        "invalid arg '{arg}' for {queue} of queue type {kind}"
+    ))
+}
+
+fn is_text(value: &AMQPValue) -> bool {
+    matches!(value, AMQPValue::LongString(_) | AMQPValue::ShortString(_))
+}
+
+/// An integer argument's value, or RabbitMQ's complaint.
+fn integer(value: &AMQPValue) -> Result<i64, String> {
+    match value {
+        AMQPValue::Timestamp(_) => None,
+        other => int(other),
+    }
+    .ok_or_else(|| format!("\"expected integer, got {}\"", type_name(value)))
+}
+
+fn non_negative(n: i64) -> Result<(), String> {
+    if n < 0 {
+        Err(format!("{{value_negative,{n}}}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// RabbitMQ's complaint of an argument of the wrong type.
+fn unacceptable(value: &AMQPValue) -> String {
+    format!("{{unacceptable_type,{}}}", type_name(value))
+}
+
+/// Whether an argument differs as RabbitMQ compares it — integers of any width are one type,
+/// floats another — and if so how its text gives the two: the bare values when both are set,
+/// `none` or `the value '…' of type '…'` when one is not.
+fn inequivalent_argument(
+    current: Option<&AMQPValue>,
+    received: Option<&AMQPValue>,
+) -> Option<(String, String)> {
+    match (current, received) {
+        (None, None) => None,
+        (Some(current), Some(received)) => {
+            let same = match (int(current), int(received)) {
+                (Some(a), Some(b)) => a == b,
+                _ => current == received,
+            };
+            (!same).then(|| (quoted(value_text(received)), quoted(value_text(current))))
+        }
+        (current, received) => Some((described(received), described(current))),
+    }
+}
+
+/// `none`, or `the value '…' of type '…'`.
+fn described(value: Option<&AMQPValue>) -> String {
+    match value {
+        None => "none".to_owned(),
+        Some(value) => format!(
+            "the value '{}' of type '{}'",
+            value_text(value),
+            type_name(value)
+        ),
+    }
+}
+
+/// A value as RabbitMQ prints it.
+fn value_text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::Float(f) => format!("{f:?}"),
+        AMQPValue::Double(f) => format!("{f:?}"),
+        other => match int(other) {
+            Some(n) => n.to_string(),
+            None => format!("{other:?}"),
+        },
+    }
+}
+
+/// RabbitMQ's name of a field's type.
+fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
     }
 }
 
