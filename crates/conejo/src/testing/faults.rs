@@ -3,9 +3,10 @@
 
 use crate::broker::memory::Memory;
 
-/// Fault injection on the in-memory broker ([`TestBroker::faults`]). Each fault hits the
-/// service's connections as RabbitMQ (or the network) would and never the harness's own,
-/// so the test can go on publishing and reading queues through it.
+/// Fault injection on the in-memory broker
+/// ([`TestBroker::faults`](super::TestBroker::faults)). Each fault hits the service's
+/// connections as RabbitMQ (or the network) would and never the harness's own, so the test
+/// can go on publishing and reading queues through it.
 ///
 /// ```
 /// use conejo::{Conejo, Context, Handler, HandlerError};
