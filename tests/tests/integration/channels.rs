@@ -139,7 +139,11 @@ async fn behind_a_long_delivery(
         "5,000 acks in {frames} frames; {} rotations",
         after.rotations
     );
-    assert_eq!(after.rotations, 1, "{after:?}");
+    // At least the one move order 0 caused. On a busy two-core machine a delivery on the
+    // fresh channel may also wait unscheduled while 256 others pass it (its worker thread
+    // preempted, its task in that thread's unstealable LIFO slot): a real outlier too, which
+    // moves the queue again, rightly. Measured in CI once: 2 moves.
+    assert!(after.rotations >= 1, "{after:?}");
     assert!(frames * 5 <= 5000, "{frames} frames for 5,000 acks");
     // Order 0 is still held, on the retired channel; nothing else is.
     assert_eq!(
