@@ -61,6 +61,10 @@ pub const DEFAULT_RECONNECT_DELAY: (Duration, Duration) =
 /// reply code and text: 404 NOT_FOUND, 406 PRECONDITION_FAILED, 320 CONNECTION_FORCED…).
 pub(crate) type BrokerError = lapin::Error;
 
+/// The exchange type of RabbitMQ's consistent-hash exchange (a plugin's), which the
+/// in-memory broker emulates.
+pub(crate) const CONSISTENT_HASH: &str = "x-consistent-hash";
+
 /// A broker conejo can connect to: the transport, and where its tasks run.
 #[derive(Clone)]
 pub(crate) enum Broker {

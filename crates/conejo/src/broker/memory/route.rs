@@ -1,6 +1,12 @@
-//! How exchanges match: topic patterns and headers bindings, as RabbitMQ matches them.
+//! How exchanges match: topic patterns and headers bindings, as RabbitMQ matches them; and
+//! the consistent-hash exchange's choice of one queue per key.
 
-use lapin::types::{AMQPValue, FieldTable};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
 
 /// A topic exchange's match: words separated by `.`, `*` one word, `#` zero or more. An
 /// empty key (binding or routing) has no words, as RabbitMQ splits it: the empty binding key
@@ -146,6 +152,82 @@ fn bytes(value: &AMQPValue) -> Option<&[u8]> {
     }
 }
 
+/// The queue a consistent-hash exchange (`x-consistent-hash`) routes a message to: each
+/// binding's routing key is its weight (its share of the points on a hash ring); the message's key — its
+/// routing key, or the header (`hash-header`) or property (`hash-property`) the exchange's
+/// arguments name — hashes to a point, and the next binding point clockwise takes it. One
+/// key always goes to the same queue; keys spread over the queues by weight. The points are
+/// not RabbitMQ's (which queue a given key lands on differs), the properties are.
+/// A message without the key to hash is not routed.
+pub(super) fn consistent_hash<'a>(
+    arguments: &FieldTable,
+    bindings: &'a [(String, String, FieldTable)],
+    routing_key: &str,
+    properties: &BasicProperties,
+) -> Option<&'a str> {
+    let key = hash_key(arguments, routing_key, properties)?;
+    let point = hash(&key);
+    let mut ring: Vec<(u64, &str)> = bindings
+        .iter()
+        .flat_map(|(queue, weight, _)| {
+            let points = weight.parse::<u32>().unwrap_or(0) * POINTS_PER_WEIGHT;
+            (0..points).map(move |n| (hash(&(queue.as_str(), n)), queue.as_str()))
+        })
+        .collect();
+    ring.sort_unstable();
+    let next = ring.iter().find(|(at, _)| *at >= point).or(ring.first());
+    next.map(|&(_, queue)| queue)
+}
+
+/// Points on the ring per unit of a binding's weight: enough for keys to spread evenly.
+const POINTS_PER_WEIGHT: u32 = 64;
+
+/// What a consistent-hash exchange hashes for a message, as its arguments say.
+fn hash_key(
+    arguments: &FieldTable,
+    routing_key: &str,
+    properties: &BasicProperties,
+) -> Option<Vec<u8>> {
+    let text = |name: &str| {
+        arguments
+            .inner()
+            .get(name)
+            .and_then(bytes)
+            .map(<[u8]>::to_vec)
+    };
+    if let Some(header) = text("hash-header") {
+        let header = String::from_utf8_lossy(&header).into_owned();
+        let value = properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .get(header.as_str())?;
+        return Some(match bytes(value) {
+            Some(raw) => raw.to_vec(),
+            None => format!("{value:?}").into_bytes(),
+        });
+    }
+    match text("hash-property").as_deref() {
+        Some(b"message_id") => properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().as_bytes().to_vec()),
+        Some(b"correlation_id") => properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str().as_bytes().to_vec()),
+        Some(b"timestamp") => properties.timestamp().map(|t| t.to_be_bytes().to_vec()),
+        Some(_) => None,
+        None => Some(routing_key.as_bytes().to_vec()),
+    }
+}
+
+fn hash(value: &impl Hash) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use lapin::types::{LongString, ShortString};
@@ -209,5 +291,37 @@ mod tests {
             &table(&[("x-match", "any"), ("x-tenant", "acme")]),
             &tenant
         ));
+    }
+
+    #[test]
+    fn a_consistent_hash_sends_each_key_to_one_queue_and_spreads_keys_by_weight() {
+        let bindings: Vec<(String, String, FieldTable)> = (0..4)
+            .map(|p| (format!("q.{p}"), "1".to_owned(), FieldTable::default()))
+            .collect();
+        let none = FieldTable::default();
+        let props = BasicProperties::default();
+        let mut counts = std::collections::HashMap::new();
+        for key in 0..4000 {
+            let key = format!("order-{key}");
+            let queue = consistent_hash(&none, &bindings, &key, &props).unwrap();
+            assert_eq!(consistent_hash(&none, &bindings, &key, &props), Some(queue));
+            *counts.entry(queue).or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        // Equal weights, shares near equal.
+        assert!(counts.values().all(|&n| n > 700), "{counts:?}");
+
+        let mut by_header = FieldTable::default();
+        by_header.insert(
+            ShortString::from("hash-header"),
+            AMQPValue::LongString(LongString::from("order-id")),
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("order-id"), AMQPValue::LongInt(42));
+        let with = BasicProperties::default().with_headers(headers);
+        let a = consistent_hash(&by_header, &bindings, "x", &with);
+        assert!(a.is_some());
+        assert_eq!(consistent_hash(&by_header, &bindings, "y", &with), a);
+        assert_eq!(consistent_hash(&by_header, &bindings, "x", &props), None);
     }
 }

@@ -21,8 +21,8 @@ use tokio::{
 
 use super::route;
 use crate::broker::{
-    BrokerError, Confirmed, ConsumeOptions, Event, ExchangeOptions, Incoming, QueueOptions,
-    QueueState,
+    BrokerError, CONSISTENT_HASH, Confirmed, ConsumeOptions, Event, ExchangeOptions, Incoming,
+    QueueOptions, QueueState,
 };
 
 pub(super) type ConnId = u64;
@@ -579,6 +579,18 @@ impl State {
             let text = format!("NOT_FOUND - no exchange '{name}' in vhost '/'");
             return Err(self.channel_error(channel, amqp_error(404, text)));
         }
+        // Of the plugins' types, the consistent-hash exchange's (as if its plugin were
+        // enabled); RabbitMQ closes the connection over any other it does not know.
+        if let ExchangeKind::Custom(kind) = &kind
+            && kind != CONSISTENT_HASH
+        {
+            let text = format!("COMMAND_INVALID - unknown exchange type '{kind}'");
+            let error = amqp_error(503, text);
+            if let Some(connection) = self.channels.get(&channel).map(|c| c.connection) {
+                self.close_connection(connection, Some(error.clone()));
+            }
+            return Err(error);
+        }
         if name.starts_with("amq.") {
             let text =
                 format!("ACCESS_REFUSED - exchange name '{name}' contains reserved prefix 'amq.*'");
@@ -1010,6 +1022,15 @@ impl State {
             );
         }
         let target = self.exchanges.get(exchange)?;
+        if matches!(&target.kind, ExchangeKind::Custom(kind) if kind == CONSISTENT_HASH) {
+            let queue = route::consistent_hash(
+                &target.arguments,
+                &target.bindings,
+                routing_key,
+                properties,
+            );
+            return Some(queue.map(str::to_owned).into_iter().collect());
+        }
         let mut queues: Vec<String> = Vec::new();
         for (queue, key, arguments) in &target.bindings {
             let matches = match &target.kind {
