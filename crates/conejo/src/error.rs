@@ -94,6 +94,23 @@ pub enum Error {
         source: lapin::Error,
     },
 
+    /// The broker does not know an exchange's type: a plugin's type (such as
+    /// `x-consistent-hash`, of [`Partitions`](crate::Partitions)) whose plugin is not
+    /// enabled. RabbitMQ closes the whole connection over it; conejo stops rather than
+    /// reconnect into the same refusal.
+    #[error(
+        "cannot declare exchange '{exchange}': the broker has no exchange type '{kind}'{}",
+        plugin_hint(*.plugin)
+    )]
+    UnknownExchangeType {
+        /// The exchange.
+        exchange: String,
+        /// Its type.
+        kind: String,
+        /// The RabbitMQ plugin that provides the type, when conejo knows it.
+        plugin: Option<&'static str>,
+    },
+
     /// The health server's address could not be bound (in use, not local, not permitted):
     /// see `Builder::health` (feature `health`).
     #[error("cannot serve the health endpoints on {address}: {source}")]
@@ -130,6 +147,12 @@ impl Error {
     /// A task of conejo's that failed (`what`: which one, and how).
     pub(crate) fn internal(what: impl Into<String>) -> Self {
         Error::Internal { what: what.into() }
+    }
+
+    /// True for an error that another attempt cannot fix (the configuration's, or the
+    /// broker's setup's), even when it came with the loss of the connection.
+    pub(crate) fn is_fatal_on_any_connection(&self) -> bool {
+        matches!(self, Error::UnknownExchangeType { .. })
     }
 
     pub(crate) fn config(queue: Option<&str>, reason: impl Into<String>) -> Self {
@@ -215,6 +238,13 @@ fn is_certificate_error(error: &lapin::Error) -> bool {
         let _ = error;
         false
     }
+}
+
+/// How to enable the plugin of an exchange type, for [`Error::UnknownExchangeType`].
+fn plugin_hint(plugin: Option<&'static str>) -> String {
+    plugin.map_or_else(String::new, |plugin| {
+        format!(" (enable its plugin on every node: rabbitmq-plugins enable {plugin})")
+    })
 }
 
 #[cfg(test)]

@@ -185,6 +185,7 @@ pub use broker::tls::TlsConfig;
 pub use broker::url::AmqpUrl;
 pub use broker::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_DELAY};
 pub use config::ordering::OrderKey;
+pub use config::partitions::{PartitionKey, Partitions};
 pub use config::queue::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use config::retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use config::service::{DEFAULT_ACK_LINGER, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT};

@@ -8,9 +8,12 @@ use tracing::warn;
 
 use super::Conejo;
 use crate::{
-    Error, Exchange, Handler, Publisher, QueueConfig,
+    Error, Exchange, Handler, Partitions, Publisher, QueueConfig,
     broker::url::parse_list,
-    config::service::{ServiceConfig, Unresolved},
+    config::{
+        partitions::Borrowed,
+        service::{ServiceConfig, Unresolved},
+    },
     engine::{
         queue::{QueueSpec, Registration},
         supervisor::Handles,
@@ -47,6 +50,7 @@ impl Conejo {
             #[cfg(feature = "cli")]
             checking: false,
             hooks: Hooks::default(),
+            partitioned: Vec::new(),
         }
     }
 }
@@ -87,6 +91,66 @@ pub struct Builder {
     pub(crate) checking: bool,
     /// Test-only knobs (feature `test-hooks`).
     pub(crate) hooks: Hooks,
+    /// Partitioned queues, expanded into queues by `build()`.
+    partitioned: Vec<Partitioned>,
+}
+
+/// A [`Builder::partitioned`] registration, until `build()` checks and expands it.
+struct Partitioned {
+    partitions: Partitions,
+    /// A registration of the shared handler, for each partition queue.
+    register: Box<dyn Fn() -> Registration + Send + Sync>,
+    config: QueueConfig,
+}
+
+impl std::fmt::Debug for Partitioned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partitioned")
+            .field("partitions", &self.partitions)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Partitioned {
+    /// The exchange and the partition queues, this replica's own first.
+    fn expand(self, builder: &mut Builder) -> Result<(), Error> {
+        let Partitioned {
+            partitions,
+            register,
+            config,
+        } = self;
+        partitions.validate()?;
+        builder
+            .config
+            .exchanges
+            .push(partitions.declared_exchange());
+        let (home, borrowed): (Vec<u16>, Vec<u16>) =
+            (0..partitions.count).partition(|&index| partitions.is_home(index));
+        for index in home.into_iter().chain(borrowed) {
+            let mut queue = config
+                .clone()
+                .single_active_consumer()
+                .bind(partitions.exchange(), "1");
+            if queue.ordered_by.is_none() {
+                queue = queue.ordered_by(partitions.order_key());
+            }
+            if let Some((_, replicas)) = partitions.replica
+                && !partitions.is_home(index)
+            {
+                queue.borrowed = Some(Borrowed {
+                    replicas,
+                    interval: partitions.balance_interval,
+                });
+            }
+            builder.queues.push(QueueSpec {
+                name: Arc::from(partitions.queue_name(index)),
+                handler: register(),
+                config: queue,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Builder {
@@ -100,6 +164,30 @@ impl Builder {
         self.queues.push(QueueSpec {
             name: Arc::from(queue),
             handler: Registration::new(handler),
+            config,
+        });
+        self
+    }
+
+    /// Consumes the partition queues of `partitions` with one `handler` (shared: the same
+    /// instance handles every partition) and `config`, and declares their consistent-hash
+    /// exchange (see [`Partitions`]). Each partition queue is `config` plus: bound to the
+    /// exchange with weight 1, a [single active consumer](QueueConfig::single_active_consumer),
+    /// and — unless `config` orders by a key of its own — [ordered by](QueueConfig::ordered_by)
+    /// the key the exchange hashes.
+    ///
+    /// The broker needs the `rabbitmq_consistent_hash_exchange` plugin: without it startup
+    /// fails with [`Error::UnknownExchangeType`], which names it.
+    pub fn partitioned<H: Handler>(
+        mut self,
+        partitions: Partitions,
+        handler: H,
+        config: QueueConfig,
+    ) -> Self {
+        let handler = Arc::new(handler);
+        self.partitioned.push(Partitioned {
+            partitions,
+            register: Box::new(move || Registration::new(Arc::clone(&handler))),
             config,
         });
         self
@@ -345,6 +433,9 @@ impl Builder {
     /// `tls` feature; a TLS file that is missing, not PEM, or a key that does not match its
     /// certificate).
     pub fn build(mut self) -> Result<Conejo, Error> {
+        for partitioned in std::mem::take(&mut self.partitioned) {
+            partitioned.expand(&mut self)?;
+        }
         if let Some(settings) = self.settings.take() {
             settings.apply_to(&mut self)?;
         }
@@ -360,6 +451,7 @@ impl Builder {
             #[cfg(feature = "cli")]
             checking,
             hooks,
+            partitioned: _,
         } = self;
         let config = config.resolve(given)?;
         if queues.is_empty() {

@@ -5,6 +5,8 @@
 //! - `queue`: [`QueueConfig`](crate::QueueConfig), and each queue's settings resolved once
 //!   (`ResolvedQueue`);
 //! - `ordering`: [`OrderKey`](crate::OrderKey), what per-key ordering orders by;
+//! - `partitions`: [`Partitions`](crate::Partitions), a stream split by key over queues
+//!   behind a consistent-hash exchange;
 //! - `retry`: [`RetryPolicy`](crate::RetryPolicy);
 //! - `topology`: [`Exchange`](crate::Exchange), bindings, dead-letter routes, and the names
 //!   and arguments of the queues conejo declares.
@@ -15,6 +17,7 @@
 //! `headers`.
 
 pub(crate) mod ordering;
+pub(crate) mod partitions;
 pub(crate) mod queue;
 pub(crate) mod retry;
 pub(crate) mod service;

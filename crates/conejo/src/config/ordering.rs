@@ -58,6 +58,15 @@ impl OrderKey {
         }
     }
 
+    /// The `message_id` property.
+    #[must_use]
+    pub fn message_id() -> Self {
+        OrderKey {
+            what: "message id".to_owned(),
+            key: Arc::new(|ctx: &Context, _: &[u8]| ctx.message_id().map(str::to_owned)),
+        }
+    }
+
     /// The `correlation_id` property.
     #[must_use]
     pub fn correlation_id() -> Self {

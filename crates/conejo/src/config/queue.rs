@@ -10,6 +10,7 @@ use crate::{
     broker::QueueOptions,
     config::{
         ordering::{KeyFn, OrderKey},
+        partitions::Borrowed,
         topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
     },
     handler::outcome::FailurePolicy,
@@ -99,6 +100,9 @@ pub struct QueueConfig {
     pub(crate) single_active: bool,
     /// Consumer arguments (`x-priority`).
     pub(crate) consumer_arguments: FieldTable,
+    /// A partition of another replica's, held while that replica is away and handed back
+    /// when it returns ([`Partitions::replica`](crate::Partitions::replica)).
+    pub(crate) borrowed: Option<Borrowed>,
 }
 
 impl Default for QueueConfig {
@@ -121,6 +125,7 @@ impl Default for QueueConfig {
             ordered_by: None,
             single_active: false,
             consumer_arguments: FieldTable::default(),
+            borrowed: None,
         }
     }
 }
@@ -516,6 +521,7 @@ impl QueueConfig {
                     Some(AMQPValue::Boolean(true))
                 ),
             consumer_arguments: self.consumer_arguments.clone(),
+            borrowed: self.borrowed,
             name,
         }
     }
@@ -564,6 +570,8 @@ pub(crate) struct ResolvedQueue {
     pub(crate) single_active: bool,
     /// Consumer arguments (`x-priority`).
     pub(crate) consumer_arguments: FieldTable,
+    /// Another replica's partition, handed back when that replica returns.
+    pub(crate) borrowed: Option<Borrowed>,
 }
 
 impl fmt::Debug for ResolvedQueue {
@@ -629,6 +637,7 @@ impl fmt::Debug for QueueConfig {
             .field("ordered_by", &self.ordered_by)
             .field("single_active", &self.single_active)
             .field("consumer_arguments", &self.consumer_arguments)
+            .field("borrowed", &self.borrowed)
             .finish()
     }
 }

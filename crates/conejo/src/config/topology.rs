@@ -45,7 +45,8 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    fn new(name: &str, kind: ExchangeKind) -> Self {
+    /// An exchange of any type, a plugin's included.
+    pub(crate) fn of_kind(name: &str, kind: ExchangeKind) -> Self {
         Exchange {
             name: name.to_owned(),
             kind,
@@ -58,22 +59,22 @@ impl Exchange {
 
     /// A direct exchange: routes to the queues bound with exactly the routing key.
     pub fn direct(name: &str) -> Self {
-        Self::new(name, ExchangeKind::Direct)
+        Self::of_kind(name, ExchangeKind::Direct)
     }
 
     /// A topic exchange: routes by pattern (`*` one word, `#` any number of words).
     pub fn topic(name: &str) -> Self {
-        Self::new(name, ExchangeKind::Topic)
+        Self::of_kind(name, ExchangeKind::Topic)
     }
 
     /// A fanout exchange: routes to every bound queue.
     pub fn fanout(name: &str) -> Self {
-        Self::new(name, ExchangeKind::Fanout)
+        Self::of_kind(name, ExchangeKind::Fanout)
     }
 
     /// A headers exchange: routes on header values given as binding arguments.
     pub fn headers(name: &str) -> Self {
-        Self::new(name, ExchangeKind::Headers)
+        Self::of_kind(name, ExchangeKind::Headers)
     }
 
     /// Whether the exchange survives a broker restart (default true).

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
+    balance::HandBack,
     channel::{Canceller, Channel, Generation, Opening},
     dispatch::Unsettled,
     queue::Queue,
@@ -37,6 +38,8 @@ pub(crate) enum ChannelEnd {
     Closed(BrokerError),
     /// The broker cancelled the consumer (the queue was deleted, or its node went down).
     Cancelled,
+    /// A borrowed partition was handed back to its own replica: consume again, behind it.
+    HandedBack,
 }
 
 /// The queue moves to a fresh channel at most this often: each move costs a few round trips,
@@ -60,7 +63,10 @@ pub(crate) async fn consume(
 ) -> ChannelEnd {
     let shutdown = &generation.shutdown;
     let lost = &generation.lost;
-    let stopping = Stopping::watch(shutdown, lost);
+    let hand_back = HandBack::watch(queue, generation);
+    let hand_back_due = hand_back.as_ref().map(|h| h.due.clone());
+    let hand_back_due = &hand_back_due;
+    let stopping = Stopping::watch(shutdown, lost, hand_back_due.as_ref());
     let mut last_tag = 0;
     // A move to a fresh channel, from its start until the fresh channel takes over, once
     // `channel` (whose consumer the move cancelled) has yielded what it had buffered.
@@ -75,7 +81,10 @@ pub(crate) async fn consume(
             if shutdown.is_cancelled() {
                 break ChannelEnd::Shutdown;
             }
-            break ChannelEnd::ConnectionLost;
+            if lost.is_cancelled() {
+                break ChannelEnd::ConnectionLost;
+            }
+            break ChannelEnd::HandedBack;
         }
         if moving.is_none()
             && !queue.settings.single_active
@@ -107,6 +116,7 @@ pub(crate) async fn consume(
                 biased;
                 () = shutdown.cancelled() => break ChannelEnd::Shutdown,
                 () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                () = fired(hand_back_due) => break ChannelEnd::HandedBack,
                 slot = queue.slots.acquire() => slot,
             },
         };
@@ -124,6 +134,7 @@ pub(crate) async fn consume(
                 biased;
                 () = shutdown.cancelled() => break ChannelEnd::Shutdown,
                 () = lost.cancelled() => break ChannelEnd::ConnectionLost,
+                () = fired(hand_back_due) => break ChannelEnd::HandedBack,
                 () = readied(queue) => continue,
                 next = channel.deliveries.next() => next,
             },
@@ -149,6 +160,17 @@ pub(crate) async fn consume(
         retire(queue, old, &end, generation);
     };
     drop(stopping);
+    drop(hand_back);
+    let ended = match ended {
+        ChannelEnd::HandedBack => match hand_over(queue, &channel, generation).await {
+            None => {
+                finish_handing_over(queue, channel).await;
+                return ChannelEnd::HandedBack;
+            }
+            Some(interrupted) => interrupted,
+        },
+        ended => ended,
+    };
     match ended {
         ChannelEnd::Shutdown => {
             let deadline = Instant::now() + generation.timing.shutdown_timeout;
@@ -230,6 +252,51 @@ fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     };
     if let Some(job) = sequencer.admit(job) {
         queue.workers.hand_over(job);
+    }
+}
+
+/// Resolves when `token` fires; never without one.
+async fn fired(token: &Option<CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands a borrowed partition's active role over, as a single-active consumer does at
+/// shutdown: deliveries waiting for their key are given back, the running ones end and are
+/// acked; `None` then ([`finish_handing_over`] closes the channel). Shutdown or the loss of
+/// the connection meanwhile interrupts it, and is returned.
+async fn hand_over(
+    queue: &Queue,
+    channel: &Channel,
+    generation: &Generation,
+) -> Option<ChannelEnd> {
+    info!(
+        queue = %queue.name(),
+        in_flight = channel.tasks.len(),
+        "handing the partition over: waiting for running handlers"
+    );
+    if let Some(sequencer) = &queue.sequencer {
+        for job in sequencer.drain() {
+            job.unsettled.give_back();
+        }
+    }
+    channel.tasks.close();
+    tokio::select! {
+        () = channel.tasks.wait() => None,
+        () = generation.shutdown.cancelled() => Some(ChannelEnd::Shutdown),
+        () = generation.lost.cancelled() => Some(ChannelEnd::ConnectionLost),
+    }
+}
+
+/// Sends the acks of what ran, then closes the channel: the broker gives back, in place,
+/// what was delivered and not started, and hands the role to the next consumer.
+async fn finish_handing_over(queue: &Queue, channel: Channel) {
+    channel.settle().close().await;
+    match channel.handle.clone().close().await {
+        Ok(()) => info!(queue = %queue.name(), "partition handed over"),
+        Err(error) => warn!(queue = %queue.name(), %error, "channel close failed"),
     }
 }
 
@@ -385,7 +452,8 @@ async fn stop_single_active(queue: &Queue, channel: Channel, last_tag: u64, dead
     }
 }
 
-/// Set once shutdown starts or the connection is lost, by a task watching both tokens: the
+/// Set once shutdown starts, the connection is lost, or a borrowed partition is to be
+/// handed back, by a task watching the tokens: the
 /// consume loop's per-delivery check is then one atomic load (a token's `is_cancelled`
 /// takes a lock). The watcher ends with this value.
 struct Stopping {
@@ -394,14 +462,20 @@ struct Stopping {
 }
 
 impl Stopping {
-    fn watch(shutdown: &CancellationToken, lost: &CancellationToken) -> Self {
+    fn watch(
+        shutdown: &CancellationToken,
+        lost: &CancellationToken,
+        hand_back: Option<&CancellationToken>,
+    ) -> Self {
         let flag = Arc::new(AtomicBool::new(false));
         let watcher = tokio::spawn({
             let (shutdown, lost, flag) = (shutdown.clone(), lost.clone(), Arc::clone(&flag));
+            let hand_back = hand_back.cloned();
             async move {
                 tokio::select! {
                     () = shutdown.cancelled() => {}
                     () = lost.cancelled() => {}
+                    () = fired(&hand_back) => {}
                 }
                 flag.store(true, Release);
             }

@@ -4,6 +4,7 @@
 //! - `supervisor`: connection generations — connect, declare, run every queue, reconnect;
 //! - `run`: one queue's life in a generation — consume a channel, reopen it when lost;
 //! - `consumer`: consuming one channel — slots, deliveries, channel rotation, stopping;
+//! - `balance`: when a borrowed partition goes back to its own replica;
 //! - `channel`: opening a queue's channel, with its settle task and dispatch;
 //! - `queue`: a registered queue, and what outlives its channels;
 //! - `worker`: the hand-over to the workers that run the pipeline;
@@ -17,6 +18,7 @@
 //! May use: `broker`, `handler`, `service`, `config`, `observe` (counters and status, passed
 //! in), `hooks`.
 
+mod balance;
 mod channel;
 pub(crate) mod check;
 mod consumer;

@@ -78,6 +78,8 @@ pub(crate) async fn run(queue: Arc<Queue>, first: Option<Channel>, generation: G
             ChannelEnd::Cancelled => {
                 "the broker cancelled its consumer (queue deleted, or its node down)".to_owned()
             }
+            // Consumed again at once, behind the replica it was handed to.
+            ChannelEnd::HandedBack => continue,
         };
         if opened.elapsed() >= HEALTHY_RUN {
             backoff.reset();

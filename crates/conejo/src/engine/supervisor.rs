@@ -294,7 +294,7 @@ impl Supervisor {
         // A setup error on a live connection is the configuration's; on a dead one, the
         // connection's (retried).
         let setup_failed = async |error: Error| {
-            if connection.is_connected() {
+            if connection.is_connected() || error.is_fatal_on_any_connection() {
                 close(connection).await;
                 Ended::Fatal(error)
             } else {

@@ -11,6 +11,7 @@ use crate::{
     Error, Exchange,
     broker::{self, BrokerError, Channel, Connection, ExchangeOptions, QueueState},
     config::{
+        partitions::{CONSISTENT_HASH, CONSISTENT_HASH_PLUGIN},
         queue::ResolvedQueue,
         topology::{Durability, dead_letter_queue_name, wait_queue_arguments, wait_queue_name},
     },
@@ -41,16 +42,32 @@ pub(crate) async fn declare_exchanges(
                         exchange.arguments.clone(),
                     )
                     .await
-                    .map_err(|source| Error::Topology {
-                        what: format!("exchange '{}'", exchange.name),
-                        source,
-                    })?;
+                    .map_err(|source| exchange_error(exchange, source))?;
             }
             let _ = channel.close("declared").await;
             Ok(())
         })
         .await;
     declared.unwrap_or_else(|join| Err(Error::internal(format!("exchange setup task: {join}"))))
+}
+
+/// What a refused exchange declaration means: an unknown type (RabbitMQ's 503
+/// COMMAND_INVALID, a plugin not enabled), or another refusal.
+fn exchange_error(exchange: &Exchange, source: BrokerError) -> Error {
+    if let ExchangeKind::Custom(kind) = &exchange.kind
+        && broker::reply_code(&source) == Some(503)
+        && source.to_string().contains("unknown exchange type")
+    {
+        return Error::UnknownExchangeType {
+            exchange: exchange.name.clone(),
+            kind: kind.clone(),
+            plugin: (kind == CONSISTENT_HASH).then_some(CONSISTENT_HASH_PLUGIN),
+        };
+    }
+    Error::Topology {
+        what: format!("exchange '{}'", exchange.name),
+        source,
+    }
 }
 
 /// Declares the queue's dead-letter topology — conejo's `<queue>.dlx` → `<queue>.dlq`, or a

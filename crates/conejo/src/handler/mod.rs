@@ -93,6 +93,24 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// A shared handler: one instance consuming several queues (as
+/// [`Builder::partitioned`](crate::Builder::partitioned) does with its partitions).
+impl<H: Handler> Handler for Arc<H> {
+    type Message = H::Message;
+
+    fn handle(
+        &self,
+        message: Self::Message,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        H::handle(self, message, ctx)
+    }
+
+    fn is_blocking(&self, token: sealed::Token) -> bool {
+        H::is_blocking(self, token)
+    }
+}
+
 mod sealed {
     /// Only conejo can make one, so only conejo can call or override
     /// [`Handler::is_blocking`](super::Handler::is_blocking).

@@ -335,3 +335,74 @@ fn an_ordered_classic_queue_with_redelivery_counting_is_refused() {
             .is_ok()
     );
 }
+
+#[tokio::test]
+async fn a_partitioned_service_keeps_each_key_on_one_partition_and_in_order() {
+    let broker = TestBroker::memory();
+    let recorder = Recorder {
+        fail_every: 5,
+        ..Recorder::default()
+    };
+    let partitions = crate::Partitions::new("events", 4);
+    let service = broker
+        .start(Conejo::builder(broker.url()).partitioned(
+            partitions.clone(),
+            recorder.clone(),
+            QueueConfig::new().concurrency(4).poison_limit(None),
+        ))
+        .await
+        .unwrap();
+    // Routed by the routing key: the key of the body, as a producer would set it.
+    for seq in 0..10 {
+        for key in 0..40 {
+            let message = Message::new("events", &format!("k{key}"), format!("k{key}:{seq}"));
+            assert_eq!(broker.publish(message).await.unwrap(), Published::Accepted);
+        }
+    }
+    service.idle().await.unwrap();
+    assert_in_order(&recorder, 40, 10);
+    let mut partition_of = HashMap::new();
+    for queue in partitions.queue_names() {
+        let handled = service.handled(&queue);
+        assert!(!handled.is_empty(), "{queue} got no key");
+        for h in handled {
+            let body = String::from_utf8_lossy(&h.body).into_owned();
+            let key = body.split_once(':').unwrap().0.to_owned();
+            let first = partition_of
+                .entry(key.clone())
+                .or_insert_with(|| queue.clone());
+            assert_eq!(first, &queue, "key {key} on two partitions");
+        }
+    }
+    assert_eq!(partition_of.len(), 40);
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_partitions_fail_the_build() {
+    let broker = TestBroker::memory();
+    let error = Conejo::builder(broker.url())
+        .partitioned(
+            crate::Partitions::new("events", 4).replica(4, 4),
+            Recorder::default(),
+            QueueConfig::new().poison_limit(None),
+        )
+        .build()
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("partitions 'events': replica 4 of 4"),
+        "{error}"
+    );
+    // An ordered classic queue refuses redelivery counting: so do its partitions.
+    let error = Conejo::builder(broker.url())
+        .partitioned(
+            crate::Partitions::new("events", 4),
+            Recorder::default(),
+            QueueConfig::new(),
+        )
+        .build()
+        .unwrap_err();
+    assert!(error.to_string().contains("poison_limit(None)"), "{error}");
+}
