@@ -23,6 +23,7 @@
 
 pub mod bench;
 mod broker;
+mod fixture;
 mod node;
 mod proxy;
 mod rabbitmqctl;
@@ -31,6 +32,7 @@ mod service;
 mod watch;
 
 pub use broker::{Broker, DrainedMessage, XDeath};
+pub use fixture::Fixture;
 pub use node::{
     CLI_TIMEOUT, NODE_START_TIMEOUT, NODE_STOP_TIMEOUT, NodeOptions, PrivateCluster, PrivateNode,
     TlsListener, shared_private_node,

@@ -2,6 +2,9 @@
 //! replicas): consumes one existing queue with a handler that sleeps, and reports on stdout,
 //! one line per event: `started <message-id>` and `finished <message-id>`. With `--abort-on BODY` it
 //! aborts the whole process (SIGABRT) on a message with that body, as a poison message would.
+//! With `--partitions EXCHANGE:COUNT` it consumes the partitions of a consistent-hash
+//! exchange instead of one queue, and its lines are `started <id> <queue> <attempt> <µs>` and
+//! `finished <id> <queue> <µs>` (`<µs>`: the wall clock, comparable between processes).
 //! Exits 0 after a clean shutdown, 1 with the error on stderr otherwise.
 
 use std::{process::ExitCode, time::Duration};
@@ -16,8 +19,31 @@ struct Args {
     #[arg(long, env = "AMQP_URL", default_value = conejo_tests::DEFAULT_AMQP_URL, hide_env_values = true)]
     amqp_url: String,
     /// The queue to consume (must exist).
+    #[arg(long, required_unless_present = "partitions")]
+    queue: Option<String>,
+    /// Consume the partitions of this consistent-hash exchange instead: `EXCHANGE:COUNT`.
+    #[arg(long, conflicts_with = "queue")]
+    partitions: Option<String>,
+    /// This replica's index among the replicas: `INDEX/REPLICAS` (with `--partitions`).
     #[arg(long)]
-    queue: String,
+    replica: Option<String>,
+    /// How often a replica holding another's partition checks for its return, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    balance_ms: u64,
+    /// Up to this many extra milliseconds per message, at random.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Messages whose sequence number is divisible by this take `--slow-ms` instead
+    /// (ids `key:seq`).
+    #[arg(long)]
+    slow_every: Option<u64>,
+    /// How long a slow message takes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    slow_ms: u64,
+    /// Fail (to be retried) the first attempt of every message whose id ends in a
+    /// sequence number divisible by this (ids `key:seq`).
+    #[arg(long)]
+    fail_every: Option<u64>,
     /// Connection name shown by the broker.
     #[arg(long, default_value = "conejo-fixture")]
     connection_name: String,
@@ -53,7 +79,13 @@ struct Args {
 /// Sleeps, reporting start and end on stdout.
 struct SleepsAndReports {
     pause: Duration,
+    jitter_ms: u64,
     abort_on: Option<Vec<u8>>,
+    fail_every: Option<u64>,
+    /// Every n-th sequence number takes `slow` instead.
+    slow: Option<(u64, Duration)>,
+    /// Lines with the queue, the attempt and the time.
+    detailed: bool,
 }
 
 impl Handler for SleepsAndReports {
@@ -61,14 +93,71 @@ impl Handler for SleepsAndReports {
 
     async fn handle(&self, body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
         let id = ctx.message_id().unwrap_or("?");
-        println!("started {id}");
+        if self.detailed {
+            println!(
+                "started {id} {} {} {}",
+                ctx.queue(),
+                ctx.attempt(),
+                micros()
+            );
+        } else {
+            println!("started {id}");
+        }
         if self.abort_on.as_deref() == Some(body.as_slice()) {
             std::process::abort();
         }
-        tokio::time::sleep(self.pause).await;
-        println!("finished {id}");
+        let jitter = match self.jitter_ms {
+            0 => 0,
+            max => random() % (max + 1),
+        };
+        let seq = id
+            .rsplit(':')
+            .next()
+            .and_then(|seq| seq.parse::<u64>().ok());
+        let pause = match (self.slow, seq) {
+            (Some((every, slow)), Some(seq)) if seq % every == 0 => slow,
+            _ => self.pause + Duration::from_millis(jitter),
+        };
+        tokio::time::sleep(pause).await;
+        if let (Some(every), Some(seq)) = (self.fail_every, seq)
+            && seq % every == 0
+            && ctx.attempt() == 1
+        {
+            return Err(HandlerError::retry("the first attempt fails"));
+        }
+        if self.detailed {
+            println!("finished {id} {} {}", ctx.queue(), micros());
+        } else {
+            println!("finished {id}");
+        }
         Ok(())
     }
+}
+
+/// Microseconds since the epoch: comparable between the replicas on one machine.
+fn micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros())
+}
+
+/// A cheap pseudo-random number (xorshift, seeded per process and thread).
+fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(
+            u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+                ^ (micros() as u64),
+        );
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
 }
 
 #[tokio::main]
@@ -83,10 +172,12 @@ async fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let mut config = QueueConfig::new()
-        .passive()
         .concurrency(args.concurrency)
         .prefetch(args.prefetch)
         .poison_limit(Some(args.poison_limit).filter(|&limit| limit > 0));
+    if args.partitions.is_none() {
+        config = config.passive();
+    }
     if args.single_active {
         config = config.single_active_consumer();
     }
@@ -96,18 +187,39 @@ async fn main() -> ExitCode {
     if let Some(header) = &args.ordered_by_header {
         config = config.ordered_by(conejo::OrderKey::header(header));
     }
-    let service = Conejo::builder(&args.amqp_url)
+    let handler = SleepsAndReports {
+        pause: Duration::from_millis(args.handler_ms),
+        jitter_ms: args.jitter_ms,
+        abort_on: args.abort_on.map(String::into_bytes),
+        fail_every: args.fail_every,
+        slow: args
+            .slow_every
+            .map(|every| (every, Duration::from_millis(args.slow_ms))),
+        detailed: args.partitions.is_some(),
+    };
+    let builder = Conejo::builder(&args.amqp_url)
         .connection_name(args.connection_name)
-        .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms))
-        .queue_with(
-            &args.queue,
-            SleepsAndReports {
-                pause: Duration::from_millis(args.handler_ms),
-                abort_on: args.abort_on.map(String::into_bytes),
-            },
-            config,
-        )
-        .build();
+        .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms));
+    let builder = match (&args.queue, &args.partitions) {
+        (Some(queue), _) => builder.queue_with(queue, handler, config),
+        (None, Some(spec)) => match partitions(spec, args.replica.as_deref(), args.balance_ms) {
+            Ok(partitions) => {
+                let config = config.retry(
+                    conejo::RetryPolicy::default()
+                        .initial_delay(Duration::from_millis(50))
+                        .multiplier(1.0)
+                        .max_attempts(5),
+                );
+                builder.partitioned(partitions, handler, config)
+            }
+            Err(error) => {
+                eprintln!("conejo-fixture: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let service = builder.build();
     let result = match service {
         Ok(service) => service.run().await,
         Err(error) => Err(error),
@@ -119,4 +231,28 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `EXCHANGE:COUNT` and `INDEX/REPLICAS` as [`Partitions`](conejo::Partitions).
+fn partitions(
+    spec: &str,
+    replica: Option<&str>,
+    balance_ms: u64,
+) -> Result<conejo::Partitions, String> {
+    let (exchange, count) = spec
+        .rsplit_once(':')
+        .ok_or("--partitions takes EXCHANGE:COUNT")?;
+    let count = count
+        .parse()
+        .map_err(|_| "--partitions: COUNT is a number")?;
+    let mut partitions = conejo::Partitions::new(exchange, count)
+        .balance_interval(Duration::from_millis(balance_ms));
+    if let Some(replica) = replica {
+        let (index, replicas) = replica
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)))
+            .ok_or("--replica takes INDEX/REPLICAS")?;
+        partitions = partitions.replica(index, replicas);
+    }
+    Ok(partitions)
 }

@@ -41,6 +41,9 @@ mod heartbeat;
 // Replicas as processes: a single active consumer handing over when the active one is
 // killed or stops, consumer priorities.
 mod scale_out;
+// Partitions behind a consistent-hash exchange on private nodes: the missing plugin named
+// at startup, one key in order across replicas while one is killed and restarted (heavy).
+mod partitions;
 // TLS against a private node that asks for a client certificate (heavy).
 mod tls;
 // `/metrics`, `/readyz`, `/livez` and the runtime lags (heavy).

@@ -3,77 +3,53 @@
 //! priorities. Against the shared broker — the replicas are killed, never the broker.
 
 use std::{
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Scenario, amqp_url, unique_name};
+use conejo_tests::{Fixture, Scenario, amqp_url, unique_name};
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::Semaphore,
-};
+use tokio::sync::Semaphore;
 
 /// What a replica reported, in the order the test read it: (replica, event, message id, when).
 type Events = Arc<Mutex<Vec<(usize, &'static str, String, Instant)>>>;
 
 /// One replica: a `conejo-fixture` process consuming `queue`.
-struct Replica {
-    child: Child,
-}
+struct Replica;
 
 impl Replica {
-    fn spawn(index: usize, queue: &str, extra: &[&str], events: &Events) -> anyhow::Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_conejo-fixture"))
-            .args(["--queue", queue, "--single-active"])
-            .args(["--connection-name", &format!("replica-{index}")])
-            .args(extra)
-            .env("AMQP_URL", amqp_url())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start conejo-fixture")?;
-        let stdout = child.stdout.take().context("no stdout")?;
+    fn spawn(
+        index: usize,
+        queue: &str,
+        extra: &[&str],
+        events: &Events,
+    ) -> anyhow::Result<Fixture> {
+        let mut args: Vec<String> = ["--queue", queue, "--single-active"]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        args.extend(["--connection-name".to_owned(), format!("replica-{index}")]);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
         let events = Arc::clone(events);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+        Fixture::spawn(
+            env!("CARGO_BIN_EXE_conejo-fixture"),
+            &args,
+            &amqp_url(),
+            move |line| {
                 let event = if let Some(id) = line.strip_prefix("started ") {
                     ("started", id)
                 } else if let Some(id) = line.strip_prefix("finished ") {
                     ("finished", id)
                 } else {
-                    continue;
+                    return;
                 };
                 events
                     .lock()
                     .unwrap()
                     .push((index, event.0, event.1.to_owned(), Instant::now()));
-            }
-        });
-        Ok(Replica { child })
-    }
-
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
-    async fn terminate(mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("already exited")?;
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??;
-        anyhow::ensure!(status.success(), "replica exited with {status:?}");
-        Ok(())
-    }
-
-    async fn kill(mut self) -> anyhow::Result<()> {
-        self.child.start_kill()?;
-        self.child.wait().await?;
-        Ok(())
+            },
+        )
     }
 }
 
