@@ -294,6 +294,7 @@ async fn hand_over(
 /// what was delivered and not started, and hands the role to the next consumer.
 async fn finish_handing_over(queue: &Queue, channel: Channel) {
     channel.settle().close().await;
+    QueueCounters::add(&queue.counters.hand_overs, 1);
     match channel.handle.clone().close().await {
         Ok(()) => info!(queue = %queue.name(), "partition handed over"),
         Err(error) => warn!(queue = %queue.name(), %error, "channel close failed"),
@@ -453,9 +454,9 @@ async fn stop_single_active(queue: &Queue, channel: Channel, last_tag: u64, dead
 }
 
 /// Set once shutdown starts, the connection is lost, or a borrowed partition is to be
-/// handed back, by a task watching the tokens: the
-/// consume loop's per-delivery check is then one atomic load (a token's `is_cancelled`
-/// takes a lock). The watcher ends with this value.
+/// handed back, by a task watching the tokens: the consume loop's per-delivery check is
+/// then one atomic load (a token's `is_cancelled` takes a lock). The watcher ends with this
+/// value.
 struct Stopping {
     flag: Arc<AtomicBool>,
     watcher: JoinHandle<()>,

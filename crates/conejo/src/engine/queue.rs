@@ -124,6 +124,9 @@ impl Queue {
             .ordered_by
             .as_ref()
             .map(|key| Arc::new(Sequencer::new(Arc::clone(key), Arc::clone(&counters))));
+        if settings.single_active {
+            counters.set_single_active();
+        }
         Queue {
             slots: Slots::new(settings.concurrency),
             workers: Workers::new(pipeline, settings.concurrency, sequencer.clone()),

@@ -67,8 +67,10 @@ pub(crate) async fn run(queue: Arc<Queue>, first: Option<Channel>, generation: G
             },
         };
         generation.status.set_consuming(&name, true);
+        queue.counters.set_consumer(true);
         let opened = channel.opened;
         let ended = consumer::consume(&queue, channel, &generation).await;
+        queue.counters.set_consumer(false);
         generation.status.set_consuming(&name, false);
         let what = match ended {
             ChannelEnd::Shutdown => return End::Shutdown,

@@ -434,6 +434,9 @@ impl Supervisor {
                 name: Arc::clone(queue.name()),
                 prefetch: queue.settings.prefetch,
                 counters: Arc::clone(&queue.counters),
+                single_active: queue.settings.single_active,
+                ordered: queue.sequencer.is_some(),
+                borrowed: queue.settings.borrowed.is_some(),
             })
             .collect()
     }

@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -24,6 +24,12 @@ pub(crate) struct QueueInfo {
     pub(crate) prefetch: u16,
     /// Its counters.
     pub(crate) counters: Arc<QueueCounters>,
+    /// It has a single active consumer (the `conejo_active_consumer` gauge).
+    pub(crate) single_active: bool,
+    /// It is ordered by key (the `conejo_ordering_*` gauges).
+    pub(crate) ordered: bool,
+    /// It is a partition of another replica's (`conejo_partition_hand_overs_total`).
+    pub(crate) borrowed: bool,
 }
 
 /// Live counters of a publisher, updated by its link.
@@ -162,6 +168,13 @@ pub(crate) struct QueueCounters {
     pub(crate) keys_busy: AtomicU64,
     /// Ordered queues: since when the oldest waiting delivery waits.
     pub(crate) key_oldest_wait: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The queue has a single active consumer (set once, when the service is built).
+    pub(crate) single_active: AtomicBool,
+    /// Single-active queues: `delivered` when the current consumer registered;
+    /// [`NO_CONSUMER`] while there is none.
+    pub(crate) consumer_from: AtomicU64,
+    /// Borrowed partitions handed back to their own replica.
+    pub(crate) hand_overs: AtomicU64,
     /// Every delivery task of the queue (the consumer spawns them here): its length is the
     /// number of deliveries in flight, read without a counter on the hot path.
     pub(crate) tasks: TaskTracker,
@@ -173,9 +186,38 @@ pub(crate) struct QueueCounters {
     pub(crate) journal: super::journal::Journal,
 }
 
+/// [`QueueCounters::consumer_from`] without a consumer.
+const NO_CONSUMER: u64 = u64::MAX;
+
 impl QueueCounters {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Marks the queue as one with a single active consumer, not consumed yet.
+    pub(crate) fn set_single_active(&self) {
+        self.consumer_from.store(NO_CONSUMER, Relaxed);
+        self.single_active.store(true, Relaxed);
+    }
+
+    /// A consumer of the queue registered (`true`) or went (`false`): a single-active
+    /// queue's role is known from the deliveries after it registered.
+    pub(crate) fn set_consumer(&self, registered: bool) {
+        let from = if registered {
+            self.delivered.load(Relaxed)
+        } else {
+            NO_CONSUMER
+        };
+        self.consumer_from.store(from, Relaxed);
+    }
+
+    /// Single-active queues: whether this process's current consumer holds the active role
+    /// (it got a delivery since it registered).
+    fn active(&self) -> Option<bool> {
+        self.single_active.load(Relaxed).then(|| {
+            let from = self.consumer_from.load(Relaxed);
+            from != NO_CONSUMER && self.delivered.load(Relaxed) > from
+        })
     }
 
     /// Times `call` into the queue's handler-duration histogram, from its first poll until
@@ -217,6 +259,8 @@ impl QueueCounters {
             ack_failures: self.ack_failures.load(Relaxed),
             late_settlements: self.late_settlements.load(Relaxed),
             rotations: self.rotations.load(Relaxed),
+            hand_overs: self.hand_overs.load(Relaxed),
+            active: self.active(),
             in_flight: self.tasks.len() as u64,
             key_waiting: self.key_waiting.load(Relaxed),
             keys_busy: self.keys_busy.load(Relaxed),
@@ -277,6 +321,15 @@ pub struct QueueStats {
     /// each, so the queue consumed on a new channel while the old one kept its running
     /// deliveries until they ended.
     pub rotations: u64,
+    /// [Partitions](crate::Partitions): times this replica handed the partition back to its
+    /// own replica (the partition had been taken over while that replica was away).
+    pub hand_overs: u64,
+    /// Queues with a [single active consumer](crate::QueueConfig::single_active_consumer)
+    /// (partitions too): `Some(true)` while this process holds the active role — a delivery
+    /// came on its current consumer; `Some(false)` while none has: it waits behind another
+    /// process's consumer, or the queue has been empty since it registered (AMQP tells a
+    /// consumer nothing else). `None` for other queues.
+    pub active: Option<bool>,
     /// Deliveries in flight right now (a gauge, not a counter): started and not yet settled —
     /// their handler running, or their retry copy or dead letter being published (on an
     /// [ordered](crate::QueueConfig::ordered_by) queue, also those waiting for their key).

@@ -39,6 +39,11 @@ pub(crate) const PUBLISHES: &str = "conejo_publishes_total";
 pub(crate) const PUBLISH_IN_FLIGHT: &str = "conejo_publish_in_flight";
 pub(crate) const PUBLISH_WAITING: &str = "conejo_publish_waiting";
 pub(crate) const PUBLISH_CONFIRM: &str = "conejo_publish_confirm_seconds";
+pub(crate) const ORDERING_WAITING: &str = "conejo_ordering_waiting";
+pub(crate) const ORDERING_KEYS_BUSY: &str = "conejo_ordering_keys_busy";
+pub(crate) const ORDERING_OLDEST_WAIT: &str = "conejo_ordering_oldest_wait_seconds";
+pub(crate) const ACTIVE_CONSUMER: &str = "conejo_active_consumer";
+pub(crate) const HAND_OVERS: &str = "conejo_partition_hand_overs_total";
 
 /// The `outcome` label's values of [`PUBLISHES`].
 const PUBLISH_OUTCOMES: [&str; 5] = ["confirmed", "returned", "nacked", "lost", "failed"];
@@ -74,6 +79,12 @@ struct QueueMetrics {
     anomalies: [Counter; 6],
     in_flight: Gauge,
     consuming: Gauge,
+    /// Ordered queues: waiting deliveries, busy keys, the oldest wait.
+    ordering: Option<[Gauge; 3]>,
+    /// Single-active queues: whether this process holds the active role.
+    active: Option<Gauge>,
+    /// Borrowed partitions: hand-backs.
+    hand_overs: Option<Counter>,
     /// The queue's name, to ask the status whether it consumes.
     name: Arc<str>,
 }
@@ -137,6 +148,16 @@ impl Telemetry {
                             counter!(ANOMALIES, "queue" => name.clone(), "anomaly" => anomaly)
                         }),
                         in_flight: gauge!(IN_FLIGHT, "queue" => name.clone()),
+                        ordering: queue.ordered.then(|| {
+                            [ORDERING_WAITING, ORDERING_KEYS_BUSY, ORDERING_OLDEST_WAIT]
+                                .map(|metric| gauge!(metric, "queue" => name.clone()))
+                        }),
+                        active: queue
+                            .single_active
+                            .then(|| gauge!(ACTIVE_CONSUMER, "queue" => name.clone())),
+                        hand_overs: queue
+                            .borrowed
+                            .then(|| counter!(HAND_OVERS, "queue" => name.clone())),
                         consuming: gauge!(CONSUMING, "queue" => name),
                         name: Arc::clone(&queue.name),
                     }
@@ -190,6 +211,17 @@ impl Telemetry {
                 counter.absolute(value);
             }
             queue.in_flight.set(stats.in_flight as f64);
+            if let Some([waiting, busy, oldest]) = &queue.ordering {
+                waiting.set(stats.key_waiting as f64);
+                busy.set(stats.keys_busy as f64);
+                oldest.set(stats.oldest_key_wait.unwrap_or_default().as_secs_f64());
+            }
+            if let Some(active) = &queue.active {
+                active.set(if stats.active == Some(true) { 1.0 } else { 0.0 });
+            }
+            if let Some(hand_overs) = &queue.hand_overs {
+                hand_overs.absolute(stats.hand_overs);
+            }
             let consuming = self.status.is_consuming(&queue.name).unwrap_or(false);
             queue.consuming.set(if consuming { 1.0 } else { 0.0 });
         }
@@ -294,6 +326,28 @@ fn describe() {
         "Time from sending a message to the broker's confirm."
     );
     describe_counter!(DELIVERIES, "Deliveries received from the broker.");
+    describe_gauge!(
+        ORDERING_WAITING,
+        "Ordered queues: deliveries waiting in the process for their key (a hot key shows here)."
+    );
+    describe_gauge!(
+        ORDERING_KEYS_BUSY,
+        "Ordered queues: keys with a delivery running or waiting."
+    );
+    describe_gauge!(
+        ORDERING_OLDEST_WAIT,
+        Unit::Seconds,
+        "Ordered queues: how long the oldest delivery waiting for its key has waited (0: none)."
+    );
+    describe_gauge!(
+        ACTIVE_CONSUMER,
+        "Single-active queues and partitions: 1 while this process holds the active role (a \
+         delivery came on its current consumer), 0 while it waits or the queue is empty."
+    );
+    describe_counter!(
+        HAND_OVERS,
+        "Partitions of another replica's handed back to it once it returned."
+    );
     describe_counter!(
         ACKS,
         "Deliveries acknowledged (handled, or their retry copy or dead letter confirmed)."

@@ -125,6 +125,7 @@ async fn one_keys_deliveries_run_in_order_and_different_keys_in_parallel() {
     // Sequence numbers 0, 7, 14, 21 of each key failed once, retried in place.
     assert_eq!(stats.retried, 80, "{stats:?}");
     assert_eq!((stats.key_waiting, stats.keys_busy), (0, 0));
+    assert_eq!(stats.active, None, "not a single-active queue");
     let retried = service
         .handled("events")
         .iter()
@@ -365,6 +366,8 @@ async fn a_partitioned_service_keeps_each_key_on_one_partition_and_in_order() {
     for queue in partitions.queue_names() {
         let handled = service.handled(&queue);
         assert!(!handled.is_empty(), "{queue} got no key");
+        // A single-active queue: this service got deliveries, so it holds the role.
+        assert_eq!(service.queue(&queue).active, Some(true), "{queue}");
         for h in handled {
             let body = String::from_utf8_lossy(&h.body).into_owned();
             let key = body.split_once(':').unwrap().0.to_owned();
