@@ -297,6 +297,68 @@ async fn metrics_count_a_known_load() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn metrics_show_the_active_role_and_the_ordering_gauges() -> anyhow::Result<()> {
+    let ordered = Scenario::undeclared("observed-ordered").await?;
+    let plain = Scenario::new("observed-plain").await?;
+    let (queue, other) = (ordered.queue.as_str(), plain.queue.as_str());
+    let conejo = Conejo::builder(amqp_url())
+        .queue_with(
+            queue,
+            MixedOutcomes::default(),
+            queue_config()
+                .single_active_consumer()
+                .ordered_by(conejo::OrderKey::routing_key())
+                .poison_limit(None),
+        )
+        .queue_with(other, MixedOutcomes::default(), queue_config())
+        .health_port(0)
+        .build()?;
+    let address = conejo.health_addr().context("no health address")?;
+    let service = RunningService::spawn(conejo);
+    ordered
+        .broker
+        .wait_for_consumer_count(queue, 1, WAIT)
+        .await?;
+    let active = format!("conejo_active_consumer{{queue=\"{queue}\"}}");
+    // Registered, nothing delivered yet: not known to hold the role.
+    get_until(address, "/metrics", WAIT, |r| {
+        r.body.contains(&format!("{active} 0\n"))
+    })
+    .await?;
+    for n in 1..=5 {
+        ordered
+            .broker
+            .publish_bytes(queue, format!("{n}").as_bytes())
+            .await?;
+    }
+    service.wait_for(queue, WAIT, |s| s.acked == 5).await?;
+    let response = get_until(address, "/metrics", WAIT, |r| {
+        r.body.contains(&format!("{active} 1\n"))
+    })
+    .await?;
+    let metrics = parse_metrics(&response.body)?;
+    let q = [("queue", queue)];
+    for gauge in [
+        "conejo_ordering_waiting",
+        "conejo_ordering_keys_busy",
+        "conejo_ordering_oldest_wait_seconds",
+    ] {
+        assert_eq!(sample(&metrics, gauge, &q)?, 0.0, "{gauge}");
+    }
+    // Only where they mean something: not on a plain queue.
+    for name in ["conejo_active_consumer", "conejo_ordering_waiting"] {
+        assert!(
+            sample(&metrics, name, &[("queue", other)]).is_err(),
+            "{name} on a plain queue"
+        );
+    }
+    assert_eq!(service.stats().queue(other).unwrap().active, None);
+    service.stop().await??;
+    ordered.cleanup().await?;
+    plain.cleanup().await
+}
+
+#[tokio::test]
 async fn readyz_fails_while_connecting_and_when_the_consumer_is_gone() -> anyhow::Result<()> {
     init_tracing();
     // Nothing listens on port 1: conejo keeps trying, alive and not ready.

@@ -339,3 +339,74 @@ impl Held {
         )
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_consumer_is_told_from_the_waiting_one() -> anyhow::Result<()> {
+    let scenario = single_active_queue("sac-role", 0).await?;
+    let queue = &scenario.queue;
+    let config = || {
+        conejo_tests::queue_config()
+            .passive()
+            .single_active_consumer()
+            .concurrency(2)
+    };
+    let replica = |name: &str, held: &Held| {
+        Conejo::builder(amqp_url())
+            .connection_name(unique_name(name))
+            .queue_with(queue, held.clone(), config())
+    };
+    let (first, second) = (Held::open(), Held::open());
+    let first_service = scenario.spawn(replica("first", &first))?;
+    wait_consumers(&scenario, 1).await?;
+    let second_service = scenario.spawn(replica("second", &second))?;
+    wait_consumers(&scenario, 2).await?;
+    // Nothing delivered yet: neither can tell.
+    assert_eq!(
+        first_service.stats().queue(queue).unwrap().active,
+        Some(false)
+    );
+    for n in 0..10 {
+        scenario
+            .broker
+            .publish_bytes(queue, format!("a{n}").as_bytes())
+            .await?;
+    }
+    first_service
+        .wait_for(queue, Duration::from_secs(10), |s| s.acked == 10)
+        .await?;
+    let role =
+        |service: &conejo_tests::RunningService| service.stats().queue(queue).unwrap().active;
+    assert_eq!(role(&first_service), Some(true));
+    assert_eq!(role(&second_service), Some(false), "the waiting one");
+    first_service.stop().await??;
+    for n in 0..10 {
+        scenario
+            .broker
+            .publish_bytes(queue, format!("b{n}").as_bytes())
+            .await?;
+    }
+    second_service
+        .wait_for(queue, Duration::from_secs(10), |s| s.acked == 10)
+        .await?;
+    assert_eq!(role(&second_service), Some(true), "the role moved on");
+    assert!(
+        second
+            .handled
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b.starts_with('b'))
+    );
+    second_service.stop().await??;
+    scenario.cleanup().await
+}
+
+impl Held {
+    /// A handler that lets every delivery through.
+    fn open() -> Held {
+        Held {
+            gate: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            handled: Arc::default(),
+        }
+    }
+}
