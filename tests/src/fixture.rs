@@ -44,6 +44,11 @@ impl Fixture {
         Ok(Fixture { child })
     }
 
+    /// The process's id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, and waits for the process to be gone.
     pub async fn kill(mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;

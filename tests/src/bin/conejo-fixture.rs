@@ -40,6 +40,15 @@ struct Args {
     /// How long a slow message takes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     slow_ms: u64,
+    /// No line per message; with `--report-every N`, `handled <count>` every N messages.
+    #[arg(long)]
+    quiet: bool,
+    /// Print `handled <count>` every this many handled messages.
+    #[arg(long)]
+    report_every: Option<u64>,
+    /// With `--partitions`: quorum partition queues.
+    #[arg(long)]
+    quorum: bool,
     /// Fail (to be retried) the first attempt of every message whose id ends in a
     /// sequence number divisible by this (ids `key:seq`).
     #[arg(long)]
@@ -86,6 +95,12 @@ struct SleepsAndReports {
     slow: Option<(u64, Duration)>,
     /// Lines with the queue, the attempt and the time.
     detailed: bool,
+    /// No line per message.
+    quiet: bool,
+    /// `handled <count>` every this many.
+    report_every: Option<u64>,
+    /// Messages handled so far.
+    handled: std::sync::atomic::AtomicU64,
 }
 
 impl Handler for SleepsAndReports {
@@ -93,7 +108,8 @@ impl Handler for SleepsAndReports {
 
     async fn handle(&self, body: Vec<u8>, ctx: &Context) -> Result<(), HandlerError> {
         let id = ctx.message_id().unwrap_or("?");
-        if self.detailed {
+        if self.quiet {
+        } else if self.detailed {
             println!(
                 "started {id} {} {} {}",
                 ctx.queue(),
@@ -118,17 +134,30 @@ impl Handler for SleepsAndReports {
             (Some((every, slow)), Some(seq)) if seq % every == 0 => slow,
             _ => self.pause + Duration::from_millis(jitter),
         };
-        tokio::time::sleep(pause).await;
+        // A zero sleep still waits for the timer's next tick (1 ms): a no-op handler skips it.
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         if let (Some(every), Some(seq)) = (self.fail_every, seq)
             && seq % every == 0
             && ctx.attempt() == 1
         {
             return Err(HandlerError::retry("the first attempt fails"));
         }
-        if self.detailed {
+        if self.quiet {
+        } else if self.detailed {
             println!("finished {id} {} {}", ctx.queue(), micros());
         } else {
             println!("finished {id}");
+        }
+        let handled = self
+            .handled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Some(every) = self.report_every
+            && handled.is_multiple_of(every)
+        {
+            println!("handled {handled}");
         }
         Ok(())
     }
@@ -196,6 +225,9 @@ async fn main() -> ExitCode {
             .slow_every
             .map(|every| (every, Duration::from_millis(args.slow_ms))),
         detailed: args.partitions.is_some(),
+        quiet: args.quiet,
+        report_every: args.report_every.filter(|&every| every > 0),
+        handled: std::sync::atomic::AtomicU64::new(0),
     };
     let builder = Conejo::builder(&args.amqp_url)
         .connection_name(args.connection_name)
@@ -204,6 +236,7 @@ async fn main() -> ExitCode {
         (Some(queue), _) => builder.queue_with(queue, handler, config),
         (None, Some(spec)) => match partitions(spec, args.replica.as_deref(), args.balance_ms) {
             Ok(partitions) => {
+                let config = if args.quorum { config.quorum() } else { config };
                 let config = config.retry(
                     conejo::RetryPolicy::default()
                         .initial_delay(Duration::from_millis(50))

@@ -26,14 +26,21 @@ impl PrivateCluster {
     /// them; fails if they are not all running members within [`NODE_START_TIMEOUT`](super::NODE_START_TIMEOUT) plus 30 s
     /// after the joins.
     pub async fn start(size: usize) -> anyhow::Result<PrivateCluster> {
+        Self::start_with_options(size, &NodeOptions::default()).await
+    }
+
+    /// As [`start`](Self::start), every node with `options` (plugins, configuration).
+    pub async fn start_with_options(
+        size: usize,
+        options: &NodeOptions,
+    ) -> anyhow::Result<PrivateCluster> {
         ensure!(size > 0, "a cluster needs at least one node");
         let cookie = random_cookie();
         let hints: Vec<String> = (0..size).map(|i| format!("k{i}")).collect();
-        let options = NodeOptions::default();
         let nodes = futures::future::try_join_all(
             hints
                 .iter()
-                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie, &options)),
+                .map(|hint| PrivateNode::start_with_cookie(hint, &cookie, options)),
         )
         .await?;
         let mut cluster = PrivateCluster { nodes };
