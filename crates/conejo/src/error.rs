@@ -111,6 +111,17 @@ pub enum Error {
         plugin: Option<&'static str>,
     },
 
+    /// A stream queue's [`OffsetStore`](crate::OffsetStore) could not load the offset to
+    /// resume from: conejo does not guess where to start.
+    #[error("cannot load the stored offset of stream queue '{queue}': {source}")]
+    OffsetStore {
+        /// The stream queue.
+        queue: String,
+        /// What the store reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The health server's address could not be bound (in use, not local, not permitted):
     /// see `Builder::health` (feature `health`).
     #[error("cannot serve the health endpoints on {address}: {source}")]
@@ -152,7 +163,10 @@ impl Error {
     /// True for an error that another attempt cannot fix (the configuration's, or the
     /// broker's setup's), even when it came with the loss of the connection.
     pub(crate) fn is_fatal_on_any_connection(&self) -> bool {
-        matches!(self, Error::UnknownExchangeType { .. })
+        matches!(
+            self,
+            Error::UnknownExchangeType { .. } | Error::OffsetStore { .. }
+        )
     }
 
     pub(crate) fn config(queue: Option<&str>, reason: impl Into<String>) -> Self {
@@ -169,6 +183,7 @@ impl Error {
             Error::InvalidConfig { queue, .. } => queue.as_deref(),
             Error::QueueNotFound { queue }
             | Error::DeadLetterExchangeNotFound { queue, .. }
+            | Error::OffsetStore { queue, .. }
             | Error::QueueSetup { queue, .. } => Some(queue),
             _ => None,
         }

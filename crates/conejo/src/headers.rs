@@ -36,13 +36,16 @@ pub(crate) const ERROR: &str = "conejo-error";
 pub(crate) const REPLAYED: &str = "conejo-replayed";
 /// Set by quorum queues on redeliveries: how often the message was returned.
 pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
+/// Set by stream queues on every delivery: the message's offset in the stream.
+pub(crate) const STREAM_OFFSET: &str = "x-stream-offset";
 
 /// The longest error text written into `conejo-error`.
 pub(crate) const MAX_ERROR_LEN: usize = 1024;
 
 /// Headers the broker sets on its own, dropped from copies so they describe the copy only.
-const BROKER_HEADERS: [&str; 6] = [
+const BROKER_HEADERS: [&str; 7] = [
     DELIVERY_COUNT,
+    STREAM_OFFSET,
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",

@@ -189,6 +189,7 @@ pub use config::partitions::{PartitionKey, Partitions};
 pub use config::queue::{DEFAULT_POISON_LIMIT, QueueConfig};
 pub use config::retry::{MAX_RETRY_DELAY, RetryPolicy};
 pub use config::service::{DEFAULT_ACK_LINGER, DEFAULT_CONSUMER_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT};
+pub use config::stream::{OffsetStore, OffsetStoreError, StreamOffset};
 pub use config::topology::Exchange;
 pub use engine::check::{CheckReport, QueueCheck};
 pub use error::Error;

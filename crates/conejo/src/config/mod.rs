@@ -8,6 +8,8 @@
 //! - `partitions`: [`Partitions`](crate::Partitions), a stream split by key over queues
 //!   behind a consistent-hash exchange;
 //! - `retry`: [`RetryPolicy`](crate::RetryPolicy);
+//! - `stream`: [`StreamOffset`](crate::StreamOffset) and [`OffsetStore`](crate::OffsetStore),
+//!   where a stream queue's consumer starts and where its offset is kept;
 //! - `topology`: [`Exchange`](crate::Exchange), bindings, dead-letter routes, and the names
 //!   and arguments of the queues conejo declares.
 //!
@@ -21,4 +23,5 @@ pub(crate) mod partitions;
 pub(crate) mod queue;
 pub(crate) mod retry;
 pub(crate) mod service;
+pub(crate) mod stream;
 pub(crate) mod topology;

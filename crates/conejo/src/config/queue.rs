@@ -11,6 +11,7 @@ use crate::{
     config::{
         ordering::{KeyFn, OrderKey},
         partitions::Borrowed,
+        stream::{DynOffsetStore, OffsetStore, StreamOffset, StreamSettings},
         topology::{Binding, DeadLetterRoute, Durability, LONGEST_SUFFIX},
     },
     handler::outcome::FailurePolicy,
@@ -103,6 +104,10 @@ pub struct QueueConfig {
     /// A partition of another replica's, held while that replica is away and handed back
     /// when it returns ([`Partitions::replica`](crate::Partitions::replica)).
     pub(crate) borrowed: Option<Borrowed>,
+    /// A stream queue: where its consumer starts.
+    pub(crate) stream_from: Option<StreamOffset>,
+    /// A stream queue: where its committed offset is kept.
+    pub(crate) offset_store: Option<Arc<dyn DynOffsetStore>>,
 }
 
 impl Default for QueueConfig {
@@ -126,6 +131,8 @@ impl Default for QueueConfig {
             single_active: false,
             consumer_arguments: FieldTable::default(),
             borrowed: None,
+            stream_from: None,
+            offset_store: None,
         }
     }
 }
@@ -354,6 +361,62 @@ impl QueueConfig {
         self
     }
 
+    /// Declares a stream queue (`x-queue-type = stream`: an append-only, replicated log that
+    /// consumers read without removing anything) and consumes it from `from` — or, when the
+    /// [`offset_store`](Self::offset_store) holds an offset for the queue, from the one after
+    /// it. Must be durable. With [`passive`](Self::passive), says that the existing queue is
+    /// one.
+    ///
+    /// What changes on a stream, which RabbitMQ gives no requeue (a `basic.nack` closes the
+    /// connection) and no redelivery:
+    ///
+    /// - **Retries are in place**: the delivery waits the [`RetryPolicy`]'s delay and is
+    ///   handled again in its slot, as on an [ordered](Self::ordered_by) queue; a copy in a
+    ///   wait queue would be a second message in the log, seen by every other reader.
+    /// - **Dead letters** go to `<queue>.dlx` → `<queue>.dlq` (or your
+    ///   [`dead_letter_exchange`](Self::dead_letter_exchange)), confirmed before the
+    ///   offset moves past the message; if the broker does not confirm, conejo tries again
+    ///   after a pause, holding the message.
+    /// - **No poison detection**: a stream never marks a delivery redelivered. A message
+    ///   that crashes the process comes again after each restart from the stored offset.
+    /// - **Resuming**: a lost connection or channel resumes after the committed offset (the
+    ///   highest one below which every message is done), so what was running is handled
+    ///   again, never skipped. A restarted process resumes after the offset its
+    ///   [`OffsetStore`] holds; without a store, from `from` again.
+    /// - **Shutdown** lets running handlers finish (up to the shutdown timeout) and stores
+    ///   the committed offset; nothing is given back, a stream has nothing to give back to.
+    /// - Not with [`single_active_consumer`](Self::single_active_consumer) (RabbitMQ offers
+    ///   it on streams to its stream protocol only) or [`Partitions`](crate::Partitions).
+    ///
+    /// [`Context::stream_offset`] is each message's offset; [`QueueStats::stream_offset`]
+    /// the committed one.
+    ///
+    /// ```
+    /// use conejo::{QueueConfig, StreamOffset, types::AMQPValue};
+    ///
+    /// let events = QueueConfig::new()
+    ///     .stream(StreamOffset::First)
+    ///     .argument("x-max-age", AMQPValue::LongString("7D".into())) // retention
+    ///     .concurrency(8);
+    /// # let _ = events;
+    /// ```
+    ///
+    /// [`QueueStats::stream_offset`]: crate::QueueStats::stream_offset
+    pub fn stream(mut self, from: StreamOffset) -> Self {
+        self.stream_from = Some(from);
+        self.argument(
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("stream")),
+        )
+    }
+
+    /// Where a [stream](Self::stream) queue's committed offset is kept, so that a restarted
+    /// service resumes after it (see [`OffsetStore`]).
+    pub fn offset_store(mut self, store: impl OffsetStore) -> Self {
+        self.offset_store = Some(Arc::new(store));
+        self
+    }
+
     /// The prefetch that will be applied for an async handler (whose default concurrency
     /// is 16).
     #[must_use]
@@ -408,7 +471,24 @@ impl QueueConfig {
         if self.is_quorum() && self.declare && (!self.durable || self.auto_delete) {
             return invalid("a quorum queue must be durable and not auto-delete");
         }
-        if self.ordered_by.is_some() && !self.is_quorum() && self.poison_limit.is_some() {
+        if self.is_stream() {
+            if self.declare && (!self.durable || self.auto_delete) {
+                return invalid("a stream queue must be durable and not auto-delete");
+            }
+            if self.single_active || self.borrowed.is_some() {
+                return invalid(
+                    "a stream queue cannot have a single active consumer (RabbitMQ offers it \
+                     on streams to stream-protocol consumers only), nor be a partition",
+                );
+            }
+        } else if self.offset_store.is_some() {
+            return invalid("an offset store is for stream queues (QueueConfig::stream)");
+        }
+        if self.ordered_by.is_some()
+            && !self.is_quorum()
+            && !self.is_stream()
+            && self.poison_limit.is_some()
+        {
             return invalid(
                 "ordered_by on a classic queue needs .poison_limit(None): counting \
                  redeliveries republishes a message to the back of the queue, out of its \
@@ -448,6 +528,14 @@ impl QueueConfig {
         matches!(
             self.arguments.inner().get("x-queue-type"),
             Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"quorum"
+        )
+    }
+
+    /// True when the queue is a stream queue.
+    pub(crate) fn is_stream(&self) -> bool {
+        matches!(
+            self.arguments.inner().get("x-queue-type"),
+            Some(AMQPValue::LongString(kind)) if kind.as_bytes() == b"stream"
         )
     }
 
@@ -492,6 +580,17 @@ impl QueueConfig {
     /// of the queues conejo declares for it, the failure policy.
     pub(crate) fn settings(&self, name: Arc<str>, blocking: bool) -> ResolvedQueue {
         let (concurrency, prefetch) = self.resolve(blocking);
+        // A stream queue set up through `argument` only is still consumed as one: RabbitMQ's
+        // default start is `next`.
+        let stream = self.is_stream().then(|| StreamSettings {
+            from: self.stream_from.unwrap_or(StreamOffset::Next),
+            store: self.offset_store.clone(),
+        });
+        let single_active = self.single_active
+            || matches!(
+                self.arguments.inner().get("x-single-active-consumer"),
+                Some(AMQPValue::Boolean(true))
+            );
         ResolvedQueue {
             concurrency,
             prefetch,
@@ -511,15 +610,15 @@ impl QueueConfig {
             dead_letter: self.dead_letter_route(&name),
             durability: self.durability(),
             retry: self.retry,
-            poison_limit: self.poison_limit,
+            // A stream never redelivers: nothing to count.
+            poison_limit: self.poison_limit.filter(|_| stream.is_none()),
             policy: self.policy(),
             timeout: self.timeout,
             ordered_by: self.ordered_by.as_ref().map(|key| Arc::clone(&key.key)),
-            single_active: self.single_active
-                || matches!(
-                    self.arguments.inner().get("x-single-active-consumer"),
-                    Some(AMQPValue::Boolean(true))
-                ),
+            retry_in_place: self.ordered_by.is_some() || stream.is_some(),
+            keeps_consumer: single_active || stream.is_some(),
+            single_active,
+            stream,
             consumer_arguments: self.consumer_arguments.clone(),
             borrowed: self.borrowed,
             name,
@@ -565,9 +664,19 @@ pub(crate) struct ResolvedQueue {
     pub(crate) timeout: Option<Duration>,
     /// Per-key ordering: what a delivery's key is.
     pub(crate) ordered_by: Option<KeyFn>,
-    /// One consumer at a time, cluster-wide: no channel rotation, and a shutdown that keeps
-    /// the active role until the running deliveries end.
+    /// Failures are retried in place, never through a wait queue: an ordered queue's (a copy
+    /// would let later messages of its key overtake it) and a stream's (a copy would be a
+    /// second message in the log).
+    pub(crate) retry_in_place: bool,
+    /// One consumer at a time, cluster-wide.
     pub(crate) single_active: bool,
+    /// The queue's consumer is never moved to a fresh channel, and a shutdown lets running
+    /// deliveries end before it goes: a single-active queue's (a new consumer would register
+    /// behind the others, handing the role away) and a stream's (a new subscription would
+    /// start from an offset, delivering the running ones again).
+    pub(crate) keeps_consumer: bool,
+    /// A stream queue: where it starts, where its offset is kept.
+    pub(crate) stream: Option<StreamSettings>,
     /// Consumer arguments (`x-priority`).
     pub(crate) consumer_arguments: FieldTable,
     /// Another replica's partition, handed back when that replica returns.
@@ -638,6 +747,11 @@ impl fmt::Debug for QueueConfig {
             .field("single_active", &self.single_active)
             .field("consumer_arguments", &self.consumer_arguments)
             .field("borrowed", &self.borrowed)
+            .field("stream_from", &self.stream_from)
+            .field(
+                "offset_store",
+                &self.offset_store.as_ref().map(|_| "custom"),
+            )
             .finish()
     }
 }

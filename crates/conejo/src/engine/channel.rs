@@ -9,12 +9,15 @@ use tracing::{debug, info, warn};
 
 use super::{
     check::QueueCheck,
+    cursor::Subscription,
     dispatch::Dispatch,
     publish::Copies,
     queue::Queue,
-    settle::{SettleHandle, settle_task},
+    settle::{ChannelSink, SettleHandle, settle_task},
     topology::{self, SetupError},
 };
+use lapin::types::ShortString;
+
 use crate::{
     Error,
     broker::{self, BrokerError, Connection, ConsumeOptions, Deliveries},
@@ -158,12 +161,27 @@ impl Channel {
         // Short: lapin hashes the consumer tag for each of a delivery's three frames. The
         // connection's name already says which process this is.
         let tag = format!("conejo-{}", queue.index);
+        // A stream's subscription starts where its cursor says.
+        let subscription = match &queue.cursor {
+            Some(cursor) => Some(cursor.subscribe().await?),
+            None => None,
+        };
+        let mut options = consume_options(settings);
+        if let Some(subscription) = &subscription {
+            options.arguments.insert(
+                ShortString::from("x-stream-offset"),
+                subscription.argument.clone(),
+            );
+        }
         let (channel, deliveries) = match opening {
-            Opening::Rotation(old) => consume_instead(queue, connection, tag, old).await?,
-            _ => consume(queue, connection, tag).await?,
+            Opening::Rotation(old) => consume_instead(queue, connection, tag, options, old).await?,
+            _ => consume(queue, connection, tag, options).await?,
         };
         let (settle, task) = settle_task(
-            channel.clone(),
+            ChannelSink {
+                channel: channel.clone(),
+                stream: settings.stream.is_some(),
+            },
             settings.prefetch,
             generation.timing.ack_linger,
             Arc::clone(&settings.name),
@@ -191,6 +209,11 @@ impl Channel {
                 settle,
                 publisher: Arc::clone(&generation.publisher),
                 counters: Arc::clone(&queue.counters),
+                cursor: queue
+                    .cursor
+                    .as_ref()
+                    .zip(subscription)
+                    .map(|(cursor, Subscription { epoch, .. })| (Arc::clone(cursor), epoch)),
             }),
             signals: Arc::new(Signals {
                 shutdown: generation.shutdown.child_token(),
@@ -228,6 +251,7 @@ async fn consume(
     queue: &Queue,
     connection: &Connection,
     tag: String,
+    options: ConsumeOptions,
 ) -> Result<(broker::Channel, Deliveries), Error> {
     let settings = Arc::clone(&queue.settings);
     let on = connection.clone();
@@ -240,7 +264,7 @@ async fn consume(
                 .map_err(|e| ("qos", e))?;
             topology::declare_queue(&channel, &settings).await?;
             let deliveries = channel
-                .consume(&settings.name, &tag, consume_options(&settings))
+                .consume(&settings.name, &tag, options)
                 .await
                 .map_err(|e| ("consume", e))?;
             Ok::<_, SetupError>((channel, deliveries))
@@ -261,6 +285,7 @@ async fn consume_instead(
     queue: &Queue,
     connection: &Connection,
     tag: String,
+    options: ConsumeOptions,
     old: Canceller,
 ) -> Result<(broker::Channel, Deliveries), Error> {
     let settings = Arc::clone(&queue.settings);
@@ -273,7 +298,7 @@ async fn consume_instead(
                 .await
                 .map_err(|e| ("qos", e))?;
             let (consumed, cancelled) = futures::join!(
-                channel.consume(&settings.name, &tag, consume_options(&settings)),
+                channel.consume(&settings.name, &tag, options),
                 old.handle.channel.cancel(&old.tag),
             );
             let failed = match (consumed, cancelled) {

@@ -27,6 +27,7 @@ use crate::{
     Context,
     broker::{BrokerError, Incoming},
     handler::slot::Slot,
+    headers::STREAM_OFFSET,
     observe::stats::QueueCounters,
 };
 
@@ -87,7 +88,7 @@ pub(crate) async fn consume(
             break ChannelEnd::HandedBack;
         }
         if moving.is_none()
-            && !queue.settings.single_active
+            && !queue.settings.keeps_consumer
             && channel.settle().is_stuck()
             && queue.retiring.len() < MAX_RETIRING
             && Instant::now() >= rotate_after
@@ -225,6 +226,15 @@ pub(crate) async fn consume(
 /// settling it, gives the message back.
 fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     QueueCounters::add(&queue.counters.delivered, 1);
+    if let Some((cursor, epoch)) = &channel.dispatch.cursor
+        && !cursor.admit(*epoch, delivery.delivery_tag, stream_offset(&delivery))
+    {
+        // Before the offset asked for: not this subscription's; acked for its credit.
+        channel
+            .settle()
+            .settle(delivery.delivery_tag, Settlement::Ack);
+        return;
+    }
     let unsettled = Unsettled::new(delivery.delivery_tag, Arc::clone(&channel.dispatch));
     let (ctx, body) = Context::from_delivery(
         Arc::clone(queue.name()),
@@ -253,6 +263,12 @@ fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     if let Some(job) = sequencer.admit(job) {
         queue.workers.hand_over(job);
     }
+}
+
+/// A stream delivery's offset (`x-stream-offset`).
+fn stream_offset(delivery: &Incoming) -> Option<u64> {
+    crate::headers::int(delivery.properties.headers().as_ref(), STREAM_OFFSET)
+        .and_then(|offset| u64::try_from(offset).ok())
 }
 
 /// Resolves when `token` fires; never without one.
@@ -386,8 +402,8 @@ async fn give_back_unstarted(
 /// Graceful stop: cancel the consumer, give back what was prefetched but not started,
 /// let in-flight handlers finish until the deadline, give back what did not finish.
 async fn stop(queue: &Queue, mut channel: Channel, last_tag: u64, deadline: Instant) {
-    if queue.settings.single_active {
-        return stop_single_active(queue, channel, last_tag, deadline).await;
+    if queue.settings.keeps_consumer {
+        return stop_in_place(queue, channel, last_tag, deadline).await;
     }
     let (released, given_back) = give_back_unstarted(queue, &mut channel, deadline).await;
     let last_tag = given_back.unwrap_or(last_tag);
@@ -421,19 +437,20 @@ async fn stop(queue: &Queue, mut channel: Channel, last_tag: u64, deadline: Inst
     let _ = tokio::time::timeout_at(deadline + LOST_CLEANUP, queue.retiring.wait()).await;
 }
 
-/// Graceful stop of a single-active consumer: it keeps the active role until its running
-/// handlers end (cancelled first, it would hand the role to the next consumer, which would
-/// start on later messages while these still run), sends their acks, then closes the
-/// channel — which gives back, in place, what was prefetched and not started, as the broker
-/// hands the role over: the next consumer starts where this one stopped, in order.
-async fn stop_single_active(queue: &Queue, channel: Channel, last_tag: u64, deadline: Instant) {
+/// Graceful stop of a consumer that stays where it is until its running handlers end, then
+/// closes its channel. A single-active consumer keeps the active role meanwhile (cancelled
+/// first, it would hand the role to the next consumer, which would start on later messages
+/// while these still run); closing the channel gives back, in place, what was prefetched and
+/// not started, as the broker hands the role over: the next consumer starts where this one
+/// stopped, in order. A stream's consumer has nothing to give back: what it did not finish
+/// stays above its committed offset.
+async fn stop_in_place(queue: &Queue, channel: Channel, last_tag: u64, deadline: Instant) {
     channel.tasks.close();
     queue.tasks.close();
     info!(
         queue = %queue.name(),
         in_flight = queue.tasks.len(),
-        "stopping a single-active consumer: waiting for running handlers before handing \
-         the role over"
+        "stopping: waiting for running handlers before closing the channel"
     );
     if tokio::time::timeout_at(deadline, queue.tasks.wait())
         .await
@@ -448,7 +465,7 @@ async fn stop_single_active(queue: &Queue, channel: Channel, last_tag: u64, dead
     }
     channel.settle().close().await;
     match channel.handle.clone().close().await {
-        Ok(()) => debug!(queue = %queue.name(), "channel closed; the active role handed over"),
+        Ok(()) => debug!(queue = %queue.name(), "channel closed"),
         Err(error) => warn!(queue = %queue.name(), %error, "channel close failed"),
     }
 }

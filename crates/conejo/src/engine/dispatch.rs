@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tracing::{Instrument, Span, debug, error, field, info_span, warn};
 
 use super::{
+    cursor::Cursor,
     publish::Copies,
     settle::{SettleHandle, tracker::Settlement},
 };
@@ -41,6 +42,8 @@ pub(crate) struct Dispatch {
     pub(crate) publisher: Arc<Copies>,
     /// This queue's counters.
     pub(crate) counters: Arc<QueueCounters>,
+    /// A stream queue's cursor, and the epoch of this channel's subscription.
+    pub(crate) cursor: Option<(Arc<Cursor>, u64)>,
 }
 
 /// What a failure comes to.
@@ -111,7 +114,7 @@ impl Unsettled {
 
     fn settle(mut self, how: Settlement) {
         self.armed = false;
-        self.dispatch.settle.settle(self.tag, how);
+        self.dispatch.settled(self.tag, how);
     }
 
     /// Gives the message back unstarted (shutdown).
@@ -141,12 +144,22 @@ impl Drop for Unsettled {
                 "a delivery ended without a result (a panic outside the handler, or its task \
                  was dropped); giving the message back"
             );
-            self.dispatch.settle.settle(self.tag, Settlement::Requeue);
+            self.dispatch.settled(self.tag, Settlement::Requeue);
         }
     }
 }
 
 impl Dispatch {
+    /// Sends a delivery's settlement to the settle task and, on a stream queue, tells the
+    /// cursor.
+    #[inline]
+    fn settled(&self, tag: u64, how: Settlement) {
+        if let Some((cursor, epoch)) = &self.cursor {
+            cursor.settled(*epoch, tag, how);
+        }
+        self.settle.settle(tag, how);
+    }
+
     /// Runs the pipeline and says how to settle the delivery, inside the delivery's span.
     async fn handle<S: Service>(&self, pipeline: &S, ctx: &Context, body: &Bytes) -> Settlement {
         let span = info_span!(
@@ -418,7 +431,7 @@ impl Dispatch {
             }
             Outcome::Retry
                 if ctx.attempt() < self.settings.retry.attempts()
-                    && self.settings.ordered_by.is_some() =>
+                    && self.settings.retry_in_place =>
             {
                 self.retry_in_place(&failure, ctx, body).await
             }
@@ -436,7 +449,7 @@ impl Dispatch {
         }
     }
 
-    /// An ordered queue's retry: waits the delay holding the delivery (and its key), then
+    /// An ordered or stream queue's retry: waits the delay holding the delivery (and its key), then
     /// says to handle it again — or, if shutdown or the channel's loss comes first, gives
     /// it back.
     async fn retry_in_place(&self, failure: &Failure, ctx: &Context, body: &Bytes) -> Failed {
@@ -447,7 +460,7 @@ impl Dispatch {
             message_id = ctx.message_id(),
             failure = failure.kind(),
             attempt = ctx.attempt(),
-            "{}; attempt {} of {} in {delay:?}, in place (ordered queue)",
+            "{}; attempt {} of {} in {delay:?}, in place",
             describe(failure),
             ctx.attempt() + 1,
             self.settings.retry.attempts()
@@ -567,11 +580,43 @@ impl Dispatch {
         });
         let route = &self.settings.dead_letter;
         let routing_key = route.routing_key.as_deref().unwrap_or(ctx.routing_key());
-        match self
-            .publisher
-            .publish(&route.exchange, routing_key, body.clone(), properties)
-            .await
-        {
+        let published = loop {
+            let published = self
+                .publisher
+                .publish(
+                    &route.exchange,
+                    routing_key,
+                    body.clone(),
+                    properties.clone(),
+                )
+                .await;
+            // A stream cannot take the message back: its dead letter is tried again after
+            // a pause, holding the message (and its offset), until shutdown or the loss of
+            // the channel — then the next subscription reads it again.
+            match published {
+                Err(error)
+                    if self.settings.stream.is_some()
+                        && !ctx.is_shutting_down()
+                        && !self.settle.is_closed() =>
+                {
+                    QueueCounters::add(&self.counters.publish_failures, 1);
+                    error!(
+                        queue = %self.settings.name,
+                        delivery_tag = ctx.delivery_tag(),
+                        %error,
+                        "cannot dead-letter the message to '{}'; trying again in \
+                         {PUBLISH_FAILURE_PAUSE:?}",
+                        route.exchange
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
+                        () = ctx.shutdown_requested() => {}
+                    }
+                }
+                published => break published,
+            }
+        };
+        match published {
             Ok(()) => {
                 QueueCounters::add(&self.counters.dead_lettered, 1);
                 warn!(

@@ -8,6 +8,7 @@
 //! - `channel`: opening a queue's channel, with its settle task and dispatch;
 //! - `queue`: a registered queue, and what outlives its channels;
 //! - `worker`: the hand-over to the workers that run the pipeline;
+//! - `cursor`: a stream queue's offsets — where a subscription starts, what is committed;
 //! - `ordering`: per-key ordering — deliveries waiting for their key, made ready in order;
 //! - `job`: one delivery on its way from the consume loop to a worker;
 //! - `dispatch`: one delivery — poison check, pipeline, outcome, retry copy or dead letter;
@@ -22,6 +23,7 @@ mod balance;
 mod channel;
 pub(crate) mod check;
 mod consumer;
+mod cursor;
 mod dispatch;
 mod job;
 mod ordering;

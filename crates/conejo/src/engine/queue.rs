@@ -7,6 +7,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use tokio_util::task::TaskTracker;
 
 use super::{
+    cursor::Cursor,
     ordering::Sequencer,
     worker::{Work, Workers},
 };
@@ -100,6 +101,8 @@ pub(crate) struct Queue {
     pub(crate) index: usize,
     /// Per-key ordering, on an ordered queue.
     pub(crate) sequencer: Option<Arc<Sequencer>>,
+    /// Where a stream queue's subscriptions start, and its committed offset.
+    pub(crate) cursor: Option<Arc<Cursor>>,
 }
 
 impl Queue {
@@ -127,7 +130,15 @@ impl Queue {
         if settings.single_active {
             counters.set_single_active();
         }
+        let cursor = settings.stream.as_ref().map(|stream| {
+            Arc::new(Cursor::new(
+                Arc::clone(&settings.name),
+                stream,
+                Arc::clone(&counters),
+            ))
+        });
         Queue {
+            cursor,
             slots: Slots::new(settings.concurrency),
             workers: Workers::new(pipeline, settings.concurrency, sequencer.clone()),
             sequencer,

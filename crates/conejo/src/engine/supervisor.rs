@@ -137,6 +137,10 @@ impl Supervisor {
         );
         let copies = Arc::new(Copies::new(self.handles.publisher.clone()));
         let result = self.consume(&broker, &copies).await;
+        // Every handler is done: streams store their last committed offset.
+        for cursor in self.queues.iter().filter_map(|queue| queue.cursor.as_ref()) {
+            cursor.flush(OFFSET_FLUSH).await;
+        }
         stop_link.cancel();
         if let Some(link) = link
             && tokio::time::timeout(LINK_STOP, link).await.is_err()
@@ -437,6 +441,7 @@ impl Supervisor {
                 single_active: queue.settings.single_active,
                 ordered: queue.sequencer.is_some(),
                 borrowed: queue.settings.borrowed.is_some(),
+                stream: queue.settings.stream.is_some(),
             })
             .collect()
     }
@@ -472,6 +477,9 @@ async fn watch_events(
         }
     }
 }
+
+/// How long a stream queue's offset store may take to store the last offset at shutdown.
+const OFFSET_FLUSH: Duration = Duration::from_secs(5);
 
 /// How long the publisher's link may take to send its last confirms and close.
 const LINK_STOP: Duration = Duration::from_secs(10);

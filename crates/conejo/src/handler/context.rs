@@ -290,6 +290,16 @@ impl Context {
             .map(ShortString::as_str)
     }
 
+    /// On a [stream](crate::QueueConfig::stream) queue, the message's offset in the stream
+    /// (`x-stream-offset`: messages are numbered from 0 in the order the stream took them);
+    /// `None` on other queues. Store it with the handler's own effects, in one transaction,
+    /// for exactly-once processing across restarts.
+    #[must_use]
+    pub fn stream_offset(&self) -> Option<u64> {
+        crate::headers::int(self.headers(), crate::headers::STREAM_OFFSET)
+            .and_then(|offset| u64::try_from(offset).ok())
+    }
+
     /// The message headers, if any.
     #[must_use]
     pub fn headers(&self) -> Option<&FieldTable> {

@@ -30,6 +30,8 @@ pub(crate) struct QueueInfo {
     pub(crate) ordered: bool,
     /// It is a partition of another replica's (`conejo_partition_hand_overs_total`).
     pub(crate) borrowed: bool,
+    /// It is a stream queue (`conejo_stream_committed_offset`).
+    pub(crate) stream: bool,
 }
 
 /// Live counters of a publisher, updated by its link.
@@ -175,6 +177,10 @@ pub(crate) struct QueueCounters {
     pub(crate) consumer_from: AtomicU64,
     /// Borrowed partitions handed back to their own replica.
     pub(crate) hand_overs: AtomicU64,
+    /// Stream queues: the committed offset + 1 (0 while none is).
+    pub(crate) stream_offset: AtomicU64,
+    /// Stream queues: offsets the offset store failed to store.
+    pub(crate) offset_store_failures: AtomicU64,
     /// Every delivery task of the queue (the consumer spawns them here): its length is the
     /// number of deliveries in flight, read without a counter on the hot path.
     pub(crate) tasks: TaskTracker,
@@ -209,6 +215,12 @@ impl QueueCounters {
             NO_CONSUMER
         };
         self.consumer_from.store(from, Relaxed);
+    }
+
+    /// Stream queues: every message up to `offset` is done.
+    pub(crate) fn set_stream_offset(&self, offset: Option<u64>) {
+        let encoded = offset.map_or(0, |offset| offset.saturating_add(1));
+        self.stream_offset.store(encoded, Relaxed);
     }
 
     /// Single-active queues: whether this process's current consumer holds the active role
@@ -260,6 +272,8 @@ impl QueueCounters {
             late_settlements: self.late_settlements.load(Relaxed),
             rotations: self.rotations.load(Relaxed),
             hand_overs: self.hand_overs.load(Relaxed),
+            stream_offset: self.stream_offset.load(Relaxed).checked_sub(1),
+            offset_store_failures: self.offset_store_failures.load(Relaxed),
             active: self.active(),
             in_flight: self.tasks.len() as u64,
             key_waiting: self.key_waiting.load(Relaxed),
@@ -324,6 +338,13 @@ pub struct QueueStats {
     /// [Partitions](crate::Partitions): times this replica handed the partition back to its
     /// own replica (the partition had been taken over while that replica was away).
     pub hand_overs: u64,
+    /// [Stream](crate::QueueConfig::stream) queues: the committed offset — every message up
+    /// to it has been handled (acked, or dead-lettered) by this process — or `None` while
+    /// none is (and for other queues). What the [`OffsetStore`](crate::OffsetStore) is given.
+    pub stream_offset: Option<u64>,
+    /// Stream queues: calls of the [`OffsetStore`](crate::OffsetStore) that failed (the
+    /// next offset is stored as usual).
+    pub offset_store_failures: u64,
     /// Queues with a [single active consumer](crate::QueueConfig::single_active_consumer)
     /// (partitions too): `Some(true)` while this process holds the active role — a delivery
     /// came on its current consumer; `Some(false)` while none has: it waits behind another

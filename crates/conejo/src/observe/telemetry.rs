@@ -44,6 +44,8 @@ pub(crate) const ORDERING_KEYS_BUSY: &str = "conejo_ordering_keys_busy";
 pub(crate) const ORDERING_OLDEST_WAIT: &str = "conejo_ordering_oldest_wait_seconds";
 pub(crate) const ACTIVE_CONSUMER: &str = "conejo_active_consumer";
 pub(crate) const HAND_OVERS: &str = "conejo_partition_hand_overs_total";
+pub(crate) const STREAM_OFFSET: &str = "conejo_stream_committed_offset";
+pub(crate) const OFFSET_STORE_FAILURES: &str = "conejo_offset_store_failures_total";
 
 /// The `outcome` label's values of [`PUBLISHES`].
 const PUBLISH_OUTCOMES: [&str; 5] = ["confirmed", "returned", "nacked", "lost", "failed"];
@@ -85,6 +87,8 @@ struct QueueMetrics {
     active: Option<Gauge>,
     /// Borrowed partitions: hand-backs.
     hand_overs: Option<Counter>,
+    /// Stream queues: the committed offset, and the offset store's failures.
+    stream: Option<(Gauge, Counter)>,
     /// The queue's name, to ask the status whether it consumes.
     name: Arc<str>,
 }
@@ -158,6 +162,12 @@ impl Telemetry {
                         hand_overs: queue
                             .borrowed
                             .then(|| counter!(HAND_OVERS, "queue" => name.clone())),
+                        stream: queue.stream.then(|| {
+                            (
+                                gauge!(STREAM_OFFSET, "queue" => name.clone()),
+                                counter!(OFFSET_STORE_FAILURES, "queue" => name.clone()),
+                            )
+                        }),
                         consuming: gauge!(CONSUMING, "queue" => name),
                         name: Arc::clone(&queue.name),
                     }
@@ -221,6 +231,11 @@ impl Telemetry {
             }
             if let Some(hand_overs) = &queue.hand_overs {
                 hand_overs.absolute(stats.hand_overs);
+            }
+            if let Some((offset, store_failures)) = &queue.stream {
+                // -1 until an offset is committed.
+                offset.set(stats.stream_offset.map_or(-1.0, |offset| offset as f64));
+                store_failures.absolute(stats.offset_store_failures);
             }
             let consuming = self.status.is_consuming(&queue.name).unwrap_or(false);
             queue.consuming.set(if consuming { 1.0 } else { 0.0 });
@@ -347,6 +362,15 @@ fn describe() {
     describe_counter!(
         HAND_OVERS,
         "Partitions of another replica's handed back to it once it returned."
+    );
+    describe_gauge!(
+        STREAM_OFFSET,
+        "Stream queues: the committed offset (every message up to it handled), -1 before \
+         the first; what the offset store is given."
+    );
+    describe_counter!(
+        OFFSET_STORE_FAILURES,
+        "Stream queues: calls of the offset store that failed (the next offset is stored)."
     );
     describe_counter!(
         ACKS,

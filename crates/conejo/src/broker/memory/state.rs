@@ -125,6 +125,12 @@ impl Queue {
         self.text_argument("x-queue-type").as_deref() == Some("quorum")
     }
 
+    /// A stream queue: consumed here as a classic one (destructively), its deliveries
+    /// numbered by `x-stream-offset` in the order messages came in.
+    fn is_stream(&self) -> bool {
+        self.text_argument("x-queue-type").as_deref() == Some("stream")
+    }
+
     fn ttl(&self) -> Option<Duration> {
         self.int_argument("x-message-ttl")
             .and_then(|ms| u64::try_from(ms).ok())
@@ -1240,7 +1246,7 @@ impl State {
                 let queue = self.queues.get_mut(&name).expect("the queue");
                 let message = queue.pop_ready().expect("a ready message");
                 queue.unacked += 1;
-                let quorum = queue.is_quorum();
+                let (quorum, stream) = (queue.is_quorum(), queue.is_stream());
                 let channel = self.channels.get_mut(&channel_id).expect("the channel");
                 channel.next_tag += 1;
                 let tag_number = channel.next_tag;
@@ -1252,6 +1258,14 @@ impl State {
                     headers.insert(
                         ShortString::from("x-delivery-count"),
                         AMQPValue::LongLongInt(i64::from(message.returns)),
+                    );
+                    properties = properties.with_headers(headers);
+                }
+                if stream {
+                    let mut headers = properties.headers().clone().unwrap_or_default();
+                    headers.insert(
+                        ShortString::from("x-stream-offset"),
+                        AMQPValue::LongLongInt(i64::try_from(message.seq).unwrap_or(i64::MAX)),
                     );
                     properties = properties.with_headers(headers);
                 }
@@ -1644,7 +1658,7 @@ fn invalid_arguments(name: &str, arguments: &FieldTable) -> Option<String> {
         Some(AMQPValue::LongString(kind)) => match kind.as_bytes() {
             b"classic" => false,
             b"quorum" => true,
-            // Not emulated: taken as classic.
+            // Consumed as a classic queue, its deliveries numbered (`Queue::is_stream`).
             b"stream" => false,
             other => {
                 let other = String::from_utf8_lossy(other);

@@ -106,3 +106,57 @@ fn quorum_queues_get_a_delivery_limit_and_a_dead_letter_exchange() {
     );
     assert!(args.inner().get("x-dead-letter-exchange").is_none());
 }
+
+#[test]
+fn stream_queues_are_consumed_as_streams_and_refuse_what_streams_cannot_do() {
+    use crate::{OffsetStore, OffsetStoreError, StreamOffset};
+
+    struct Nowhere;
+    impl OffsetStore for Nowhere {
+        async fn load(&self, _: &str) -> Result<Option<u64>, OffsetStoreError> {
+            Ok(None)
+        }
+        async fn store(&self, _: &str, _: u64) -> Result<(), OffsetStoreError> {
+            Ok(())
+        }
+    }
+
+    let stream = QueueConfig::new()
+        .stream(StreamOffset::Offset(7))
+        .ordered_by(crate::OrderKey::routing_key());
+    assert!(
+        stream.validate("q").is_ok(),
+        "ordered streams need no poison_limit(None)"
+    );
+    let settings = stream.settings(Arc::from("q"), false);
+    let resolved = settings.stream.as_ref().expect("a stream");
+    assert_eq!(resolved.from, StreamOffset::Offset(7));
+    assert!(settings.retry_in_place && settings.keeps_consumer);
+    assert_eq!(settings.poison_limit, None, "a stream never redelivers");
+    assert!(!settings.arguments.contains_key("x-dead-letter-exchange"));
+
+    // A stream declared through its argument alone is still consumed as one, from `next`.
+    let by_argument = QueueConfig::new()
+        .argument("x-queue-type", AMQPValue::LongString("stream".into()))
+        .settings(Arc::from("q"), false);
+    assert_eq!(by_argument.stream.map(|s| s.from), Some(StreamOffset::Next));
+
+    for (bad, says) in [
+        (
+            QueueConfig::new()
+                .stream(StreamOffset::First)
+                .durable(false),
+            "durable",
+        ),
+        (
+            QueueConfig::new()
+                .stream(StreamOffset::First)
+                .single_active_consumer(),
+            "single active consumer",
+        ),
+        (QueueConfig::new().offset_store(Nowhere), "stream queues"),
+    ] {
+        let err = bad.validate("q").unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}

@@ -147,17 +147,31 @@ pub(crate) trait AckSink: Send + Sync + 'static {
     fn send(&self, action: Action) -> impl Future<Output = Result<(), BrokerError>> + Send;
 }
 
-impl AckSink for Channel {
+/// A queue's channel, as its settle task sends on it.
+pub(crate) struct ChannelSink {
+    /// The channel that delivered the messages.
+    pub(crate) channel: Channel,
+    /// A stream queue's: RabbitMQ has no requeue on a stream (a `basic.nack` closes the
+    /// connection), so a message given back is acked instead — which only returns its
+    /// credit: its stream's cursor keeps it below the committed offset, to be read again
+    /// by the next subscription.
+    pub(crate) stream: bool,
+}
+
+impl AckSink for ChannelSink {
     async fn send(&self, action: Action) -> Result<(), BrokerError> {
         match action {
-            Action::Ack { tag, multiple, .. } => self.ack(tag, multiple).await,
-            Action::Requeue { tag, multiple, .. } => self.nack(tag, multiple, true).await,
+            Action::Ack { tag, multiple, .. } => self.channel.ack(tag, multiple).await,
+            Action::Requeue { tag, multiple, .. } if self.stream => {
+                self.channel.ack(tag, multiple).await
+            }
+            Action::Requeue { tag, multiple, .. } => self.channel.nack(tag, multiple, true).await,
         }
     }
 }
 
 /// The settle task's state.
-pub(crate) struct SettleTask<S = Channel> {
+pub(crate) struct SettleTask<S = ChannelSink> {
     shared: Arc<Shared>,
     control: mpsc::UnboundedReceiver<Control>,
     /// The channel that delivered the messages; the only one acks may go to.
