@@ -38,6 +38,9 @@ mod poison;
 mod resilience;
 // Handlers that hog the application's runtime do not cost the connection (heavy).
 mod heartbeat;
+// Stream queues: read from an offset spec, retries in place and dead letters without a nack,
+// resumed after the stored offset by the next run and after a lost connection.
+mod streams;
 // Replicas as processes: a single active consumer handing over when the active one is
 // killed or stops, consumer priorities.
 mod scale_out;
