@@ -648,3 +648,61 @@ async fn an_event_the_handler_did_not_wait_for_still_holds_its_inputs_ack() {
     );
     service.stop().await.unwrap();
 }
+
+/// (stream offset, attempt) of each call.
+type Calls = Vec<(Option<u64>, u32)>;
+
+/// Records each message's stream offset.
+#[derive(Clone, Default)]
+struct Offsets(Arc<Mutex<Calls>>);
+
+impl Handler for Offsets {
+    type Message = String;
+    async fn handle(&self, body: String, ctx: &Context) -> Result<(), HandlerError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((ctx.stream_offset(), ctx.attempt()));
+        if body == "flaky" && ctx.attempt() == 1 {
+            return Err(HandlerError::retry("not yet"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_stream_queue_is_numbered_retried_in_place_and_committed() {
+    let broker = TestBroker::memory();
+    let offsets = Offsets::default();
+    let service = broker
+        .start(
+            Conejo::builder(broker.url()).queue_with(
+                "events",
+                offsets.clone(),
+                QueueConfig::new()
+                    .stream(crate::StreamOffset::First)
+                    .concurrency(1)
+                    .retry(RetryPolicy::default().initial_delay(Duration::from_secs(3))),
+            ),
+        )
+        .await
+        .unwrap();
+    for body in ["a", "flaky", "c"] {
+        broker.send("events", body).await.unwrap();
+    }
+    service
+        .until("offset 2 committed", |s| {
+            s.queue("events").stream_offset == Some(2)
+        })
+        .await
+        .unwrap();
+    // In place: the retry held its slot (concurrency 1), and no copy went through a wait
+    // queue.
+    assert_eq!(
+        *offsets.0.lock().unwrap(),
+        [(Some(0), 1), (Some(1), 1), (Some(1), 2), (Some(2), 1)]
+    );
+    assert_eq!(outcomes(&service, "events").len(), 4);
+    assert_eq!(service.queue("events").retried, 1);
+    service.stop().await.unwrap();
+}
