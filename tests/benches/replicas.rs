@@ -308,10 +308,6 @@ fn spawn(
     args: &str,
     handled: Arc<AtomicU64>,
 ) -> anyhow::Result<Fixture> {
-    let urls = cluster.amqp_urls();
-    let rotated: Vec<&str> = (0..urls.len())
-        .map(|k| urls[(index + k) % urls.len()].as_str())
-        .collect();
     let mut args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
     args.extend(["--quiet", "--report-every", &REPORT.to_string()].map(str::to_owned));
     args.extend([
@@ -321,7 +317,7 @@ fn spawn(
     Fixture::spawn(
         env!("CARGO_BIN_EXE_conejo-fixture"),
         &args,
-        &rotated.join(","),
+        &cluster.replica_url(index),
         move |line| {
             if let Some(count) = line.strip_prefix("handled ").and_then(|n| n.parse().ok()) {
                 handled.store(count, Ordering::Relaxed);

@@ -46,7 +46,8 @@ struct Args {
     /// Print `handled <count>` every this many handled messages.
     #[arg(long)]
     report_every: Option<u64>,
-    /// With `--partitions`: quorum partition queues.
+    /// Quorum queues: with `--partitions`, the partition queues; with `--queue`, says the
+    /// queue is one.
     #[arg(long)]
     quorum: bool,
     /// Fail (to be retried) the first attempt of every message whose id ends in a
@@ -205,7 +206,11 @@ async fn main() -> ExitCode {
         .prefetch(args.prefetch)
         .poison_limit(Some(args.poison_limit).filter(|&limit| limit > 0));
     if args.partitions.is_none() {
+        // The test declared the queue: `--quorum` says it is a quorum queue.
         config = config.passive();
+        if args.quorum {
+            config = config.quorum();
+        }
     }
     if args.single_active {
         config = config.single_active_consumer();

@@ -101,6 +101,17 @@ impl PrivateCluster {
         self.nodes.iter().map(PrivateNode::amqp_url).collect()
     }
 
+    /// The address list replica `index` of a service is given: every node, starting at node
+    /// `index` (modulo the size), comma-separated — so that replicas' connections spread
+    /// over the nodes and each fails over to the others.
+    pub fn replica_url(&self, index: usize) -> String {
+        let urls = self.amqp_urls();
+        (0..urls.len())
+            .map(|k| urls[(index + k) % urls.len()].as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The index of the node named `node_name`, if it is one of this cluster's.
     pub fn index_of(&self, node_name: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.node_name() == node_name)

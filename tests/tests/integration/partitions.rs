@@ -1,7 +1,8 @@
 //! Partitioned queues behind RabbitMQ's consistent-hash exchange ([`conejo::Partitions`]), on
-//! private nodes (the plugin is enabled on one, not on the other): a startup that names the
-//! missing plugin, and one key's messages handled in order by three replicas (processes,
-//! `conejo-fixture --partitions`) while one of them is killed and restarted (heavy).
+//! private nodes: a startup that names the missing plugin (a node without it), and one key's
+//! messages handled in order by three replicas (processes, `conejo-fixture --partitions`),
+//! each connected to its own node of a three-node cluster with the plugin, while one of
+//! them is killed and restarted (heavy).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -11,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use conejo::{Conejo, Context, Error, HandlerError, Partitions, handler_fn};
-use conejo_tests::{Broker, Fixture, NodeOptions, PrivateNode, unique_name};
+use conejo_tests::{Broker, Fixture, NodeOptions, PrivateCluster, PrivateNode, unique_name};
 use futures::{StreamExt, stream};
 use lapin::{
     BasicProperties, Confirmation,
@@ -295,22 +296,24 @@ fn now_micros() -> u128 {
 async fn one_key_stays_in_order_across_replicas_while_one_is_killed_and_restarted()
 -> anyhow::Result<()> {
     let (messages, keys) = load();
-    let node = PrivateNode::start_with_options(
-        "partitions",
+    let cluster = PrivateCluster::start_with_options(
+        REPLICAS,
         &NodeOptions {
             plugins: vec!["rabbitmq_consistent_hash_exchange".to_owned()],
             ..NodeOptions::default()
         },
     )
     .await?;
-    let url = node.amqp_url();
+    // Replica i connects to node i first: the replicas and the partitions' consumers are
+    // spread over the cluster, and most deliveries cross from one node to another.
+    let urls: Vec<String> = (0..REPLICAS).map(|i| cluster.replica_url(i)).collect();
     let exchange = unique_name("orders");
     let partitions = Partitions::new(&exchange, PARTITIONS);
     let events: Events = Arc::default();
     let mut replicas: Vec<Option<Fixture>> = (0..REPLICAS)
-        .map(|i| Replica::spawn(i, &url, &exchange, &events).map(Some))
+        .map(|i| Replica::spawn(i, &urls[i], &exchange, &events).map(Some))
         .collect::<anyhow::Result<_>>()?;
-    let broker = Broker::connect_to(&url).await?;
+    let broker = Broker::connect_to(&cluster.amqp_urls()[0]).await?;
     for queue in partitions.queue_names() {
         broker
             .wait_for_consumer_count(&queue, REPLICAS as u32, Duration::from_secs(60))
@@ -338,7 +341,7 @@ async fn one_key_stays_in_order_across_replicas_while_one_is_killed_and_restarte
     replicas[1].take().context("replica 1")?.kill().await?;
     let killed_at = now_micros();
     let handled_at_kill = finished_ids(&events).len();
-    replicas[1] = Some(Replica::spawn(1, &url, &exchange, &events)?);
+    replicas[1] = Some(Replica::spawn(1, &urls[1], &exchange, &events)?);
     anyhow::ensure!(handled_at_kill < messages, "the kill came after the stream");
     producer.await??;
     until("every message handled", Duration::from_secs(300), || {

@@ -1,6 +1,8 @@
 //! Replicas of one service on one queue, as separate processes (`conejo-fixture`): a single
 //! active consumer handing over when the active replica is killed or stops, and consumer
-//! priorities. Against the shared broker — the replicas are killed, never the broker.
+//! priorities. Against the shared broker — the replicas are killed, never the broker — and,
+//! for the hand-over of a quorum queue's role between replicas on different nodes, a private
+//! three-node cluster (heavy: `.config/nextest.toml`).
 
 use std::{
     sync::{Arc, Mutex},
@@ -8,7 +10,7 @@ use std::{
 };
 
 use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Fixture, Scenario, amqp_url, unique_name};
+use conejo_tests::{Broker, Fixture, PrivateCluster, PrivateNode, Scenario, amqp_url, unique_name};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::Semaphore;
 
@@ -25,6 +27,16 @@ impl Replica {
         extra: &[&str],
         events: &Events,
     ) -> anyhow::Result<Fixture> {
+        Self::spawn_on(&amqp_url(), index, queue, extra, events)
+    }
+
+    fn spawn_on(
+        url: &str,
+        index: usize,
+        queue: &str,
+        extra: &[&str],
+        events: &Events,
+    ) -> anyhow::Result<Fixture> {
         let mut args: Vec<String> = ["--queue", queue, "--single-active"]
             .iter()
             .map(|a| (*a).to_owned())
@@ -35,7 +47,7 @@ impl Replica {
         Fixture::spawn(
             env!("CARGO_BIN_EXE_conejo-fixture"),
             &args,
-            &amqp_url(),
+            url,
             move |line| {
                 let event = if let Some(id) = line.strip_prefix("started ") {
                     ("started", id)
@@ -75,12 +87,30 @@ async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow:
 /// A queue with a single active consumer, holding `n` messages with ids `0`…`n-1`.
 async fn single_active_queue(prefix: &str, n: usize) -> anyhow::Result<Scenario> {
     let scenario = Scenario::undeclared(prefix).await?;
+    fill_single_active(&scenario, n, false).await?;
+    Ok(scenario)
+}
+
+/// Declares the scenario's queue with a single active consumer — a quorum queue when
+/// `quorum` — and publishes `n` messages with ids `0`…`n-1`.
+async fn fill_single_active(scenario: &Scenario, n: usize, quorum: bool) -> anyhow::Result<()> {
     let mut arguments = FieldTable::default();
     arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    scenario
-        .broker
-        .declare_queue_with_args(&scenario.queue, arguments)
-        .await?;
+    if quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        scenario
+            .broker
+            .declare_durable_queue_with_args(&scenario.queue, arguments)
+            .await?;
+    } else {
+        scenario
+            .broker
+            .declare_queue_with_args(&scenario.queue, arguments)
+            .await?;
+    }
     for id in 0..n {
         scenario
             .broker
@@ -91,16 +121,58 @@ async fn single_active_queue(prefix: &str, n: usize) -> anyhow::Result<Scenario>
             )
             .await?;
     }
-    Ok(scenario)
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
 -> anyhow::Result<()> {
-    const N: usize = 300;
-    let scenario = single_active_queue("sac-kill", N).await?;
+    let scenario = single_active_queue("sac-kill", 300).await?;
+    let url = amqp_url();
+    hand_over_after_a_kill(&scenario, 300, [&url, &url], &[], None).await?;
+    scenario.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_a_quorum_queues_active_role_moves_to_a_replica_on_another_node_when_the_active_one_is_killed()
+-> anyhow::Result<()> {
+    let cluster = PrivateCluster::start(3).await?;
+    // The queue's leader on node 2; the replicas connected to nodes 0 and 1.
+    let scenario = Scenario {
+        broker: Broker::connect_to(&cluster.amqp_urls()[2]).await?,
+        queue: unique_name("sac-cluster"),
+    };
+    // More messages: counting the consumers with rabbitmqctl takes a second or two, while
+    // the first replica goes on.
+    fill_single_active(&scenario, 1_000, true).await?;
+    let (first, second) = (cluster.replica_url(0), cluster.replica_url(1));
+    let node = &cluster.nodes()[2];
+    hand_over_after_a_kill(
+        &scenario,
+        1_000,
+        [&first, &second],
+        &["--quorum"],
+        Some(node),
+    )
+    .await?;
+    scenario.broker.close().await
+}
+
+/// Two replicas on the scenario's queue of `n` messages, the first connected to
+/// `urls[0]`, the second to `urls[1]`: the second waits while the first is active; the
+/// first is SIGKILLed mid-stream; the second takes over and every message is handled, twice
+/// at most what the killed one held unacked. The consumers are counted by the broker's
+/// `queue.declare-ok` — or, for a quorum queue (whose count is of the active consumer only),
+/// by `rabbitmqctl list_consumers` on `node`.
+async fn hand_over_after_a_kill(
+    scenario: &Scenario,
+    n: usize,
+    urls: [&str; 2],
+    extra: &[&str],
+    node: Option<&PrivateNode>,
+) -> anyhow::Result<()> {
     let events: Events = Arc::default();
-    let replica = [
+    let mut replica = vec![
         "--handler-ms",
         "10",
         "--concurrency",
@@ -108,7 +180,8 @@ async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
         "--prefetch",
         "10",
     ];
-    let first = Replica::spawn(0, &scenario.queue, &replica, &events)?;
+    replica.extend_from_slice(extra);
+    let first = Replica::spawn_on(urls[0], 0, &scenario.queue, &replica, &events)?;
     until(
         "the first replica is active",
         Duration::from_secs(30),
@@ -116,10 +189,29 @@ async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
     )
     .await?;
     // Registered second, it waits: the broker delivers to the first only.
-    let second = Replica::spawn(1, &scenario.queue, &replica, &events)?;
-    wait_consumers(&scenario, 2).await?;
+    let second = Replica::spawn_on(urls[1], 1, &scenario.queue, &replica, &events)?;
+    match node {
+        None => wait_consumers(scenario, 2).await?,
+        Some(node) => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let listed = node
+                    .rabbitmqctl(&["-q", "list_consumers", "queue_name"])
+                    .await?;
+                let consumers = listed
+                    .lines()
+                    .filter(|line| line.trim() == scenario.queue)
+                    .count();
+                if consumers == 2 {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "{consumers} consumers listed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
     let waiting_since = Instant::now();
-    while waiting_since.elapsed() < Duration::from_millis(200) && count(&events, 0, "finished") < N
+    while waiting_since.elapsed() < Duration::from_millis(200) && count(&events, 0, "finished") < n
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -130,7 +222,7 @@ async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
     );
     let handled_before = count(&events, 0, "finished");
     anyhow::ensure!(
-        handled_before < N,
+        handled_before < n,
         "the first replica finished before the kill"
     );
     let killed = Instant::now();
@@ -152,13 +244,13 @@ async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
             .collect()
     };
     until("every message handled", Duration::from_secs(60), || {
-        finished_ids().len() == N
+        finished_ids().len() == n
     })
     .await?;
     let finished = finished_ids();
-    assert_eq!(finished.len(), N);
+    assert_eq!(finished.len(), n);
     let total = count(&events, 0, "finished") + count(&events, 1, "finished");
-    let duplicates = total - N;
+    let duplicates = total - n;
     eprintln!(
         "killed after {handled_before} handled; the waiting replica consumed {took_over:?} \
          later; {duplicates} duplicates"
@@ -166,7 +258,7 @@ async fn a_single_active_consumer_hands_over_when_the_active_replica_is_killed()
     // At most the killed replica's unacked window came back.
     assert!(duplicates <= 10, "{duplicates} duplicates");
     second.terminate().await?;
-    scenario.cleanup().await
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
