@@ -58,6 +58,11 @@ pub(crate) fn int(headers: Option<&FieldTable>, name: &str) -> Option<i64> {
     int_value(headers?.inner().get(name)?)
 }
 
+/// A stream delivery's offset (`x-stream-offset`); `None` on other queues.
+pub(crate) fn stream_offset(headers: Option<&FieldTable>) -> Option<u64> {
+    int(headers, STREAM_OFFSET).and_then(|offset| u64::try_from(offset).ok())
+}
+
 /// An integer value of any AMQP integer type.
 pub(crate) fn int_value(value: &AMQPValue) -> Option<i64> {
     Some(match *value {

@@ -9,14 +9,13 @@ use tracing::{debug, info, warn};
 
 use super::{
     check::QueueCheck,
-    cursor::Subscription,
     dispatch::Dispatch,
     publish::Copies,
     queue::Queue,
     settle::{ChannelSink, SettleHandle, settle_task},
     topology::{self, SetupError},
 };
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, ShortString};
 
 use crate::{
     Error,
@@ -24,6 +23,7 @@ use crate::{
     config::queue::ResolvedQueue,
     config::service::Timing,
     handler::context::Signals,
+    headers,
     observe::status::StatusWriter,
 };
 
@@ -162,17 +162,11 @@ impl Channel {
         // connection's name already says which process this is.
         let tag = format!("conejo-{}", queue.index);
         // A stream's subscription starts where its cursor says.
-        let subscription = match &queue.cursor {
-            Some(cursor) => Some(cursor.subscribe().await?),
+        let stream = match &queue.cursor {
+            Some(cursor) => Some((Arc::clone(cursor), cursor.subscribe().await?)),
             None => None,
         };
-        let mut options = consume_options(settings);
-        if let Some(subscription) = &subscription {
-            options.arguments.insert(
-                ShortString::from("x-stream-offset"),
-                subscription.argument.clone(),
-            );
-        }
+        let options = consume_options(settings, stream.as_ref().map(|(_, s)| &s.argument));
         let (channel, deliveries) = match opening {
             Opening::Rotation(old) => consume_instead(queue, connection, tag, options, old).await?,
             _ => consume(queue, connection, tag, options).await?,
@@ -209,11 +203,7 @@ impl Channel {
                 settle,
                 publisher: Arc::clone(&generation.publisher),
                 counters: Arc::clone(&queue.counters),
-                cursor: queue
-                    .cursor
-                    .as_ref()
-                    .zip(subscription)
-                    .map(|(cursor, Subscription { epoch, .. })| (Arc::clone(cursor), epoch)),
+                cursor: stream.map(|(cursor, subscription)| (cursor, subscription.epoch)),
             }),
             signals: Arc::new(Signals {
                 shutdown: generation.shutdown.child_token(),
@@ -350,10 +340,15 @@ pub(crate) async fn check(queue: &Queue, connection: &Connection) -> Result<Queu
     })
 }
 
-/// How the queue's consumer registers: with its arguments (`x-priority`).
-fn consume_options(settings: &ResolvedQueue) -> ConsumeOptions {
+/// How the queue's consumer registers: with its arguments (`x-priority`) and, for a stream,
+/// where its subscription starts (`x-stream-offset`).
+fn consume_options(settings: &ResolvedQueue, stream_offset: Option<&AMQPValue>) -> ConsumeOptions {
+    let mut arguments = settings.consumer_arguments.clone();
+    if let Some(offset) = stream_offset {
+        arguments.insert(ShortString::from(headers::STREAM_OFFSET), offset.clone());
+    }
     ConsumeOptions {
-        arguments: settings.consumer_arguments.clone(),
+        arguments,
         ..ConsumeOptions::default()
     }
 }

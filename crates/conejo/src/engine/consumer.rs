@@ -27,7 +27,7 @@ use crate::{
     Context,
     broker::{BrokerError, Incoming},
     handler::slot::Slot,
-    headers::STREAM_OFFSET,
+    headers,
     observe::stats::QueueCounters,
 };
 
@@ -227,7 +227,11 @@ pub(crate) async fn consume(
 fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     QueueCounters::add(&queue.counters.delivered, 1);
     if let Some((cursor, epoch)) = &channel.dispatch.cursor
-        && !cursor.admit(*epoch, delivery.delivery_tag, stream_offset(&delivery))
+        && !cursor.admit(
+            *epoch,
+            delivery.delivery_tag,
+            headers::stream_offset(delivery.properties.headers().as_ref()),
+        )
     {
         // Before the offset asked for: not this subscription's; acked for its credit.
         channel
@@ -263,12 +267,6 @@ fn start(queue: &Queue, channel: &Channel, mut delivery: Incoming, slot: Slot) {
     if let Some(job) = sequencer.admit(job) {
         queue.workers.hand_over(job);
     }
-}
-
-/// A stream delivery's offset (`x-stream-offset`).
-fn stream_offset(delivery: &Incoming) -> Option<u64> {
-    crate::headers::int(delivery.properties.headers().as_ref(), STREAM_OFFSET)
-        .and_then(|offset| u64::try_from(offset).ok())
 }
 
 /// Resolves when `token` fires; never without one.

@@ -296,8 +296,7 @@ impl Context {
     /// for exactly-once processing across restarts.
     #[must_use]
     pub fn stream_offset(&self) -> Option<u64> {
-        crate::headers::int(self.headers(), crate::headers::STREAM_OFFSET)
-            .and_then(|offset| u64::try_from(offset).ok())
+        crate::headers::stream_offset(self.headers())
     }
 
     /// The message headers, if any.
