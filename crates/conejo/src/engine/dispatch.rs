@@ -580,6 +580,9 @@ impl Dispatch {
         });
         let route = &self.settings.dead_letter;
         let routing_key = route.routing_key.as_deref().unwrap_or(ctx.routing_key());
+        // A stream cannot take the message back: its dead letter is tried again after each
+        // pause, holding the message (and its offset), until shutdown or the loss of the
+        // channel — then the next subscription reads it again.
         let published = loop {
             let published = self
                 .publisher
@@ -590,28 +593,14 @@ impl Dispatch {
                     properties.clone(),
                 )
                 .await;
-            // A stream cannot take the message back: its dead letter is tried again after
-            // a pause, holding the message (and its offset), until shutdown or the loss of
-            // the channel — then the next subscription reads it again.
             match published {
                 Err(error)
                     if self.settings.stream.is_some()
                         && !ctx.is_shutting_down()
                         && !self.settle.is_closed() =>
                 {
-                    QueueCounters::add(&self.counters.publish_failures, 1);
-                    error!(
-                        queue = %self.settings.name,
-                        delivery_tag = ctx.delivery_tag(),
-                        %error,
-                        "cannot dead-letter the message to '{}'; trying again in \
-                         {PUBLISH_FAILURE_PAUSE:?}",
-                        route.exchange
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
-                        () = ctx.shutdown_requested() => {}
-                    }
+                    self.pause_after(ctx, &route.exchange, &error, "trying again")
+                        .await;
                 }
                 published => break published,
             }
@@ -653,20 +642,27 @@ impl Dispatch {
         target: &str,
         error: PublishError,
     ) -> Settlement {
+        self.pause_after(ctx, target, &error, "giving it back")
+            .await;
+        self.ended(&Span::current(), ctx, body, HandledAs::Requeued, None, None);
+        Settlement::Requeue
+    }
+
+    /// Counts and logs a copy the broker did not confirm, then waits
+    /// [`PUBLISH_FAILURE_PAUSE`] (shortened by shutdown) before `then` happens.
+    async fn pause_after(&self, ctx: &Context, target: &str, error: &PublishError, then: &str) {
         QueueCounters::add(&self.counters.publish_failures, 1);
         error!(
             queue = %self.settings.name,
             delivery_tag = ctx.delivery_tag(),
             message_id = ctx.message_id(),
             %error,
-            "cannot republish the message to '{target}'; giving it back in {PUBLISH_FAILURE_PAUSE:?}"
+            "cannot republish the message to '{target}'; {then} in {PUBLISH_FAILURE_PAUSE:?}"
         );
         tokio::select! {
             () = tokio::time::sleep(PUBLISH_FAILURE_PAUSE) => {}
             () = ctx.shutdown_requested() => {}
         }
-        self.ended(&Span::current(), ctx, body, HandledAs::Requeued, None, None);
-        Settlement::Requeue
     }
 
     /// Where the message came from and when it first failed, set once; with the
