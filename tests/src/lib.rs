@@ -59,6 +59,22 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Polls `check` every 20 ms until it holds; an error naming `what` once `limit` has
+/// passed. For conditions a test reads from its own state (events a fixture reported, a
+/// service's status); the broker's counts have [`Broker::wait_for_count`] and its kin.
+pub async fn until(
+    what: &str,
+    limit: std::time::Duration,
+    check: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Default AMQP URL of the test broker (vhost `/`).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context as _;
 use conejo::{Conejo, Context, Error, HandlerError, Partitions, handler_fn};
-use conejo_tests::{Broker, Fixture, NodeOptions, PrivateCluster, PrivateNode, unique_name};
+use conejo_tests::{Broker, Fixture, NodeOptions, PrivateCluster, PrivateNode, unique_name, until};
 use futures::{StreamExt, stream};
 use lapin::{
     BasicProperties, Confirmation,
@@ -179,16 +179,6 @@ async fn publish(
     }
     drop(confirms);
     channel.close(200, "published".into()).await?;
-    Ok(())
-}
-
-/// Polls `check` every 50 ms until it holds, at most `limit`.
-async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        anyhow::ensure!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     Ok(())
 }
 

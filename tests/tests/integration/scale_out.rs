@@ -10,7 +10,9 @@ use std::{
 };
 
 use conejo::{Conejo, Context, Handler, HandlerError, QueueConfig};
-use conejo_tests::{Broker, Fixture, PrivateCluster, PrivateNode, Scenario, amqp_url, unique_name};
+use conejo_tests::{
+    Broker, Fixture, PrivateCluster, PrivateNode, Scenario, amqp_url, unique_name, until,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::Semaphore;
 
@@ -72,16 +74,6 @@ fn count(events: &Events, replica: usize, kind: &str) -> usize {
         .iter()
         .filter(|(r, k, _, _)| *r == replica && *k == kind)
         .count()
-}
-
-/// Polls `check` every 20 ms until it holds, at most `limit`.
-async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        anyhow::ensure!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 /// A queue with a single active consumer, holding `n` messages with ids `0`…`n-1`.

@@ -10,11 +10,11 @@ use std::{
 };
 
 use conejo::{
-    Conejo, Context, Handler, HandlerError, OffsetStore, OffsetStoreError, QueueConfig,
+    Conejo, Context, Handler, HandlerError, OffsetStore, OffsetStoreError, QueueConfig, QueueStats,
     RetryPolicy, StreamOffset,
     types::{AMQPValue, FieldTable, LongString},
 };
-use conejo_tests::{Broker, Scenario, amqp_url, unique_name};
+use conejo_tests::{Broker, Scenario, amqp_url, unique_name, until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -106,8 +106,11 @@ async fn declare_stream(broker: &Broker, queue: &str) -> anyhow::Result<()> {
         .await
 }
 
-async fn publish(broker: &Broker, queue: &str, bodies: &[&str]) -> anyhow::Result<()> {
-    let bodies = bodies.iter().map(|b| b.as_bytes().to_vec()).collect();
+async fn publish(broker: &Broker, queue: &str, bodies: &[impl AsRef<str>]) -> anyhow::Result<()> {
+    let bodies = bodies
+        .iter()
+        .map(|b| b.as_ref().as_bytes().to_vec())
+        .collect();
     broker.publish_many_persistent(queue, bodies).await
 }
 
@@ -136,12 +139,7 @@ async fn a_stream_is_read_from_first_and_the_next_run_resumes_after_the_stored_o
     let Scenario { broker, queue } = &scenario;
     declare_stream(broker, queue).await?;
     let first = bodies(0..500, &[(13, "retry-me"), (77, "never")]);
-    publish(
-        broker,
-        queue,
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await?;
+    publish(broker, queue, &first).await?;
     let store = Arc::new(Stored::default());
     let config = || {
         QueueConfig::new()
@@ -151,15 +149,11 @@ async fn a_stream_is_read_from_first_and_the_next_run_resumes_after_the_stored_o
             .retry(fast_retries())
     };
 
-    let reads = Reads::default();
-    let service =
-        scenario.spawn(Conejo::builder(amqp_url()).queue_with(queue, reads.clone(), config()))?;
-    service
-        .wait_for(queue, WAIT, |s| s.stream_offset == Some(499))
-        .await?;
-    let stats = service.stats().queue(queue).unwrap();
-    let status = service.status().clone();
-    service.stop().await??;
+    let Run {
+        reads,
+        stats,
+        reconnects,
+    } = run_until(&scenario, config(), 499, &[] as &[&str]).await?;
     // Read whole, once each: the retry in place (attempt 2 of `retry-me`) and the dead
     // letter (`never`, 3 attempts) sent no nack, so the connection was never lost and
     // nothing was read twice.
@@ -173,7 +167,7 @@ async fn a_stream_is_read_from_first_and_the_next_run_resumes_after_the_stored_o
         reads.calls_of(77).iter().map(|c| c.1).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
-    assert_eq!(status.reconnects(), 0);
+    assert_eq!(reconnects, 0);
     assert_eq!((stats.retried, stats.dead_lettered), (3, 1));
     let dead = broker.drain(&format!("{queue}.dlq")).await?;
     assert_eq!(dead.len(), 1);
@@ -189,19 +183,10 @@ async fn a_stream_is_read_from_first_and_the_next_run_resumes_after_the_stored_o
     // The next run, from `first` again, resumes after the stored offset: it reads only what
     // came since.
     let second = bodies(500..800, &[]);
-    publish(
-        broker,
-        queue,
-        &second.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await?;
-    let reads = Reads::default();
-    let service =
-        scenario.spawn(Conejo::builder(amqp_url()).queue_with(queue, reads.clone(), config()))?;
-    service
-        .wait_for(queue, WAIT, |s| s.stream_offset == Some(799))
-        .await?;
-    service.stop().await??;
+    publish(broker, queue, &second).await?;
+    let reads = run_until(&scenario, config(), 799, &[] as &[&str])
+        .await?
+        .reads;
     assert_eq!(reads.offsets(), (500..800).collect::<Vec<_>>());
     assert_eq!(reads.total_calls(), 300);
     assert_eq!(reads.calls_of(500), vec![("m500".to_owned(), 1)]);
@@ -209,38 +194,56 @@ async fn a_stream_is_read_from_first_and_the_next_run_resumes_after_the_stored_o
     scenario.cleanup().await
 }
 
-/// Runs a service on `queue` from `from` until it committed `last`; returns what it read.
+/// What one run of a service read, and its queue's counters at the end.
+struct Run {
+    reads: Reads,
+    stats: QueueStats,
+    reconnects: u64,
+}
+
+/// Runs a service on the scenario's stream with `config` until it has committed `last` —
+/// publishing `publish_once_consuming` once it consumes — then stops it.
+async fn run_until(
+    scenario: &Scenario,
+    config: QueueConfig,
+    last: u64,
+    publish_once_consuming: &[impl AsRef<str>],
+) -> anyhow::Result<Run> {
+    let reads = Reads::default();
+    let service = scenario.spawn(
+        Conejo::builder(amqp_url())
+            .connection_name(unique_name("stream-reader"))
+            .queue_with(&scenario.queue, reads.clone(), config),
+    )?;
+    if !publish_once_consuming.is_empty() {
+        // Ready once its consume-ok came (a stream's queue.declare-ok counts no consumers).
+        until("consuming", WAIT, || service.status().is_ready()).await?;
+        publish(&scenario.broker, &scenario.queue, publish_once_consuming).await?;
+    }
+    service
+        .wait_for(&scenario.queue, WAIT, |s| s.stream_offset == Some(last))
+        .await?;
+    let stats = service.stats().queue(&scenario.queue).unwrap();
+    let reconnects = service.status().reconnects();
+    service.stop().await??;
+    Ok(Run {
+        reads,
+        stats,
+        reconnects,
+    })
+}
+
+/// A service reading the scenario's stream from `from`: the offsets it read until it
+/// committed `last`.
 async fn read_from(
     scenario: &Scenario,
     from: StreamOffset,
     last: u64,
     publish_once_consuming: &[&str],
 ) -> anyhow::Result<Vec<u64>> {
-    let reads = Reads::default();
-    let name = unique_name("stream-reader");
-    let service = scenario.spawn(
-        Conejo::builder(amqp_url())
-            .connection_name(&name)
-            .queue_with(
-                &scenario.queue,
-                reads.clone(),
-                QueueConfig::new().stream(from),
-            ),
-    )?;
-    if !publish_once_consuming.is_empty() {
-        // Ready once its consume-ok came (a stream's queue.declare-ok counts no consumers).
-        let deadline = std::time::Instant::now() + WAIT;
-        while !service.status().is_ready() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "never consuming");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        publish(&scenario.broker, &scenario.queue, publish_once_consuming).await?;
-    }
-    service
-        .wait_for(&scenario.queue, WAIT, |s| s.stream_offset == Some(last))
-        .await?;
-    service.stop().await??;
-    Ok(reads.offsets())
+    let config = QueueConfig::new().stream(from);
+    let run = run_until(scenario, config, last, publish_once_consuming).await?;
+    Ok(run.reads.offsets())
 }
 
 #[tokio::test]
@@ -248,12 +251,7 @@ async fn a_stream_is_read_from_an_offset_from_next_and_from_a_timestamp() -> any
     let scenario = Scenario::undeclared("stream-from").await?;
     declare_stream(&scenario.broker, &scenario.queue).await?;
     let first = bodies(0..100, &[]);
-    publish(
-        &scenario.broker,
-        &scenario.queue,
-        &first.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await?;
+    publish(&scenario.broker, &scenario.queue, &first).await?;
 
     let from_offset = read_from(&scenario, StreamOffset::Offset(90), 99, &[]).await?;
     assert_eq!(from_offset, (90..100).collect::<Vec<_>>());
@@ -276,12 +274,7 @@ async fn a_lost_connection_resumes_the_stream_after_the_committed_offset() -> an
     declare_stream(broker, queue).await?;
     const N: u64 = 6_000;
     let all = bodies(0..N as usize, &[]);
-    publish(
-        broker,
-        queue,
-        &all.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await?;
+    publish(broker, queue, &all).await?;
     let name = unique_name("stream-lost");
     let reads = Reads::default();
     // 4 at a time, 0–1.4 ms each: the close (rabbitmqctl takes a second or two) comes
