@@ -31,7 +31,8 @@ pub(crate) struct Cursor {
     /// What the store held at startup, loaded once.
     loaded: OnceCell<Option<u64>>,
     state: Mutex<State>,
-    /// The committed offset, for the store task.
+    /// The committed offset: every offset up to it is done. Changed under the state's lock;
+    /// the store task follows it.
     committed: watch::Sender<Option<u64>>,
     /// The last offset stored, behind the lock every store call is made under.
     stored: Arc<tokio::sync::Mutex<Option<u64>>>,
@@ -52,8 +53,6 @@ struct State {
     running: BTreeMap<u64, u64>,
     /// The highest offset done in this subscription.
     highest_done: Option<u64>,
-    /// Every offset up to this one is done.
-    committed: Option<u64>,
 }
 
 /// A subscription: its epoch and the `x-stream-offset` argument it consumes with.
@@ -104,10 +103,10 @@ impl Cursor {
                 })
                 .await?;
         let mut state = self.lock();
-        if state.committed.is_none() {
-            state.committed = loaded;
+        if self.committed.borrow().is_none() {
+            self.committed.send_replace(loaded);
         }
-        let start = match state.committed {
+        let start = match *self.committed.borrow() {
             Some(committed) => StreamOffset::Offset(committed.saturating_add(1)),
             None => self.from,
         };
@@ -118,7 +117,6 @@ impl Cursor {
                 StreamOffset::Offset(offset) => Some(offset),
                 _ => None,
             },
-            committed: state.committed,
             ..State::default()
         };
         info!(queue = %self.queue, from = ?start, "consuming the stream");
@@ -168,11 +166,10 @@ impl Cursor {
                 .filter(|below| state.first.is_some_and(|first| *below >= first)),
             None => state.highest_done,
         };
-        if candidate > state.committed {
-            state.committed = candidate;
+        if candidate > *self.committed.borrow() {
+            self.committed.send_replace(candidate);
             drop(state);
             self.counters.set_stream_offset(candidate);
-            self.committed.send_replace(candidate);
         }
     }
 
@@ -283,7 +280,7 @@ mod tests {
     }
 
     fn committed(cursor: &Cursor) -> Option<u64> {
-        cursor.lock().committed
+        *cursor.committed.borrow()
     }
 
     #[tokio::test]
